@@ -1,0 +1,33 @@
+# Quick start: `make demo` and `make test`. Both set up .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mesh-installed
+UNAME_S := $(shell uname -s)
+
+.PHONY: setup demo test bench clean model
+
+setup: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first: a bare `torch` requirement would pull a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+model: $(STAMP)
+	$(BIN)/python -m mesh models pull smollm2-135m
+
+demo: setup
+	$(BIN)/python -m mesh demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
