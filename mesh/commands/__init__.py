@@ -1,0 +1,10 @@
+"""One module per `python -m mesh` subcommand; each exports `register(subparsers)`.
+
+`register` adds its parser and sets `func=handler`; a handler takes the parsed
+arguments and returns an exit code. Errors derived from `MeshError` are printed as
+one line by the CLI, never as a traceback.
+"""
+
+COMMAND_MODULES = [
+    "mesh.commands.models",
+]
