@@ -1,0 +1,58 @@
+"""What a client asks for and what it gets back, independent of where it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh.errors import BadRequest
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def validate(self, *, prompt_len: int, context_length: int) -> None:
+        if self.max_tokens <= 0:
+            raise BadRequest(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise BadRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BadRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise BadRequest(f"top_k must be >= 0, got {self.top_k}")
+        if prompt_len == 0:
+            raise BadRequest("the prompt is empty")
+        if prompt_len >= context_length:
+            raise BadRequest(
+                f"the prompt has {prompt_len} tokens but the model's context is {context_length}; shorten it"
+            )
+        if prompt_len + self.max_tokens > context_length:
+            raise BadRequest(
+                f"prompt ({prompt_len} tokens) + max_tokens ({self.max_tokens}) exceeds the model's context "
+                f"of {context_length} tokens; lower max_tokens to at most {context_length - prompt_len}"
+            )
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, in order, with the text it completes (may be empty)."""
+
+    index: int
+    token_id: int
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" on the last token
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    ttft_s: float
+    decode_tokens_per_s: float
+    extra: dict = field(default_factory=dict)
