@@ -1,0 +1,146 @@
+"""The backend-neutral Stage interface: a contiguous layer range with a KV cache per session.
+
+A Stage runs layers ``[spec.start, spec.end)`` of a model, plus the token
+embedding when ``spec.embed`` and the final norm + lm_head when ``spec.head``.
+Everything crossing this boundary is numpy:
+
+- ``StepInput.tokens``: int32/int64 1-D token ids (embedding stage only);
+- ``StepInput.hidden``: float32 ``(T, hidden)`` (every other stage);
+- ``forward`` returns, per item, float32 hidden ``(T, hidden)``, or on the head
+  stage the logits ``(1, vocab)`` of the last position (``(T, vocab)`` with
+  ``all_logits=True``).
+
+Cache semantics, which every backend must honour (tests/kernels/test_stage_conformance.py):
+
+- an item extends its session's KV cache from ``start_pos``; ``start_pos`` must be
+  <= the cached length; a ``start_pos`` below it truncates the cache to
+  ``start_pos`` first (replay after failover);
+- a session appears at most once per ``forward`` call;
+- several 1-token items in one call run as one batched decode step, and give the
+  same result as running them one by one (within float tolerance);
+- ``free(session)`` drops the cache; ``cache_len`` of an unknown session is 0.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernels.config import ModelConfig
+
+BACKENDS = ("torch", "mlx")
+WEIGHT_MODES = ("float32", "quant")
+
+
+class StageInputError(ValueError):
+    """A StepInput does not fit the stage (wrong kind of input, bad start_pos, ...)."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Layers ``[start, end)``; ``embed``: owns the token embedding; ``head``: final norm + lm_head."""
+
+    start: int
+    end: int
+    embed: bool = False
+    head: bool = False
+
+    @classmethod
+    def full(cls, n_layers: int) -> "StageSpec":
+        return cls(0, n_layers, embed=True, head=True)
+
+    def layers(self) -> range:
+        return range(self.start, self.end)
+
+    def validate(self, config: ModelConfig) -> None:
+        if not 0 <= self.start <= self.end <= config.n_layers:
+            raise StageInputError(f"layer range [{self.start}, {self.end}) is outside "
+                                  f"the model's {config.n_layers} layers")
+
+
+@dataclass
+class StepInput:
+    """One session's step: tokens (embedding stage) or hidden states (later stages)."""
+
+    session: str
+    start_pos: int
+    tokens: np.ndarray | None = None
+    hidden: np.ndarray | None = None
+
+    @property
+    def length(self) -> int:
+        x = self.tokens if self.tokens is not None else self.hidden
+        return 0 if x is None else int(x.shape[0])
+
+
+class Stage(ABC):
+    """A loaded layer range on one backend. Not thread-safe: call from one thread
+    (the ComputeRunner's)."""
+
+    spec: StageSpec
+    config: ModelConfig
+    backend: str
+    weight_mode: str
+
+    @abstractmethod
+    def forward(self, items: list[StepInput], *, all_logits: bool = False) -> list[np.ndarray]:
+        """Run every item, extending each session's cache; see the module docstring."""
+
+    @abstractmethod
+    def free(self, session: str) -> None:
+        """Drop the session's KV cache (no error if unknown)."""
+
+    @abstractmethod
+    def cache_len(self, session: str) -> int:
+        """Number of positions cached for the session (0 if unknown)."""
+
+    @property
+    @abstractmethod
+    def weights_digest(self) -> bytes:
+        """BLAKE3 of the stage's source weight bytes (same on every backend/mode)."""
+
+    @property
+    @abstractmethod
+    def param_bytes(self) -> int:
+        """Bytes of weights this stage holds in memory, as loaded."""
+
+    def check_items(self, items: list[StepInput]) -> None:
+        """Shared validation: every backend calls this first."""
+        seen = set()
+        for it in items:
+            if it.session in seen:
+                raise StageInputError(f"session {it.session!r} appears twice in one forward call")
+            seen.add(it.session)
+            if self.spec.embed and it.tokens is None:
+                raise StageInputError(f"stage {self.spec} embeds: give tokens, not hidden")
+            if not self.spec.embed and it.hidden is None:
+                raise StageInputError(f"stage {self.spec} does not embed: give hidden states")
+            if it.length == 0:
+                raise StageInputError(f"session {it.session!r}: empty step")
+            cached = self.cache_len(it.session)
+            if not 0 <= it.start_pos <= cached:
+                raise StageInputError(f"session {it.session!r}: start_pos {it.start_pos} is past "
+                                      f"the cached length {cached}; replay from <= {cached}")
+            if it.start_pos + it.length > self.config.context_length:
+                raise StageInputError(f"session {it.session!r}: {it.start_pos + it.length} "
+                                      f"positions exceed the context length "
+                                      f"{self.config.context_length}")
+
+
+def load_stage(path: str | Path, spec: StageSpec, backend: str = "torch",
+               weight_mode: str = "float32") -> Stage:
+    """Load layers of ``spec`` from a GGUF file or HF directory onto ``backend``."""
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode {weight_mode!r}: use one of {WEIGHT_MODES}")
+    if backend == "torch":
+        from kernels.torch_backend import load_torch_stage
+
+        return load_torch_stage(path, spec, weight_mode)
+    if backend == "mlx":
+        from kernels.mlx_backend import load_mlx_stage  # written alongside torch's
+
+        return load_mlx_stage(path, spec, weight_mode)
+    raise ValueError(f"backend {backend!r}: use one of {BACKENDS}")
