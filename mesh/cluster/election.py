@@ -1,0 +1,497 @@
+"""Raft-style coordinator election as a sans-IO, deterministic state machine.
+
+Inputs are `tick()` (one abstract unit of time), `step(message)` and the local
+requests `bootstrap`, `leave`, `add_peer`. Each returns the messages to send as
+`(destination, message)` pairs; the caller delivers them however it likes. No
+clocks, sockets or threads in here (the style of etcd-io/raft), so the simulator
+in tests/cluster drives thousands of nodes-steps per second with a virtual clock.
+
+What it implements:
+- terms and votes, persisted (`Storage.save`) before any message that depends on
+  them is returned, so a granted vote survives a crash;
+- randomized election timeouts in [election_ticks, 2*election_ticks) from an
+  injected `random.Random`;
+- pre-vote: a node first asks whether it could win, without raising its term, so a
+  node that was cut off cannot disrupt a healthy coordinator when it comes back;
+- check-quorum: a coordinator that has not heard from a majority within an election
+  timeout steps down; a node that heard from a live coordinator within that time
+  ignores vote requests (the coordinator's lease);
+- membership: the voting configuration lives in a tiny replicated log. It changes
+  one node at a time (Raft single-server change), only through the coordinator, and
+  only committed configurations count (for quorums and for who may campaign). A
+  coordinator proposes a change only when no other change is pending and it has
+  committed an entry of its own term (the no-op it appends on taking office). A
+  node that is not a voter keeps asking the coordinator to add it (`JoinRequest`);
+  `leave()` asks it to remove this node, so a graceful exit is not a failure.
+
+At most one coordinator per term: a candidate needs votes from a majority of its
+committed configuration, each node votes once per term (persisted), and two
+configurations that a node can hold at the same time differ by at most one voter,
+so any two of their majorities intersect.
+
+Two nodes: the majority of two is two. When one side disappears the survivor can
+neither keep nor win the coordinator role (check-quorum makes a coordinator that
+lost its only peer step down within one election timeout). It cannot tell a
+crashed peer from a network split, and if both sides went on alone there would be
+two coordinators issuing conflicting placements. The cluster waits until the peer
+returns, or until a third device joins (3 nodes tolerate one failure). See
+docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import Enum
+
+import structlog
+
+from mesh.cluster.messages import (
+    Append,
+    AppendResponse,
+    Entry,
+    JoinRequest,
+    LeaveRequest,
+    Message,
+    VoteRequest,
+    VoteResponse,
+)
+from mesh.cluster.persistence import HardState, Storage
+
+log = structlog.get_logger("mesh.cluster.election")
+
+Outbox = list[tuple[str, Message]]
+
+
+class Role(str, Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    COORDINATOR = "coordinator"
+
+
+@dataclass(frozen=True, slots=True)
+class ElectionConfig:
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    join_retry_ticks: int = 5
+    pre_vote: bool = True
+    check_quorum: bool = True
+
+
+@dataclass(slots=True)
+class _Progress:
+    next: int
+    match: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ElectionStatus:
+    node_id: str
+    term: int
+    role: Role
+    coordinator: str | None
+    voters: tuple[str, ...]
+    commit: int
+    last_index: int
+
+
+def quorum(n: int) -> int:
+    return n // 2 + 1
+
+
+class Election:
+    def __init__(
+        self,
+        node_id: str,
+        storage: Storage,
+        rng: random.Random,
+        config: ElectionConfig = ElectionConfig(),
+        peers: tuple[str, ...] = (),
+    ) -> None:
+        self.id = node_id
+        self.storage = storage
+        self.rng = rng
+        self.cfg = config
+        hard = storage.load()
+        self.term = hard.term
+        self.voted_for = hard.voted_for
+        self.commit = hard.commit
+        self.log: list[Entry] = list(hard.log)
+        self._saved = hard
+        self.role = Role.FOLLOWER
+        self.leader: str | None = None
+        self.peers: set[str] = set(peers) - {node_id}
+        self.wants_membership = True
+        self._outbox: Outbox = []
+        self._votes: dict[str, bool] = {}
+        self._progress: dict[str, _Progress] = {}
+        self._learners: set[str] = set()
+        self._departing: dict[str, int] = {}
+        self._active: set[str] = set()
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._join_elapsed = 0
+        self._timeout = self._random_timeout()
+        self.voters: tuple[str, ...] = self._committed_voters()
+
+    # ---- queries -------------------------------------------------------------------
+
+    @property
+    def last_index(self) -> int:
+        return len(self.log)
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.role is Role.COORDINATOR
+
+    @property
+    def is_voter(self) -> bool:
+        return self.id in self.voters
+
+    def status(self) -> ElectionStatus:
+        return ElectionStatus(
+            self.id, self.term, self.role, self.leader, self.voters, self.commit, self.last_index
+        )
+
+    def term_at(self, index: int) -> int:
+        return self.log[index - 1].term if index > 0 else 0
+
+    # ---- local inputs --------------------------------------------------------------
+
+    def bootstrap(self, voters: tuple[str, ...]) -> None:
+        """Start a brand-new cluster whose first configuration is `voters`.
+
+        Only a node with an empty log may bootstrap; every founding node must be
+        given the same `voters`. A node that starts later joins instead.
+        """
+        if self.log:
+            return
+        self.log = [Entry(0, tuple(sorted(voters)))]
+        self.commit = 1
+        self.peers |= set(voters) - {self.id}
+        self._apply()
+        self._persist()
+
+    def add_peer(self, node_id: str) -> None:
+        """A hint that `node_id` exists (discovery, static peer); used to find the coordinator."""
+        if node_id != self.id:
+            self.peers.add(node_id)
+
+    def leave(self) -> Outbox:
+        """Ask to be removed from the voting configuration; retried on ticks until done."""
+        self.wants_membership = False
+        self._request_membership_change()
+        return self._flush()
+
+    def join(self) -> Outbox:
+        """Ask (again) to become a voter, e.g. after an earlier `leave()`."""
+        self.wants_membership = True
+        self._request_membership_change()
+        return self._flush()
+
+    def tick(self) -> Outbox:
+        if self.role is Role.COORDINATOR:
+            self._tick_coordinator()
+        else:
+            self._election_elapsed += 1
+            if self.is_voter and self.wants_membership and self._election_elapsed >= self._timeout:
+                self._campaign(pre=self.cfg.pre_vote)
+        if self._membership_pending():
+            self._join_elapsed += 1
+            if self._join_elapsed >= self.cfg.join_retry_ticks:
+                self._request_membership_change()
+        return self._flush()
+
+    # ---- messages ------------------------------------------------------------------
+
+    def step(self, m: Message) -> Outbox:
+        if isinstance(m, JoinRequest | LeaveRequest):
+            self._on_membership_request(m)
+            return self._flush()
+        self.add_peer(m.src)
+        if m.term > self.term:
+            if isinstance(m, VoteRequest) and self._in_lease():
+                return self._flush()
+            pre_vote = isinstance(m, VoteRequest) and m.pre
+            granted_pre = isinstance(m, VoteResponse) and m.pre and m.granted
+            if not (pre_vote or granted_pre):
+                self._become_follower(m.term, m.src if isinstance(m, Append) else None)
+        elif m.term < self.term:
+            if isinstance(m, Append):
+                log.warning("fenced_stale_term", node=self.id, src=m.src, term=m.term, seen=self.term)
+                self._send(m.src, AppendResponse(self.term, self.id, False, 0, self.commit))
+            elif isinstance(m, VoteRequest) and m.pre:
+                self._send(m.src, VoteResponse(self.term, self.id, False, pre=True))
+            return self._flush()
+        if isinstance(m, VoteRequest):
+            self._on_vote_request(m)
+        elif isinstance(m, VoteResponse):
+            self._on_vote_response(m)
+        elif isinstance(m, Append):
+            self._on_append(m)
+        elif isinstance(m, AppendResponse):
+            self._on_append_response(m)
+        return self._flush()
+
+    # ---- elections -----------------------------------------------------------------
+
+    def _in_lease(self) -> bool:
+        return (
+            self.cfg.check_quorum
+            and self.leader is not None
+            and self._election_elapsed < self.cfg.election_ticks
+        )
+
+    def _random_timeout(self) -> int:
+        return self.cfg.election_ticks + self.rng.randrange(self.cfg.election_ticks)
+
+    def _campaign(self, pre: bool) -> None:
+        self._election_elapsed = 0
+        self._timeout = self._random_timeout()
+        self.leader = None
+        self._votes = {}
+        if pre:
+            self.role = Role.PRE_CANDIDATE
+            term = self.term + 1
+        else:
+            self.role = Role.CANDIDATE
+            self.term += 1
+            self.voted_for = self.id
+            term = self.term
+        log.debug("campaign", node=self.id, term=term, pre=pre)
+        self._record_vote(self.id, True, pre)
+        if self.role is Role.COORDINATOR or self.role is not (Role.PRE_CANDIDATE if pre else Role.CANDIDATE):
+            return
+        request = VoteRequest(term, self.id, self.last_index, self.term_at(self.last_index), pre)
+        for voter in self.voters:
+            if voter != self.id:
+                self._send(voter, request)
+
+    def _record_vote(self, voter: str, granted: bool, pre: bool) -> None:
+        if voter not in self.voters:
+            return
+        self._votes[voter] = granted
+        need = quorum(len(self.voters))
+        if sum(self._votes.values()) >= need:
+            if pre:
+                self._campaign(pre=False)
+            else:
+                self._become_coordinator()
+        elif sum(not g for g in self._votes.values()) >= need:
+            self._become_follower(self.term, None)
+
+    def _log_up_to_date(self, last_index: int, last_term: int) -> bool:
+        mine = self.term_at(self.last_index)
+        return last_term > mine or (last_term == mine and last_index >= self.last_index)
+
+    def _on_vote_request(self, m: VoteRequest) -> None:
+        if m.pre:
+            can_vote = m.term > self.term
+        else:
+            can_vote = self.voted_for == m.src or (self.voted_for is None and self.leader is None)
+        granted = can_vote and self._log_up_to_date(m.last_index, m.last_term)
+        if granted and not m.pre:
+            self.voted_for = m.src
+            self._election_elapsed = 0
+            self._persist()  # the vote is durable before the response exists
+        self._send(m.src, VoteResponse(m.term if granted else self.term, self.id, granted, m.pre))
+
+    def _on_vote_response(self, m: VoteResponse) -> None:
+        if m.pre and self.role is Role.PRE_CANDIDATE:
+            self._record_vote(m.src, m.granted, pre=True)
+        elif not m.pre and self.role is Role.CANDIDATE:
+            self._record_vote(m.src, m.granted, pre=False)
+
+    def _become_follower(self, term: int, leader: str | None) -> None:
+        if term != self.term:
+            self.term = term
+            self.voted_for = None
+        if self.role is Role.COORDINATOR:
+            log.info("coordinator_step_down", node=self.id, term=self.term)
+        self.role = Role.FOLLOWER
+        self.leader = leader
+        self._election_elapsed = 0
+        self._timeout = self._random_timeout()
+        self._progress.clear()
+        self._learners.clear()
+        self._departing.clear()
+
+    def _become_coordinator(self) -> None:
+        self.role = Role.COORDINATOR
+        self.leader = self.id
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._active = set()
+        self._progress = {}
+        self.log.append(Entry(self.term))  # commit something of our own term first
+        log.info("coordinator_elected", node=self.id, term=self.term, voters=self.voters)
+        self._maybe_commit()
+        self._broadcast_append()
+
+    # ---- coordinator ---------------------------------------------------------------
+
+    def _tick_coordinator(self) -> None:
+        self._heartbeat_elapsed += 1
+        if self._heartbeat_elapsed >= self.cfg.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._broadcast_append()
+        self._election_elapsed += 1
+        if self._election_elapsed >= self.cfg.election_ticks:
+            self._election_elapsed = 0
+            for node in [n for n, left in self._departing.items() if left <= 1]:
+                del self._departing[node]
+            self._departing = {n: left - 1 for n, left in self._departing.items()}
+            if self.cfg.check_quorum:
+                heard = len(self._active & set(self.voters)) + (self.id in self.voters)
+                self._active = set()
+                if heard < quorum(len(self.voters)):
+                    log.warning("coordinator_lost_quorum", node=self.id, term=self.term, heard=heard)
+                    self._become_follower(self.term, None)
+
+    def _targets(self) -> set[str]:
+        latest = next((e.voters for e in reversed(self.log) if e.voters is not None), ())
+        return (set(self.voters) | set(latest) | self._learners | set(self._departing)) - {self.id}
+
+    def _broadcast_append(self) -> None:
+        for node in sorted(self._targets()):
+            self._send_append(node)
+
+    def _send_append(self, node: str) -> None:
+        pr = self._progress.setdefault(node, _Progress(next=self.last_index + 1))
+        prev = pr.next - 1
+        entries = tuple(self.log[prev:])
+        self._send(node, Append(self.term, self.id, prev, self.term_at(prev), entries, self.commit))
+
+    def _on_append_response(self, m: AppendResponse) -> None:
+        if self.role is not Role.COORDINATOR:
+            return
+        self._active.add(m.src)
+        pr = self._progress.setdefault(m.src, _Progress(next=self.last_index + 1))
+        if m.success:
+            if m.match > pr.match:
+                pr.match = m.match
+                pr.next = m.match + 1
+                self._maybe_commit()
+        else:
+            pr.next = max(pr.match + 1, min(pr.next - 1, m.hint + 1))
+            self._send_append(m.src)
+
+    def _maybe_commit(self) -> None:
+        if self.role is not Role.COORDINATOR:
+            return
+        need = quorum(len(self.voters))
+        for n in range(self.last_index, self.commit, -1):
+            if self.term_at(n) != self.term:
+                break
+            acks = sum(
+                1
+                for v in self.voters
+                if v == self.id or (v in self._progress and self._progress[v].match >= n)
+            )
+            if acks >= need:
+                self.commit = n
+                self._broadcast_append()  # followers learn the new commit at once
+                self._apply()
+                return
+
+    def _can_change_config(self) -> bool:
+        pending = any(e.voters is not None for e in self.log[self.commit :])
+        return not pending and self.term_at(self.commit) == self.term
+
+    def _on_membership_request(self, m: JoinRequest | LeaveRequest) -> None:
+        if self.role is not Role.COORDINATOR:
+            return
+        voters = set(self.voters)
+        if isinstance(m, JoinRequest):
+            self._learners.add(m.src)
+            self._send_append(m.src)
+            if m.src in voters or not self._can_change_config():
+                return
+            voters.add(m.src)
+        else:
+            self._learners.discard(m.src)
+            if m.src not in voters or len(voters) == 1 or not self._can_change_config():
+                return
+            voters.discard(m.src)
+        self.log.append(Entry(self.term, tuple(sorted(voters))))
+        log.info("config_proposed", node=self.id, term=self.term, voters=sorted(voters))
+        self._maybe_commit()
+        self._broadcast_append()
+
+    # ---- follower ------------------------------------------------------------------
+
+    def _on_append(self, m: Append) -> None:
+        if self.role is not Role.FOLLOWER:
+            self._become_follower(self.term, m.src)
+        self.leader = m.src
+        self._election_elapsed = 0
+        if m.prev_index > self.last_index or self.term_at(m.prev_index) != m.prev_term:
+            hint = min(self.commit, m.prev_index - 1)
+            self._send(m.src, AppendResponse(self.term, self.id, False, 0, hint))
+            return
+        for offset, entry in enumerate(m.entries):
+            index = m.prev_index + 1 + offset
+            if index <= self.last_index and self.term_at(index) == entry.term:
+                continue
+            if index <= self.last_index:
+                assert index > self.commit, "a committed entry would be overwritten"
+                del self.log[index - 1 :]
+            self.log.append(entry)
+        match = m.prev_index + len(m.entries)
+        if min(m.commit, match) > self.commit:
+            self.commit = min(m.commit, match)
+            self._apply()
+        self._send(m.src, AppendResponse(self.term, self.id, True, match))
+
+    # ---- membership ----------------------------------------------------------------
+
+    def _committed_voters(self) -> tuple[str, ...]:
+        for entry in reversed(self.log[: self.commit]):
+            if entry.voters is not None:
+                return entry.voters
+        return ()
+
+    def _apply(self) -> None:
+        before = set(self.voters)
+        self.voters = self._committed_voters()
+        if set(self.voters) == before:
+            return
+        log.info("config_committed", node=self.id, term=self.term, voters=self.voters)
+        self.peers |= set(self.voters) - {self.id}
+        if self.role is Role.COORDINATOR:
+            for gone in before - set(self.voters) - {self.id}:
+                self._departing[gone] = 2  # keep telling it for a while that it was removed
+            if self.id not in self.voters:
+                self._become_follower(self.term, None)
+
+    def _membership_pending(self) -> bool:
+        return self.wants_membership != self.is_voter
+
+    def _request_membership_change(self) -> None:
+        self._join_elapsed = 0
+        if not self._membership_pending():
+            return
+        request = JoinRequest(self.id) if self.wants_membership else LeaveRequest(self.id)
+        if self.role is Role.COORDINATOR:
+            self._on_membership_request(request)
+            return
+        targets = [self.leader] if self.leader is not None else sorted(self.peers)
+        for node in targets:
+            self._send(node, request)
+
+    # ---- output --------------------------------------------------------------------
+
+    def _send(self, to: str, m: Message) -> None:
+        self._outbox.append((to, m))
+
+    def _persist(self) -> None:
+        state = HardState(self.term, self.voted_for, self.commit, tuple(self.log))
+        if state != self._saved:
+            self.storage.save(state)
+            self._saved = state
+
+    def _flush(self) -> Outbox:
+        self._persist()
+        out, self._outbox = self._outbox, []
+        return out
