@@ -19,12 +19,11 @@ untrusted code.
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -32,6 +31,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
+
+from kernels.gguf import GGUF_MAGIC, GGUFFile
 
 __all__ = ["Tokenizer", "IncrementalDetokenizer", "TokenizerLoadError", "ChatTemplateMissing"]
 
@@ -87,53 +88,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             codepoints.append(256 + extra)
             extra += 1
     return dict(zip(printable, map(chr, codepoints)))
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF metadata (only what the tokenizer needs). Private: kernels.gguf owns the full format.
-
-_GGUF_MAGIC = b"GGUF"
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise TokenizerLoadError("GGUF file ends inside its metadata; the file is truncated")
-    return data
-
-
-def _read_value(stream: BinaryIO, value_type: int) -> Any:
-    if value_type in _GGUF_SCALARS:
-        fmt = _GGUF_SCALARS[value_type]
-        return struct.unpack(fmt, _read_exact(stream, struct.calcsize(fmt)))[0]
-    if value_type == _GGUF_STRING:
-        (length,) = struct.unpack("<Q", _read_exact(stream, 8))
-        return _read_exact(stream, length).decode("utf-8", errors="replace")
-    if value_type == _GGUF_ARRAY:
-        item_type, count = struct.unpack("<IQ", _read_exact(stream, 12))
-        if item_type in _GGUF_SCALARS:
-            fmt = _GGUF_SCALARS[item_type]
-            data = _read_exact(stream, struct.calcsize(fmt) * count)
-            return list(struct.unpack(f"<{count}{fmt[1:]}", data))
-        return [_read_value(stream, item_type) for _ in range(count)]
-    raise TokenizerLoadError(f"unknown GGUF metadata value type {value_type}")
-
-
-def _read_gguf_metadata(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as stream:
-        if _read_exact(stream, 4) != _GGUF_MAGIC:
-            raise TokenizerLoadError(f"{path} is not a GGUF file (bad magic)")
-        version, _tensor_count, kv_count = struct.unpack("<IQQ", _read_exact(stream, 20))
-        if version < 2:
-            raise TokenizerLoadError(f"{path}: GGUF version {version} is not supported (need 2 or later)")
-        metadata: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key = _read_value(stream, _GGUF_STRING)
-            (value_type,) = struct.unpack("<I", _read_exact(stream, 4))
-            metadata[key] = _read_value(stream, value_type)
-        return metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,13 +204,13 @@ class Tokenizer:
             if len(ggufs) == 1:
                 return cls.from_gguf(ggufs[0])
             raise TokenizerLoadError(f"{path} has no tokenizer.json and not exactly one .gguf file")
-        if path.suffix == ".gguf" or path.open("rb").read(4) == _GGUF_MAGIC:
+        if path.suffix == ".gguf" or _starts_with(path, GGUF_MAGIC):
             return cls.from_gguf(path)
         raise TokenizerLoadError(f"{path} is neither a GGUF file nor a model directory with tokenizer.json")
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        meta = _read_gguf_metadata(Path(path))
+        meta = GGUFFile(path).metadata
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise TokenizerLoadError(
@@ -389,6 +343,11 @@ class Tokenizer:
                 if token_id is not None:
                     ids.append(token_id)
         return tuple(dict.fromkeys(ids))
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 def _read_json(path: Path) -> dict[str, Any]:
