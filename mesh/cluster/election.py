@@ -195,7 +195,7 @@ class Election:
             self._tick_coordinator()
         else:
             self._election_elapsed += 1
-            if self.is_voter and self.wants_membership and self._election_elapsed >= self._timeout:
+            if self.is_voter and self._election_elapsed >= self._timeout:
                 self._campaign(pre=self.cfg.pre_vote)
         if self._membership_pending():
             self._join_elapsed += 1
@@ -476,7 +476,8 @@ class Election:
         if self.role is Role.COORDINATOR:
             self._on_membership_request(request)
             return
-        targets = [self.leader] if self.leader is not None else sorted(self.peers)
+        recent = self.leader is not None and self._election_elapsed < self.cfg.election_ticks
+        targets = [self.leader] if recent else sorted(self.peers)
         for node in targets:
             self._send(node, request)
 
