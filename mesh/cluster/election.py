@@ -411,6 +411,7 @@ class Election:
             voters.add(m.src)
         else:
             self._learners.discard(m.src)
+            self._send_append(m.src)  # it learns from the log whether it is still a voter
             if m.src not in voters or len(voters) == 1 or not self._can_change_config():
                 return
             voters.discard(m.src)
@@ -465,8 +466,15 @@ class Election:
             if self.id not in self.voters:
                 self._become_follower(self.term, None)
 
+    def _leader_recent(self) -> bool:
+        return self.leader is not None and self._election_elapsed < self.cfg.election_ticks
+
     def _membership_pending(self) -> bool:
-        return self.wants_membership != self.is_voter
+        # A voter that has not heard from a coordinator for a while also asks: it may
+        # have missed the commit that removed it, and then nobody replicates to it.
+        if self.wants_membership != self.is_voter:
+            return True
+        return self.role is not Role.COORDINATOR and not self._leader_recent()
 
     def _request_membership_change(self) -> None:
         self._join_elapsed = 0
@@ -476,8 +484,7 @@ class Election:
         if self.role is Role.COORDINATOR:
             self._on_membership_request(request)
             return
-        recent = self.leader is not None and self._election_elapsed < self.cfg.election_ticks
-        targets = [self.leader] if recent else sorted(self.peers)
+        targets = [self.leader] if self._leader_recent() else sorted(self.peers)
         for node in targets:
             self._send(node, request)
 
