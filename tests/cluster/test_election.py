@@ -1,0 +1,131 @@
+"""Scripted interactions with the election machine (etcd-raft style), no network, no clock."""
+
+from __future__ import annotations
+
+import random
+
+from cluster_sim import Sim
+from mesh.cluster.election import Election, ElectionConfig, Role
+from mesh.cluster.messages import Append, AppendResponse, VoteRequest, VoteResponse
+from mesh.cluster.persistence import FileStorage, MemoryStorage
+
+
+def node(node_id: str, voters: tuple[str, ...], storage: MemoryStorage | None = None) -> Election:
+    e = Election(node_id, storage or MemoryStorage(), random.Random(0))
+    e.bootstrap(voters)
+    return e
+
+
+def test_single_node_elects_itself() -> None:
+    e = node("a", ("a",))
+    for _ in range(20):
+        e.tick()
+    assert e.is_coordinator and e.term == 1 and e.commit == 2
+
+
+def test_vote_is_persisted_before_it_is_granted() -> None:
+    class Recorder(MemoryStorage):
+        def save(self, state):  # type: ignore[no-untyped-def]
+            super().save(state)
+            events.append(("save", state.voted_for))
+
+    events: list[tuple[str, str | None]] = []
+    b = node("b", ("a", "b", "c"), Recorder())
+    out = b.step(VoteRequest(1, "a", 1, 0))
+    events.append(("send", None))
+    assert out == [("a", VoteResponse(1, "b", True))]
+    assert events.index(("save", "a")) < events.index(("send", None))
+
+
+def test_one_vote_per_term_even_after_restart() -> None:
+    storage = MemoryStorage()
+    b = node("b", ("a", "b", "c"), storage)
+    b.step(VoteRequest(1, "a", 1, 0))
+    restarted = Election("b", storage, random.Random(1))
+    assert restarted.step(VoteRequest(1, "c", 1, 0)) == [("c", VoteResponse(1, "b", False))]
+
+
+def test_pre_vote_does_not_raise_terms() -> None:
+    a = node("a", ("a", "b", "c"))
+    for _ in range(30):
+        out = a.tick()
+        if any(isinstance(m, VoteRequest) for _, m in out):
+            break
+    assert a.role is Role.PRE_CANDIDATE and a.term == 0
+    assert {m.term for _, m in out if isinstance(m, VoteRequest)} == {1}
+    b = node("b", ("a", "b", "c"))
+    b.step(VoteRequest(1, "a", 1, 0, pre=True))
+    assert b.term == 0 and b.voted_for is None
+
+
+def test_lease_ignores_votes_while_the_coordinator_is_alive() -> None:
+    b = node("b", ("a", "b", "c"))
+    b.step(Append(1, "a", 1, 0, (), 1))
+    assert b.step(VoteRequest(2, "c", 5, 1)) == []
+    assert b.term == 1
+
+
+def test_stale_coordinator_is_fenced_and_told_the_new_term() -> None:
+    b = node("b", ("a", "b", "c"))
+    b.step(VoteRequest(3, "c", 1, 0))
+    out = b.step(Append(2, "a", 1, 0, (), 1))
+    assert out == [("a", AppendResponse(3, "b", False, 0, 1))]
+    assert b.leader is None and b.term == 3
+
+
+def test_coordinator_without_quorum_steps_down() -> None:
+    sim = Sim(7)
+    sim.bootstrap(3)
+    sim.converge(200)
+    leader = next(n for n in sim.nodes.values() if n.election.is_coordinator)
+    sim.partition([{leader.id}, set(sim.nodes) - {leader.id}])
+    sim.run(2 * ElectionConfig().election_ticks + 1)
+    assert not leader.election.is_coordinator
+    others = [n.election for n in sim.nodes.values() if n is not leader]
+    assert any(e.is_coordinator and e.term > leader.election.term - 1 for e in others)
+
+
+def test_two_nodes_without_the_other_have_no_coordinator() -> None:
+    sim = Sim(3)
+    sim.bootstrap(2)
+    sim.converge(200)
+    leader = next(n for n in sim.nodes.values() if n.election.is_coordinator)
+    sim.crash(next(n for n in sim.nodes if n != leader.id))
+    sim.run(200)
+    assert not any(n.election.is_coordinator for n in sim.nodes.values() if n.up)
+
+
+def test_join_and_leave_change_voters_one_at_a_time() -> None:
+    sim = Sim(11)
+    sim.bootstrap(3)
+    sim.converge(200)
+    newcomer = sim.add_node()
+    sim.converge(200)
+    assert all(newcomer in n.election.voters for n in sim.nodes.values())
+    leader = next(n for n in sim.nodes.values() if n.election.is_coordinator)
+    sim._send(leader.id, leader.election.leave())
+    sim.converge(200)
+    assert all(leader.id not in n.election.voters for n in sim.nodes.values())
+    assert not leader.election.is_coordinator
+    sizes = [len(e.voters) for e in sim.committed if e.voters is not None]
+    assert all(abs(x - y) == 1 for x, y in zip(sizes, sizes[1:]))
+
+
+def test_file_storage_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    storage = FileStorage(tmp_path)
+    e = node("a", ("a",), storage)  # type: ignore[arg-type]
+    for _ in range(25):
+        e.tick()
+    again = FileStorage(tmp_path).load()
+    assert (again.term, again.voted_for, again.commit, again.log) == (e.term, e.voted_for, e.commit, tuple(e.log))
+    assert oct((tmp_path / "election.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_corrupt_state_file_says_what_to_do(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from mesh.cluster.errors import CorruptClusterState
+
+    (tmp_path / "election.json").write_text('{"version": 1, "term": "x"}')
+    with pytest.raises(CorruptClusterState, match="move it away"):
+        FileStorage(tmp_path).load()
