@@ -44,14 +44,14 @@ class Link:
         initiator: bool,
         listen: Address | None,
         limits: Limits,
-        on_message: Callable[["Link", Any], None],
+        on_message: Callable[["Link", Any], Any],
         on_closed: Callable[["Link", str], None],
     ) -> None:
         self.stream = stream
         self.identity = identity
         self.initiator = initiator
         self.limits = limits
-        self.on_message = on_message
+        self.on_message = on_message  # returns None, or an awaitable to finish before the next
         self.on_closed = on_closed
         self.remote_address: Address = stream.peer_address
         self.peer_id: str | None = None
@@ -185,11 +185,27 @@ class Link:
 
     def _deliver_ready(self) -> None:
         assert self._channel is not None
-        ready, self._channel._ready = self._channel._ready, []
-        for msg in ready:
+        ready = self._channel.take_ready()
+        if self._backlog:  # reading is paused behind a full mailbox: keep order
+            self._backlog.extend(ready)
+            return
+        for i, msg in enumerate(ready):
             if self.closed:
                 return
-            self.on_message(self, msg)
+            wait = self.on_message(self, msg)
+            if wait is not None:  # the target mailbox is full: backpressure the peer
+                self._backlog.extend(ready[i + 1 :])
+                self.stream.pause_reading()
+                asyncio.get_running_loop().create_task(self._drain_backlog(wait))
+                return
+
+    async def _drain_backlog(self, wait: Any) -> None:
+        await wait
+        while self._backlog and not self.closed:
+            wait = self.on_message(self, self._backlog.pop(0))
+            if wait is not None:
+                await wait
+        self.stream.resume_reading()
 
     def _fail(self, exc: Exception) -> None:
         log.warning(

@@ -141,11 +141,9 @@ class SecureChannel:
             raise self._error
         return self._ready.pop(0) if self._ready else None
 
-    def messages(self) -> list[Any]:
-        """All complete messages so far (raises the failure once they are drained)."""
+    def take_ready(self) -> list[Any]:
+        """All complete messages so far, without raising (the failure was raised by the feed)."""
         ready, self._ready = self._ready, []
-        if not ready and self._error is not None:
-            raise self._error
         return ready
 
     def _parse_scratch(self) -> None:
