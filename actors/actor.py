@@ -166,6 +166,10 @@ class Cell:
                 result = actor.receive(msg, ctx)
                 if inspect.isawaitable(result):
                     result = await result
+            except asyncio.CancelledError:
+                if reply is not None:
+                    reply(False, ActorDead(f"actor {self.name!r} was restarted while handling the message"))
+                raise
             except Exception as exc:
                 if reply is not None:
                     reply(False, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -55,6 +56,10 @@ class Supervisor(Actor):
 
     async def on_start(self, ctx: Context) -> None:
         self._ctx = ctx
+        for spec in self.specs:  # children of an earlier incarnation of this supervisor
+            old = ctx.system._cells.get(spec.name)
+            if old is not None and isinstance(old.parent, Supervisor):
+                old.terminate("supervisor restarted")
         self._cells = [
             ctx.system._spawn_cell(spec.factory, spec.name, spec.mailbox_size, parent=self)
             for spec in self.specs
@@ -67,8 +72,6 @@ class Supervisor(Actor):
         return None
 
     def child_failed(self, cell: "Cell", exc: BaseException) -> None:
-        import time
-
         now = time.monotonic()
         self._history = [t for t in self._history if now - t < self.within]
         if len(self._history) >= self.max_restarts:
