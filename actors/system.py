@@ -478,7 +478,7 @@ def _peer_address(link: Link) -> Address:
 
 
 def _as_handler_error(value: Any) -> BaseException:
-    if isinstance(value, ActorsError):
+    if isinstance(value, ActorDead):
         return value
     return HandlerError(type(value).__name__, str(value))
 
