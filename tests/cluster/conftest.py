@@ -1,0 +1,22 @@
+"""Fixtures of the cluster tests."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/netns.py
+
+from netns import NetnsLab, netns_skip_reason  # noqa: E402
+
+
+@pytest.fixture
+def lab3() -> Iterator[NetnsLab]:
+    reason = netns_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with NetnsLab(3) as lab:
+        yield lab
