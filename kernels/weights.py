@@ -142,7 +142,7 @@ def _gguf_name(hf: str, config: ModelConfig) -> str:
 def _unpermute(x: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (rows are the first axis)."""
     dim = x.shape[0] // n_head // 2
-    return x.reshape(n_head, 2, dim, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+    return x.reshape(n_head, dim, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
 def _permute_heads(hf: str, config: ModelConfig) -> int | None:
@@ -187,7 +187,8 @@ def _load_gguf(path: Path, spec: StageSpec, mode: str) -> StageWeights:
         n_head = _permute_heads(hf, config)
         if mode == "quant" and info.type_name in QUANT_BLOCK_TYPES and len(info.shape) == 2:
             b = blocks(raw, info.type_name, info.shape)
-            qt = QuantTensor(info.type_name, info.shape, np.array(b["scale"]), np.array(b["qs"]),
+            qt = QuantTensor(info.type_name, info.shape, np.array(b["scale"]),
+                             np.array(b["qs"]).reshape(info.shape),
                              np.array(b["min"]) if "min" in b else None)
             if n_head:
                 qt.scale, qt.qs = _unpermute(qt.scale, n_head), _unpermute(qt.qs, n_head)

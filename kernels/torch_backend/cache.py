@@ -1,0 +1,61 @@
+"""The KV cache of a torch stage: one preallocated slot pool shared by all sessions.
+
+Keys and values live in ``k``/``v`` of shape ``(layers, slots, kv_heads, capacity, head_dim)``.
+Each session owns a slot; its cached length is tracked here. The pool grows by
+doubling (slots or capacity) only when a session needs more room, so a decode
+step never allocates cache memory. Batched decode reads the slots of a batch as
+one padded ``(B, kv_heads, L, head_dim)`` tensor plus a mask of valid positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 slots: int = 4, capacity: int = 256):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.max_len = max_len
+        self.slot_of: dict[str, int] = {}
+        self.length: dict[str, int] = {}
+        self._alloc(slots, min(capacity, max_len))
+
+    def _alloc(self, slots: int, capacity: int) -> None:
+        shape = (self.n_layers, slots, self.n_kv_heads, capacity, self.head_dim)
+        k, v = torch.zeros(shape), torch.zeros(shape)
+        old = getattr(self, "k", None)
+        if old is not None:
+            s, c = old.shape[1], old.shape[3]
+            k[:, :s, :, :c] = self.k
+            v[:, :s, :, :c] = self.v
+        self.k, self.v = k, v
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def cache_len(self, session: str) -> int:
+        return self.length.get(session, 0)
+
+    def free(self, session: str) -> None:
+        self.slot_of.pop(session, None)
+        self.length.pop(session, None)
+
+    def reserve(self, session: str, start_pos: int, n_new: int) -> int:
+        """Truncate the session to ``start_pos``, make room for ``n_new`` more; return its slot."""
+        if session not in self.slot_of:
+            used = set(self.slot_of.values())
+            free = next((s for s in range(self.k.shape[1]) if s not in used), None)
+            if free is None:
+                free = self.k.shape[1]
+                self._alloc(2 * free, self.capacity)
+            self.slot_of[session] = free
+        need = start_pos + n_new
+        if need > self.capacity:
+            cap = self.capacity
+            while cap < need:
+                cap *= 2
+            self._alloc(self.k.shape[1], min(cap, max(self.max_len, need)))
+        self.length[session] = need
+        return self.slot_of[session]

@@ -1,0 +1,108 @@
+"""Linear layers in the torch backend's weight formats.
+
+- ``DenseLinear``: float32 ``F.linear`` (weight_mode="float32", and norms/biases always).
+- ``Int4Linear``: GGUF Q4_0/Q4_1 blocks mapped exactly onto torch's CPU int4
+  group-32 kernel (``_weight_int4pack_mm_for_cpu``, which computes
+  ``(q - 8) * scale + zero``): for Q4_1 ``zero = min + 8*scale``, for Q4_0 ``zero = 0``.
+  Scales/zeros are rounded to bfloat16 and the activations run in bfloat16.
+- ``Int8Linear``: per-output-row symmetric int8 (``_weight_int8pack_mm``) for
+  everything else (Q8_0 blocks, float sources), bfloat16 activations.
+
+Every layer takes and returns float32 ``(..., in)`` -> ``(..., out)``; only the
+matmul itself runs in the low-precision format, the residual stream stays float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels.weights import QuantTensor
+
+
+class DenseLinear:
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
+        self.weight = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+        self.bias = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+class Int8Linear:
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
+        w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
+        self.bias = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight, self.scale)
+        y = y.float().reshape(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + self.scale.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+class Int4Linear:
+    GROUP = 32
+
+    def __init__(self, qt: QuantTensor, bias: np.ndarray | None = None):
+        if qt.type_name not in ("Q4_0", "Q4_1"):
+            raise ValueError(f"Int4Linear needs Q4_0/Q4_1 blocks, got {qt.type_name}")
+        q = torch.from_numpy(np.ascontiguousarray(qt.qs)).to(torch.int32)
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        scale = torch.from_numpy(qt.scale.astype(np.float32))
+        zero = (torch.from_numpy(qt.min.astype(np.float32)) + 8.0 * scale if qt.min is not None
+                else torch.zeros_like(scale))
+        # kernel layout: (in // 32, out, 2) with [..., 0] = scale, [..., 1] = zero
+        self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.bias = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
+                                              self.GROUP, self.scales_zeros)
+        y = y.float().reshape(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return (self.packed.nbytes + self.scales_zeros.nbytes
+                + (0 if self.bias is None else self.bias.nbytes))
+
+
+Linear = DenseLinear | Int8Linear | Int4Linear
+
+
+def _concat_rows(parts: list[np.ndarray | QuantTensor]) -> np.ndarray | QuantTensor:
+    """Stack matrices along the output dimension (fusing q/k/v or gate/up)."""
+    if all(isinstance(p, QuantTensor) for p in parts) and len({p.type_name for p in parts}) == 1:
+        first = parts[0]
+        return QuantTensor(first.type_name,
+                           (sum(p.shape[0] for p in parts), first.shape[1]),
+                           np.concatenate([p.scale for p in parts]),
+                           np.concatenate([p.qs for p in parts]),
+                           None if first.min is None else np.concatenate([p.min for p in parts]))
+    return np.concatenate([p.dequantize() if isinstance(p, QuantTensor) else p for p in parts])
+
+
+def make_linear(parts: list[np.ndarray | QuantTensor], biases: list[np.ndarray] | None,
+                weight_mode: str) -> Linear:
+    """One linear layer over the row-concatenation of ``parts``."""
+    w = parts[0] if len(parts) == 1 else _concat_rows(parts)
+    bias = None if not biases else np.concatenate(biases)
+    if weight_mode == "float32":
+        return DenseLinear(w.dequantize() if isinstance(w, QuantTensor) else w, bias)
+    if isinstance(w, QuantTensor) and w.type_name in ("Q4_0", "Q4_1"):
+        return Int4Linear(w, bias)
+    return Int8Linear(w.dequantize() if isinstance(w, QuantTensor) else w, bias)
