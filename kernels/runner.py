@@ -1,0 +1,47 @@
+"""ComputeRunner: model compute on one dedicated thread, awaited from asyncio.
+
+Torch and numpy release the GIL inside their kernels, so the event loop keeps
+serving the network while a prefill runs. One thread (not a pool) because a
+Stage and its KV cache are not thread-safe and steps must run in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ComputeRunner:
+    def __init__(self, name: str = "mesh-compute"):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._thread_id: int | None = None
+        self._executor.submit(self._record_thread).result()
+
+    def _record_thread(self) -> None:
+        self._thread_id = threading.get_ident()
+
+    @property
+    def thread_id(self) -> int | None:
+        """The compute thread's ident (for checks that compute is off the loop)."""
+        return self._thread_id
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on the compute thread and await its result."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Finish queued work and stop the thread."""
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> "ComputeRunner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""Token sampling that any backend reproduces exactly from the same logits.
+
+The randomness for the token at sequence position ``p`` is one uniform number
+``u = BLAKE3("mesh-sample", seed, p)`` (counter-based: no generator state to carry,
+so an auditor can re-check any single step), and every computation after the
+float32 logits runs in numpy float64 with deterministic tie-breaking (lower token
+id first). Greedy (temperature 0) is plain argmax.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import blake3
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0  # 1 = no nucleus cut
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"invalid sampling parameters {self}: need temperature >= 0, "
+                             "top_k >= 0, 0 < top_p <= 1")
+
+
+def uniform(seed: int, position: int) -> float:
+    """A uniform in [0, 1) from (seed, position): the top 53 bits of a BLAKE3 digest."""
+    h = blake3.blake3(b"mesh-sample" + struct.pack("<qq", seed, position)).digest(8)
+    return (int.from_bytes(h, "little") >> 11) * 2.0 ** -53
+
+
+def probabilities(logits_row: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Float64 probabilities over the vocabulary after temperature, top-k and top-p
+    (zero outside the kept set). Not for greedy."""
+    x = np.asarray(logits_row, dtype=np.float32).astype(np.float64).reshape(-1)
+    x = x / params.temperature
+    keep = np.ones(x.shape, dtype=bool)
+    if params.top_k or params.top_p < 1.0:
+        # descending by value, ties by lower id: a total order every machine agrees on
+        order = np.lexsort((np.arange(x.size), -x))
+        if params.top_k:
+            order = order[:params.top_k]
+        p = np.exp(x[order] - x[order[0]])
+        p /= p.sum()
+        if params.top_p < 1.0:
+            # smallest prefix whose mass reaches top_p (always at least one token)
+            n = int(np.searchsorted(np.cumsum(p), params.top_p, side="left")) + 1
+            order = order[:min(n, order.size)]
+        keep = np.zeros(x.shape, dtype=bool)
+        keep[order] = True
+    z = np.where(keep, x, -np.inf)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def sample(logits_row: np.ndarray, params: SamplingParams, position: int) -> int:
+    """The token for sequence ``position`` from one row of float32 logits."""
+    if params.temperature == 0.0:
+        return int(np.argmax(np.asarray(logits_row).reshape(-1)))
+    p = probabilities(logits_row, params)
+    cdf = np.cumsum(p)
+    idx = int(np.searchsorted(cdf, uniform(params.seed, position) * cdf[-1], side="right"))
+    idx = min(idx, p.size - 1)
+    while p[idx] == 0.0:  # float edge: never return a masked token
+        idx -= 1
+    return idx
