@@ -1,0 +1,362 @@
+"""ClusterService: the asyncio adapter that runs the sans-IO cluster parts on a real clock.
+
+    service = ClusterService(system, state_dir=..., name="laptop", static_peers=["10.0.0.2:7946"],
+                             mdns_interfaces=["192.168.1.10"], secret=secret)
+    await service.start()
+    service.coordinator, service.term, service.members(), service.fence
+    async for event in service.events(): ...   # "coordinator" / "member" changes
+    await service.leave(); await service.stop()
+
+It ticks the `Election` every `tick` seconds and sends its messages as actor messages
+(to the actor named "cluster" on each node), sends a `Heartbeat` to every connected
+peer every `heartbeat` seconds and feeds the phi-accrual `FailureDetector`, and turns
+discovery hints (mDNS or `--peer`) into `system.connect`. Discovery is only a hint:
+a peer is a member once it is in the committed configuration, which only changes
+through the coordinator over the authenticated transport.
+
+Bootstrap of a new home cluster: a node with no persisted state waits `bootstrap_after`
+seconds for peers. If one of them is already part of a cluster, it asks to join. If
+none is and its own id is the lowest among the new nodes it sees, it founds a cluster
+of itself alone; the others then join it one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from actors import Actor, ActorSystem, PeerEvent
+
+from mesh.cluster.detector import DetectorConfig, FailureDetector, Liveness
+from mesh.cluster.discovery import MdnsDiscovery, PeerHint, parse_peer
+from mesh.cluster.election import Election, ElectionConfig, Outbox, Role
+from mesh.cluster.fence import Fence
+from mesh.cluster.persistence import FileStorage, MemoryStorage, Storage
+from mesh.cluster.wire import Heartbeat, RaftWire, from_wire, to_wire
+
+log = structlog.get_logger("mesh.cluster.service")
+
+ACTOR_NAME = "cluster"
+
+
+@dataclass(frozen=True)
+class Member:
+    node_id: str
+    name: str = ""
+    address: tuple[str, int] | None = None
+    backend: str = ""
+    device: str = ""
+    free_memory: int = 0
+    state: str = "alive"  # alive | suspect | dead | left
+    roles: tuple[str, ...] = ()
+    voter: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterEvent:
+    """`kind` is "coordinator" (the coordinator or term changed: `node_id` is the new
+    coordinator or None) or "member" (`node_id` moved to `state`)."""
+
+    kind: str
+    node_id: str | None
+    term: int
+    state: str = ""
+
+
+@dataclass
+class LocalFacts:
+    name: str = ""
+    backend: str = ""
+    device: str = ""
+    free_memory: int = 0
+    roles: list[str] = field(default_factory=list)
+
+
+class _ClusterActor(Actor):
+    def __init__(self, service: ClusterService) -> None:
+        self.service = service
+
+    async def receive(self, msg: Any, ctx: Any) -> None:
+        if isinstance(msg, RaftWire):
+            self.service._on_raft(msg)
+        elif isinstance(msg, Heartbeat):
+            self.service._on_heartbeat(msg)
+
+
+class ClusterService:
+    def __init__(
+        self,
+        system: ActorSystem,
+        *,
+        state_dir: Path | str | None = None,
+        storage: Storage | None = None,
+        facts: LocalFacts | None = None,
+        static_peers: list[str] = (),  # type: ignore[assignment]
+        mdns_interfaces: list[str] | None = None,
+        secret: bytes = b"",
+        tick: float = 0.05,
+        heartbeat: float = 0.1,
+        election: ElectionConfig = ElectionConfig(),
+        detector: DetectorConfig = DetectorConfig(),
+        bootstrap_after: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        self.system = system
+        self.node_id = system.node_id
+        if storage is None:
+            storage = FileStorage(state_dir) if state_dir is not None else MemoryStorage()
+        self.election = Election(self.node_id, storage, random.Random(seed), election)
+        self.facts = facts or LocalFacts()
+        self.static_peers = [parse_peer(p) for p in static_peers]
+        self.mdns_interfaces = mdns_interfaces
+        self.secret = secret
+        self.tick_s, self.heartbeat_s = tick, heartbeat
+        self.detector = FailureDetector(detector)
+        self.bootstrap_after = bootstrap_after
+        self.fence = Fence(self.election.term, self.node_id)
+        self._info: dict[str, Heartbeat] = {}
+        self._states: dict[str, str] = {}
+        self._left: set[str] = set()
+        self._leaving = False
+        self._queues: list[asyncio.Queue[ClusterEvent]] = []
+        self._callbacks: list[Callable[[ClusterEvent], Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._mdns: MdnsDiscovery | None = None
+        self._last_view: tuple[str | None, int] = (None, self.election.term)
+        self._started_at = 0.0
+
+    # ---- public API ------------------------------------------------------------------
+
+    @property
+    def coordinator(self) -> str | None:
+        e = self.election
+        return e.leader if e.role in (Role.FOLLOWER, Role.COORDINATOR) else None
+
+    @property
+    def term(self) -> int:
+        return self.election.term
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.election.is_coordinator
+
+    def members(self) -> list[Member]:
+        """Every node this one knows of, itself first."""
+        now = time.monotonic()
+        voters = set(self.election.voters)
+        me = Member(
+            self.node_id, self.facts.name, self.system.address, self.facts.backend, self.facts.device,
+            self.facts.free_memory, "left" if self._leaving and self.node_id not in voters else "alive",
+            self._roles(self.node_id, self.facts.roles), self.node_id in voters,
+        )
+        out = [me]
+        for node_id in sorted((set(self._info) | voters) - {self.node_id}):
+            hb = self._info.get(node_id)
+            out.append(Member(
+                node_id,
+                hb.name if hb else "",
+                (hb.host, hb.port) if hb else self.system.peers().get(node_id),
+                hb.backend if hb else "",
+                hb.device if hb else "",
+                hb.free_memory if hb else 0,
+                self._state_of(node_id, now),
+                self._roles(node_id, hb.roles if hb else []),
+                node_id in voters,
+            ))
+        return out
+
+    def _roles(self, node_id: str, roles: list[str]) -> tuple[str, ...]:
+        extra = ["coordinator"] if node_id == self.coordinator else []
+        return tuple(extra + [r for r in roles if r != "coordinator"])
+
+    async def events(self) -> AsyncIterator[ClusterEvent]:
+        """Changes from now on: coordinator/term changes and member state changes."""
+        queue: asyncio.Queue[ClusterEvent] = asyncio.Queue(1000)
+        self._queues.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._queues.remove(queue)
+
+    def on_change(self, callback: Callable[[ClusterEvent], Any]) -> None:
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        self.system.spawn(_ClusterActor(self), name=ACTOR_NAME)
+        self.system.on_peer(self._on_peer_event)
+        for node_id in self.system.peers():
+            self.election.add_peer(node_id)
+        self._started_at = time.monotonic()
+        self._spawn(self._tick_loop())
+        self._spawn(self._heartbeat_loop())
+        for host, port in self.static_peers:
+            self._spawn(self._dial_until_connected(host, port))
+        if self.mdns_interfaces:
+            assert self.system.address is not None, "start the actor system before the cluster service"
+            self._mdns = MdnsDiscovery(
+                self.node_id, self.system.address[1], self.secret, self.mdns_interfaces, self.add_hint,
+            )
+            await self._mdns.start()
+        log.info("cluster_started", node=self.node_id, term=self.term, voters=self.election.voters)
+
+    async def stop(self) -> None:
+        if self._mdns is not None:
+            await self._mdns.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def leave(self, timeout: float = 3.0) -> bool:
+        """Ask the coordinator to remove this node; True once the removal is committed."""
+        self._leaving = True
+        self._dispatch(self.election.leave())
+        self._send_heartbeats()
+        deadline = time.monotonic() + timeout
+        while self.election.is_voter and time.monotonic() < deadline:
+            await asyncio.sleep(self.tick_s)
+        self._send_heartbeats()
+        return not self.election.is_voter
+
+    def add_hint(self, hint: PeerHint) -> None:
+        """A discovered address (mDNS or static); connects unless already connected."""
+        if hint.node_id not in self.system.peers():
+            self._spawn(self._connect_once(hint.host, hint.port))
+
+    # ---- loops -----------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at += self.tick_s
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            self._maybe_bootstrap()
+            self._dispatch(self.election.tick())
+            self._update_member_states()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self._send_heartbeats()
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def _dial_until_connected(self, host: str, port: int) -> None:
+        delay = 0.1
+        while True:
+            if await self._connect_once(host, port):
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _connect_once(self, host: str, port: int) -> bool:
+        try:
+            node_id = await self.system.connect(host, port)
+        except Exception as exc:
+            log.debug("connect_failed", node=self.node_id, peer=f"{host}:{port}", error=repr(exc))
+            return False
+        self.election.add_peer(node_id)
+        return True
+
+    # ---- inputs ----------------------------------------------------------------------
+
+    def _on_peer_event(self, event: PeerEvent) -> None:
+        if event.up:
+            self.election.add_peer(event.node_id)
+
+    def _on_raft(self, wire: RaftWire) -> None:
+        msg = from_wire(wire)
+        if msg is None:
+            log.warning("cluster_bad_message", node=self.node_id, kind=wire.kind, src=wire.src)
+            return
+        self._dispatch(self.election.step(msg))
+
+    def _on_heartbeat(self, hb: Heartbeat) -> None:
+        self.detector.heartbeat(hb.node_id, time.monotonic())
+        self._info[hb.node_id] = hb
+        self.election.add_peer(hb.node_id)
+        if hb.leaving:
+            self._left.add(hb.node_id)
+        else:
+            self._left.discard(hb.node_id)
+
+    def _maybe_bootstrap(self) -> None:
+        e = self.election
+        if e.log or time.monotonic() - self._started_at < self.bootstrap_after:
+            return
+        alive = [hb for n, hb in self._info.items() if self.detector.is_alive(n, time.monotonic())]
+        if any(hb.configured for hb in alive):
+            return  # a cluster exists: the election keeps asking it to add us
+        if all(self.node_id < hb.node_id for hb in alive):
+            log.info("cluster_founded", node=self.node_id)
+            e.bootstrap((self.node_id,))
+
+    def _send_heartbeats(self) -> None:
+        host, port = self.system.address or ("", 0)
+        hb = Heartbeat(
+            self.node_id, self.facts.name, host, port, self.facts.backend, self.facts.device,
+            self.facts.free_memory, list(self.facts.roles), self.term, self.coordinator or "",
+            bool(self.election.log), self._leaving,
+        )
+        for node_id in self.system.peers():
+            self._tell(node_id, hb)
+
+    # ---- outputs ---------------------------------------------------------------------
+
+    def _tell(self, node_id: str, msg: Any) -> None:
+        try:
+            self.system.ref(node_id, ACTOR_NAME).tell(msg)
+        except Exception as exc:  # a full or closed link: the protocols retry on their own
+            log.debug("cluster_send_dropped", node=self.node_id, to=node_id, error=repr(exc))
+
+    def _dispatch(self, out: Outbox) -> None:
+        for to, msg in out:
+            self._tell(to, to_wire(msg))
+        self.fence.observe(self.election.term)
+        view = (self.coordinator, self.term)
+        if view != self._last_view:
+            self._last_view = view
+            self._emit(ClusterEvent("coordinator", view[0], view[1]))
+
+    def _state_of(self, node_id: str, now: float) -> str:
+        if node_id in self._left and node_id not in self.election.voters:
+            return "left"
+        return self.detector.state(node_id, now).value
+
+    def _update_member_states(self) -> None:
+        now = time.monotonic()
+        for node_id in (set(self._info) | set(self.election.voters)) - {self.node_id}:
+            state = self._state_of(node_id, now)
+            before = self._states.get(node_id)
+            if before != state:
+                self._states[node_id] = state
+                if before is not None or state != Liveness.ALIVE.value:
+                    self._emit(ClusterEvent("member", node_id, self.term, state))
+
+    def _emit(self, event: ClusterEvent) -> None:
+        log.info("cluster_event", node=self.node_id, kind=event.kind, about=event.node_id,
+                 term=event.term, state=event.state or None)
+        for cb in list(self._callbacks):
+            try:
+                result = cb(event)
+                if asyncio.iscoroutine(result):
+                    self._spawn(result)
+            except Exception as exc:
+                log.warning("cluster_callback_failed", error=repr(exc))
+        for q in self._queues:
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(event)
+
+
+__all__ = ["ClusterEvent", "ClusterService", "LocalFacts", "Member"]

@@ -1,0 +1,87 @@
+"""Actor messages of the cluster service, and conversion to/from the election's messages.
+
+The election machine stays free of the actor runtime; these registered dataclasses are
+what travels between nodes (msgpack via `actors`, inside the authenticated channel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors import message
+
+from mesh.cluster import messages as m
+
+_KINDS = ("vote", "vote_resp", "append", "append_resp", "join", "leave")
+
+
+@message("mesh.cluster.Raft")
+@dataclass
+class RaftWire:
+    kind: str
+    src: str
+    term: int = 0
+    a: int = 0  # last_index | prev_index | match
+    b: int = 0  # last_term | prev_term | hint | commit
+    c: int = 0  # commit (append)
+    flag: bool = False  # pre (vote) | granted (vote_resp) | success (append_resp)
+    flag2: bool = False  # pre (vote_resp)
+    entries: list = field(default_factory=list)  # [[term, voters | None], ...]
+
+
+@message("mesh.cluster.Heartbeat")
+@dataclass
+class Heartbeat:
+    """Sent to every connected peer every heartbeat interval: liveness plus member facts."""
+
+    node_id: str
+    name: str = ""
+    host: str = ""
+    port: int = 0
+    backend: str = ""
+    device: str = ""
+    free_memory: int = 0
+    roles: list = field(default_factory=list)
+    term: int = 0
+    coordinator: str = ""
+    configured: bool = False
+    leaving: bool = False
+
+
+def to_wire(msg: m.Message) -> RaftWire:
+    if isinstance(msg, m.VoteRequest):
+        return RaftWire("vote", msg.src, msg.term, msg.last_index, msg.last_term, flag=msg.pre)
+    if isinstance(msg, m.VoteResponse):
+        return RaftWire("vote_resp", msg.src, msg.term, flag=msg.granted, flag2=msg.pre)
+    if isinstance(msg, m.Append):
+        entries = [[e.term, list(e.voters) if e.voters is not None else None] for e in msg.entries]
+        return RaftWire("append", msg.src, msg.term, msg.prev_index, msg.prev_term, msg.commit, entries=entries)
+    if isinstance(msg, m.AppendResponse):
+        return RaftWire("append_resp", msg.src, msg.term, msg.match, msg.hint, flag=msg.success)
+    if isinstance(msg, m.JoinRequest):
+        return RaftWire("join", msg.src)
+    return RaftWire("leave", msg.src)
+
+
+def from_wire(w: RaftWire) -> m.Message | None:
+    """The election message, or None if the wire form is malformed (ignored by the caller)."""
+    try:
+        if w.kind == "vote":
+            return m.VoteRequest(w.term, w.src, w.a, w.b, bool(w.flag))
+        if w.kind == "vote_resp":
+            return m.VoteResponse(w.term, w.src, bool(w.flag), bool(w.flag2))
+        if w.kind == "append":
+            entries = tuple(
+                m.Entry(int(t), tuple(str(v) for v in voters) if voters is not None else None)
+                for t, voters in w.entries
+            )
+            return m.Append(w.term, w.src, w.a, w.b, entries, w.c)
+        if w.kind == "append_resp":
+            return m.AppendResponse(w.term, w.src, bool(w.flag), w.a, w.b)
+        if w.kind == "join":
+            return m.JoinRequest(w.src)
+        if w.kind == "leave":
+            return m.LeaveRequest(w.src)
+    except (TypeError, ValueError):
+        return None
+    return None

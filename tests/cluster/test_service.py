@@ -1,0 +1,115 @@
+"""ClusterService over the actor runtime: in-memory transport (many nodes, one process) and real TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from actors import ActorSystem, MemoryNetwork, NodeIdentity
+
+from mesh.cluster.service import ClusterEvent, ClusterService, LocalFacts
+
+SECRET = b"test-cluster-secret"
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+def agreed(services: list[ClusterService], n_voters: int) -> str | None:
+    """The coordinator if all services agree on it and on a configuration of n_voters."""
+    coords = {s.coordinator for s in services}
+    terms = {s.term for s in services}
+    if len(coords) != 1 or len(terms) != 1 or None in coords:
+        return None
+    if any(len(s.election.voters) != n_voters for s in services):
+        return None
+    return coords.pop()
+
+
+async def memory_cluster(n: int, net: MemoryNetwork) -> list[ClusterService]:
+    services = []
+    for i in range(n):
+        system = ActorSystem(NodeIdentity.generate(), SECRET, net.transport(f"h{i}"),
+                             heartbeat_interval=0.2, heartbeat_timeout=1.0, backoff=(0.05, 0.5))
+        await system.start(f"h{i}", 7000)
+        peers = [f"h{j}:7000" for j in range(n) if j != i]
+        services.append(ClusterService(system, static_peers=peers, facts=LocalFacts(name=f"node{i}"),
+                                       bootstrap_after=0.5, seed=i))
+    for s in services:
+        await s.start()
+    return services
+
+
+async def shutdown(services: list[ClusterService]) -> None:
+    for s in services:
+        await s.stop()
+        await s.system.stop()
+
+
+@pytest.mark.slow
+async def test_memory_cluster_forms_fails_over_and_heals() -> None:
+    net = MemoryNetwork()
+    services = await memory_cluster(3, net)
+    events: list[ClusterEvent] = []
+    try:
+        await wait_for(lambda: agreed(services, 3), 10, "3 nodes to form")
+        leader = next(s for s in services if s.is_coordinator)
+        for s in services:
+            s.on_change(events.append)
+        first_term = leader.term
+        members = {m.node_id: m for m in services[0].members()}
+        assert len(members) == 3 and all(m.voter for m in members.values())
+        assert members[leader.node_id].roles[0] == "coordinator"
+
+        net.crash(f"h{services.index(leader)}")
+        await leader.stop()
+        rest = [s for s in services if s is not leader]
+        await wait_for(lambda: agreed(rest, 3) and rest[0].term > first_term, 10, "a new coordinator")
+        await wait_for(lambda: any(e.kind == "member" and e.node_id == leader.node_id and e.state == "dead"
+                                   for e in events), 5, "the old coordinator declared dead")
+        assert all(s.fence.highest == s.term for s in rest)
+    finally:
+        await shutdown(services)
+
+
+@pytest.mark.slow
+async def test_memory_partition_minority_loses_coordinator_and_heals() -> None:
+    net = MemoryNetwork()
+    services = await memory_cluster(3, net)
+    try:
+        await wait_for(lambda: agreed(services, 3), 10, "3 nodes to form")
+        leader = next(s for s in services if s.is_coordinator)
+        lonely = f"h{services.index(leader)}"
+        net.partition([lonely], [f"h{i}" for i in range(3) if f"h{i}" != lonely])
+        rest = [s for s in services if s is not leader]
+        await wait_for(lambda: not leader.is_coordinator, 5, "the cut-off coordinator to step down")
+        await wait_for(lambda: agreed(rest, 3) and rest[0].term > leader.term - 1, 10, "majority side to elect")
+        net.heal()
+        await wait_for(lambda: agreed(services, 3), 15, "the cluster to heal into one view")
+    finally:
+        await shutdown(services)
+
+
+@pytest.mark.slow
+async def test_graceful_leave_is_not_a_failure() -> None:
+    net = MemoryNetwork()
+    services = await memory_cluster(3, net)
+    try:
+        await wait_for(lambda: agreed(services, 3), 10, "3 nodes to form")
+        follower = next(s for s in services if not s.is_coordinator)
+        assert await follower.leave()
+        rest = [s for s in services if s is not follower]
+        await wait_for(lambda: agreed(rest, 2), 5, "a 2-voter configuration")
+        await wait_for(
+            lambda: {m.node_id: m.state for m in rest[0].members()}.get(follower.node_id) == "left", 5, "left state"
+        )
+    finally:
+        await shutdown(services)
