@@ -45,6 +45,7 @@ class TokenEvent:
     token_id: int
     text: str
     finish_reason: str | None = None  # "stop" | "length" on the last token
+    stop_token: bool = False  # the end-of-sequence token itself: not part of the answer
 
 
 @dataclass

@@ -6,5 +6,9 @@ one line by the CLI, never as a traceback.
 """
 
 COMMAND_MODULES = [
+    "mesh.commands.generate",
+    "mesh.commands.join",
+    "mesh.commands.demo",
     "mesh.commands.models",
+    "mesh.commands.secret",
 ]

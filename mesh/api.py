@@ -1,0 +1,364 @@
+"""The HTTP surface every node serves: an OpenAI-compatible API, the cluster view,
+Prometheus metrics and the dashboard. aiohttp, in the node's own event loop."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Protocol
+
+from aiohttp import web
+
+from mesh.errors import BadRequest, MeshError
+from mesh.generation import GenerationParams, TokenEvent
+
+WEB_DIR = Path(__file__).parent / "web"
+
+
+class Unavailable(MeshError):
+    """The cluster cannot serve right now (no pipeline); the message says why."""
+
+
+class ServingBackend(Protocol):
+    model_name: str
+
+    def status(self) -> dict: ...
+    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+    def encode_text(self, text: str) -> list[int]: ...
+    def generate_stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[TokenEvent]: ...
+    def metrics_text(self) -> str: ...
+    def mesh_info(self) -> dict: ...
+
+
+def _error(status: int, message: str, kind: str, *, param: str | None = None, code: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    return _error(400, message, "invalid_request_error", param=param, code=code)
+
+
+_NUMBER = (int, float)
+
+
+def _field(body: dict, name: str, kinds: tuple, default: Any) -> Any:
+    if name not in body or body[name] is None:
+        return default
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise _FieldError(name, f"'{name}' must be of type {'/'.join(k.__name__ for k in kinds)}")
+    return value
+
+
+class _FieldError(Exception):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _params(body: dict) -> tuple[GenerationParams, list[str]]:
+    max_tokens = _field(body, "max_tokens", (int,), None)
+    if max_tokens is None:
+        max_tokens = _field(body, "max_completion_tokens", (int,), 128)
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        stops = list(stop)
+    else:
+        raise _FieldError("stop", "'stop' must be a string or a list of up to 4 strings")
+    params = GenerationParams(
+        max_tokens=max_tokens,
+        temperature=float(_field(body, "temperature", _NUMBER, 0.0)),
+        top_p=float(_field(body, "top_p", _NUMBER, 1.0)),
+        top_k=int(_field(body, "top_k", (int,), 0)),
+        seed=int(_field(body, "seed", (int,), 0)),
+    )
+    if params.temperature > 2:
+        raise _FieldError("temperature", "'temperature' must be between 0 and 2")
+    return params, stops
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts at the first match."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            at = min(h[0] for h in hits)
+            out, self.pending, self.stopped = self.pending[:at], "", True
+            return out
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Api:
+    def __init__(self, backend: ServingBackend, *, api_key: str | None = None):
+        self.backend = backend
+        self.api_key = api_key
+        self.app = web.Application(middlewares=[self._auth, self._errors], client_max_size=4 << 20)
+        self.app.add_routes([
+            web.get("/", self.dashboard),
+            web.get("/v1/models", self.models),
+            web.get("/v1/cluster", self.cluster),
+            web.get("/metrics", self.metrics),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/completions", self.completions),
+        ])
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # the port picked when port == 0
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- middleware -------------------------------------------------------------------
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if self.api_key and request.path.startswith("/v1/") and request.path != "/v1/cluster":
+            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              "invalid_request_error", code="invalid_api_key")
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return _error(404, f"no route {request.method} {request.path}", "invalid_request_error",
+                              code="not_found")
+            if exc.status == 405:
+                return _error(405, f"method {request.method} not allowed on {request.path}",
+                              "invalid_request_error")
+            raise
+        except _FieldError as exc:
+            return _bad(str(exc), param=exc.param)
+        except BadRequest as exc:
+            return _bad(str(exc))
+        except Unavailable as exc:
+            return _error(503, str(exc), "service_unavailable", code="cluster_unavailable")
+        except MeshError as exc:
+            return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+    # -- read-only endpoints ----------------------------------------------------------
+
+    async def dashboard(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(WEB_DIR / "index.html")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.backend.model_name, "object": "model", "created": 0, "owned_by": "mesh"}]})
+
+    async def cluster(self, request: web.Request) -> web.Response:
+        return web.json_response(self.backend.status())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.backend.metrics_text(), content_type="text/plain")
+
+    # -- generation -------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.backend.model_name:
+            raise _NotFoundModel(model)
+        return body
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._body(request)
+        except _NotFoundModel as exc:
+            return self._unknown_model(exc.model)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise _FieldError("messages", "'messages' must be a non-empty list of {role, content} objects")
+        params, stops = _params(body)
+        prompt_ids = self.backend.encode_chat(messages)
+        return await self._respond(request, body, prompt_ids, params, stops, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._body(request)
+        except _NotFoundModel as exc:
+            return self._unknown_model(exc.model)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _FieldError("prompt", "'prompt' must be a string")
+        params, stops = _params(body)
+        prompt_ids = self.backend.encode_text(prompt)
+        return await self._respond(request, body, prompt_ids, params, stops, chat=False)
+
+    def _unknown_model(self, model: Any) -> web.Response:
+        return _error(404, f"the model {model!r} does not exist; this cluster serves {self.backend.model_name!r}",
+                      "invalid_request_error", param="model", code="model_not_found")
+
+    async def _respond(self, request, body, prompt_ids, params, stops, *, chat: bool) -> web.StreamResponse:
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        model = self.backend.model_name
+        events = self.backend.generate_stream(prompt_ids, params)
+        matcher = StopMatcher(stops)
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "total_tokens": len(prompt_ids)}
+        if body.get("stream"):
+            return await self._stream(request, rid, created, model, events, matcher, usage, chat, prompt_ids)
+        pieces, finish, token_ids = [], "length", []
+        clock = _Clock()
+        # The first event surfaces request errors (bad params, no pipeline) as HTTP errors.
+        async for event in events:
+            clock.tick()
+            if not event.stop_token:
+                usage["completion_tokens"] += 1
+                token_ids.append(event.token_id)
+            pieces.append(matcher.feed(event.text))
+            if matcher.stopped:
+                finish = "stop"
+                await events.aclose()
+                break
+            if event.finish_reason:
+                finish = event.finish_reason
+        pieces.append(matcher.flush() if not matcher.stopped else "")
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        text = "".join(pieces)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        info = {**self.backend.mesh_info(), "token_ids": token_ids, "prompt_token_ids": prompt_ids, **clock.as_dict()}
+        return web.json_response({"id": rid, "object": obj, "created": created, "model": model,
+                                  "choices": [choice], "usage": usage, "mesh": info})
+
+    async def _stream(self, request, rid, created, model, events, matcher, usage, chat,
+                      prompt_ids) -> web.StreamResponse:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, *, role: bool = False) -> bytes:
+            if chat:
+                delta: dict = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+        iterator = events.__aiter__()
+        clock = _Clock()
+        try:
+            first = await iterator.__anext__()  # errors before the stream starts stay HTTP errors
+        except StopAsyncIteration:
+            first = None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        if chat:
+            await response.write(chunk(None, None, role=True))
+        finish, token_ids = "length", []
+        event = first
+        try:
+            while event is not None:
+                clock.tick()
+                if not event.stop_token:
+                    usage["completion_tokens"] += 1
+                    token_ids.append(event.token_id)
+                text = matcher.feed(event.text)
+                if text:
+                    await response.write(chunk(text, None))
+                if matcher.stopped:
+                    finish = "stop"
+                    break
+                if event.finish_reason:
+                    finish = event.finish_reason
+                try:
+                    event = await iterator.__anext__()
+                except StopAsyncIteration:
+                    event = None
+            rest = "" if matcher.stopped else matcher.flush()
+            if rest:
+                await response.write(chunk(rest, None))
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            final = json.loads(chunk(None, finish)[6:])
+            final["usage"] = usage
+            final["mesh"] = {**self.backend.mesh_info(), "token_ids": token_ids, "prompt_token_ids": prompt_ids,
+                             **clock.as_dict()}
+            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+        except MeshError as exc:
+            err = {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error", "param": None,
+                             "code": None}}
+            await response.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+        finally:
+            await iterator.aclose()
+        await response.write_eof()
+        return response
+
+
+class _Clock:
+    """Server-side timing of one request: time to first token and decode time."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last = now
+
+    def as_dict(self) -> dict:
+        if self.first is None:
+            return {"ttft_s": None, "decode_s": None}
+        return {"ttft_s": self.first - self.started, "decode_s": self.last - self.first}
+
+
+class _NotFoundModel(Exception):
+    def __init__(self, model: Any):
+        self.model = model

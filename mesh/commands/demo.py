@@ -1,0 +1,94 @@
+"""`mesh demo`: the main job — a local N-node mesh on loopback, one prompt, text streamed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from mesh import models
+from mesh.client import stream_chat
+from mesh.launcher import LocalCluster
+
+DEFAULT_PROMPT = "Explain in three sentences why splitting a language model across devices helps."
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="start a local N-node mesh on loopback, run one prompt, stop it",
+                       description="Starts N real `mesh join` processes on 127.0.0.1 with a fresh secret, waits "
+                                   "for the coordinator and the pipeline, streams one answer, then stops them all.")
+    p.add_argument("--nodes", type=int, default=3, help="number of nodes to start (default 3)")
+    p.add_argument("--backend", choices=["torch", "mlx", "mixed"], default="torch",
+                   help="compute backend of the nodes; mixed alternates torch and mlx (default torch)")
+    p.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, .gguf path or HF directory")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message to send")
+    p.add_argument("--max-tokens", type=int, default=96, help="tokens to generate at most (default 96)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling randomness (default 0)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--weight-mode", choices=["float32", "quant"], default="float32",
+                   help="float32 weights or the faster quantized mode (default float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the cluster (default 300)")
+    p.add_argument("--keep-logs", action="store_true", help="keep the nodes' state dirs and logs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    models.resolve(args.model, fetch=True)  # fetch once here rather than in every node
+    return asyncio.run(_demo(args))
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(n=args.nodes, backend=args.backend, model=args.model, keep_dir=args.keep_logs,
+                           extra_args=["--weight-mode", args.weight_mode])
+    with cluster:
+        if not args.json:
+            print(f"starting {args.nodes} nodes on 127.0.0.1 (logs in {cluster.workdir}) ...", file=sys.stderr)
+        view = await cluster.wait_ready(timeout=args.timeout, stages=args.nodes)
+        if not args.json:
+            stages = ", ".join(f"{s['node'][:8]}:{s['layers'][0]}-{s['layers'][1]}({s['backend']})"
+                               for s in view["plan"]["stages"])
+            print(f"coordinator {view['coordinator'][:8]} term {view['term']}; pipeline {stages}", file=sys.stderr)
+        serving = cluster.nodes[0]
+
+        def show(text: str) -> None:
+            if not args.json:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+        result = await stream_chat(serving.api, args.prompt, max_tokens=args.max_tokens,
+                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, raw=args.raw,
+                                   on_text=show)
+        final = await _final_view(cluster, serving.index) or view
+    mesh = result.mesh
+    if args.json:
+        print(json.dumps({
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_token_ids": result.prompt_token_ids,
+            "finish_reason": result.finish_reason,
+            "ttft_s": result.ttft_s,
+            "decode_tokens_per_s": result.decode_tokens_per_s,
+            "coordinator": final.get("coordinator"),
+            "term": final.get("term"),
+            "pipeline": mesh.get("pipeline", [
+                {"node": s["node"], "layers": s["layers"], "backend": s["backend"]} for s in final["plan"]["stages"]]),
+            "verification": mesh.get("verification", {}),
+            "failovers": mesh.get("failovers", []),
+            "nodes": args.nodes,
+            "backend": args.backend,
+        }))
+    else:
+        print(f"\n\n[{len(result.token_ids)} tokens, ttft {result.ttft_s:.2f}s, "
+              f"{result.decode_tokens_per_s:.1f} tokens/s, finish={result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+async def _final_view(cluster: LocalCluster, index: int) -> dict | None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        return await cluster.status(index, http)

@@ -1,0 +1,88 @@
+"""`mesh generate`: single-process generation — the single-device fallback and the
+reference the pipeline is checked against."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mesh import models
+from mesh.errors import BadRequest, MeshError
+from mesh.generation import GenerationParams
+
+
+class ModelLoadFailed(MeshError):
+    pass
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text on this device alone (no cluster)",
+                       description="Load the whole model in this process and stream the answer to stdout.")
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
+    p.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, .gguf path or HF directory")
+    p.add_argument("--backend", choices=["torch", "mlx"], default="torch", help="compute backend (default torch)")
+    p.add_argument("--weight-mode", choices=["float32", "quant"], default="float32",
+                   help="float32 weights, or the faster quantized mode")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling randomness (default 0)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kernels.config import load_config
+    from kernels.generate import GenerationStats, generate
+    from kernels.sampling import SamplingParams
+    from kernels.stage import StageSpec, load_stage
+    from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
+
+    path = models.resolve(args.model, fetch=True)
+    try:
+        config = load_config(path)
+        tokenizer = Tokenizer.from_model(path)
+    except (ValueError, OSError) as exc:
+        raise ModelLoadFailed(f"cannot read the model at {path}: {exc}") from None
+    if not args.prompt.strip():
+        raise BadRequest("the prompt is empty")
+    if args.raw:
+        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+    else:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+    params.validate(prompt_len=len(prompt_ids), context_length=config.context_length)
+    try:
+        stage = load_stage(path, StageSpec.full(config.n_layers), backend=args.backend, weight_mode=args.weight_mode)
+    except (ValueError, OSError) as exc:
+        raise ModelLoadFailed(f"cannot load the model at {path}: {exc}") from None
+    stats = GenerationStats()
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+    sampling = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                              seed=params.seed)
+    token_ids, pieces = [], []
+    for token in generate(stage, prompt_ids, max_tokens=params.max_tokens, sampling=sampling,
+                          stop_ids=tokenizer.eos_token_ids, stats=stats):
+        token_ids.append(token)
+        piece = detok.feed(token)
+        pieces.append(piece)
+        if not args.json and piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    rest = detok.flush()
+    pieces.append(rest)
+    if args.json:
+        print(json.dumps({
+            "text": "".join(pieces), "token_ids": token_ids, "prompt_token_ids": prompt_ids,
+            "finish_reason": stats.finish_reason, "ttft_s": stats.ttft_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s, "backend": args.backend,
+            "weight_mode": args.weight_mode,
+        }))
+    else:
+        sys.stdout.write(rest + "\n")
+    return 0

@@ -1,0 +1,94 @@
+"""`mesh join`: run this device as a node of the home cluster until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from actors import log as actors_log
+from mesh import models
+from mesh.errors import MeshError
+
+
+class SecretFileError(MeshError):
+    pass
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("join", help="run this device as a node of the cluster (until Ctrl-C)",
+                       description="Join (or start) the home cluster: find peers by mDNS and --peer, elect a "
+                                   "coordinator, take a share of the model's layers and serve the API.")
+    p.add_argument("--cluster", default="home", help="cluster name (default: home)")
+    p.add_argument("--secret-file", type=Path,
+                   help="file with the cluster secret (`mesh secret new PATH`); required off loopback")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on for peers (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="peer port (default: pick a free one)")
+    p.add_argument("--api-host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1)")
+    p.add_argument("--api-port", type=int, default=0, help="port of the HTTP API (default: pick a free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    p.add_argument("--interface", action="append", default=[], dest="interfaces", metavar="ADDR",
+                   help="address of an interface mDNS may use (repeatable); without it, --host")
+    p.add_argument("--peer", action="append", default=[], dest="peers", metavar="HOST:PORT",
+                   help="a peer to dial directly, for networks without multicast (repeatable)")
+    p.add_argument("--no-mdns", action="store_true", help="do not use mDNS; only --peer")
+    p.add_argument("--backend", choices=["auto", "torch", "mlx"], default="auto",
+                   help="compute backend (auto: mlx on Apple silicon, torch elsewhere)")
+    p.add_argument("--weight-mode", choices=["float32", "quant"], default="float32",
+                   help="float32 weights, or the faster quantized mode")
+    p.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, .gguf path or HF directory")
+    p.add_argument("--name", help="a human name for this device (default: hostname)")
+    p.add_argument("--state-dir", type=Path, help="where the node key and votes live (default $MESH_HOME/node)")
+    p.add_argument("--memory", help="memory to offer for layers, e.g. 2GiB (default: 80%% of available)")
+    p.add_argument("--threads", type=int, help="compute threads (default: torch's choice)")
+    p.add_argument("--log-format", choices=["console", "json"], default="console", help="log format")
+    p.add_argument("--log-level", default="info", help="log level (debug, info, warning)")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from mesh.node import NodeConfig, memory_bytes
+
+    secret = None
+    if args.secret_file is not None:
+        try:
+            secret = args.secret_file.expanduser().read_bytes().strip()
+        except OSError as exc:
+            raise SecretFileError(f"cannot read --secret-file {args.secret_file}: {exc.strerror}") from None
+        if len(secret) < 16:
+            raise SecretFileError(f"{args.secret_file} holds {len(secret)} bytes; a secret needs at least 16 "
+                                  "(create one with `python -m mesh secret new PATH`)")
+    try:
+        memory = memory_bytes(args.memory) if args.memory else None
+    except ValueError as exc:
+        raise SecretFileError(str(exc)) from None
+    return NodeConfig(model=args.model, cluster=args.cluster, secret=secret, host=args.host, port=args.port,
+                      api_host=args.api_host, api_port=args.api_port, api_key=args.api_key,
+                      interfaces=args.interfaces or [args.host], peers=args.peers, mdns=not args.no_mdns,
+                      backend=args.backend, weight_mode=args.weight_mode, name=args.name, state_dir=args.state_dir,
+                      memory_limit=memory, threads=args.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    actors_log.configure(format=args.log_format, level=args.log_level.upper())
+    config = config_from_args(args)
+    import actors
+
+    return actors.run(_serve(config))
+
+
+async def _serve(config) -> int:
+    from mesh.node import Node
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    node = Node(config)
+    try:
+        await node.start()
+        await stop.wait()
+    finally:
+        await node.stop()
+    return 0

@@ -1,0 +1,447 @@
+"""The Node: the one object an application embeds, and what `mesh join` runs.
+
+It composes an actor system (authenticated transport), the cluster service
+(discovery, membership, failure detection, election), the pipeline roles (this
+node's stage, the sessions it serves, and — while elected — the coordinator) and
+the HTTP API. Model compute runs on one ComputeRunner thread; the event loop only
+moves messages, so heartbeats and elections keep running during a long prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import psutil
+import structlog
+
+from actors import Actor, ActorSystem, NodeIdentity
+from kernels.config import load_config
+from kernels.runner import ComputeRunner
+from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
+from mesh import models
+from mesh.api import Api, Unavailable
+from mesh.cluster.fence import Fence
+from mesh.cluster.service import ClusterService, MemberInfo
+from mesh.errors import MeshError
+from mesh.generation import GenerationParams, TokenEvent
+from mesh.pipeline.coordinator import CoordinatorRole
+from mesh.pipeline.messages import (
+    EndSession,
+    Forward,
+    PlanReady,
+    PlanUpdate,
+    Retransmit,
+    SessionFailed,
+    StageReady,
+    TokenOut,
+)
+from mesh.pipeline.serving import PlanView, Serving
+from mesh.pipeline.stage_host import COORD_ACTOR, SERVE_ACTOR, STAGE_ACTOR, StageHost
+from mesh.planner import ModelProfile, NodeCapacity
+
+log = structlog.get_logger("mesh.node")
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class InsecureBind(MeshError):
+    pass
+
+
+@dataclass
+class NodeConfig:
+    model: str = models.DEFAULT_MODEL
+    cluster: str = "home"
+    secret: bytes | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_host: str = "127.0.0.1"
+    api_port: int | None = 0  # None: no HTTP API
+    api_key: str | None = None
+    interfaces: list[str] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    mdns: bool = True
+    backend: str = "auto"
+    weight_mode: str = "float32"
+    name: str | None = None
+    state_dir: Path | None = None
+    memory_limit: int | None = None  # bytes offered for layers; default: 80% of available RAM
+    threads: int | None = None
+    max_batch: int = 16
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
+
+
+def default_secret(cluster: str) -> bytes:
+    """The secret of a loopback-only cluster started without --secret-file."""
+    return hashlib.blake2b(f"mesh loopback-only cluster {cluster}".encode(), digest_size=32).digest()
+
+
+class _Inbox(Actor):
+    """A thin actor that hands each message to the node's handler for it."""
+
+    def __init__(self, handlers: dict[type, object]):
+        self.handlers = handlers
+
+    async def receive(self, msg, ctx):
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            log.warning("message.unexpected", type=type(msg).__name__)
+            return None
+        return handler(msg)
+
+
+class Node:
+    """A mesh node. ``async with Node(NodeConfig(...)) as node: ...``"""
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.backend = config.resolved_backend()
+        self.system: ActorSystem | None = None
+        self.cluster: ClusterService | None = None
+        self.api: Api | None = None
+        self.plan: PlanUpdate | None = None
+        self.plan_ready = False
+        self.fence = Fence()
+        self._plan_changed = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.started_at = time.time()
+        self.failovers: list[dict] = []
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> "Node":
+        cfg = self.config
+        if cfg.secret is None and cfg.host not in LOOPBACK:
+            raise InsecureBind(
+                f"refusing to listen on {cfg.host} without a cluster secret: anyone on the network could join. "
+                "Create one with `python -m mesh secret new PATH`, copy it to every device and pass --secret-file PATH")
+        secret = cfg.secret if cfg.secret is not None else default_secret(cfg.cluster)
+        self.model_path = await asyncio.to_thread(models.resolve, cfg.model, fetch=True)
+        self.model_config = load_config(self.model_path)
+        self.tokenizer = Tokenizer.from_model(self.model_path)
+        self.model_name = cfg.model if cfg.model in models.REGISTRY else Path(cfg.model).stem
+        state_dir = Path(cfg.state_dir) if cfg.state_dir else models.mesh_home() / "node"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = NodeIdentity.load_or_create(state_dir)
+        self.node_id = self.identity.node_id
+        self.fence.node = self.node_id
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        self.runner = ComputeRunner()
+        self.system = ActorSystem(self.identity, secret)
+        await self.system.start(cfg.host, cfg.port)
+        self.stage_host = StageHost(self.node_id, self.model_path, backend=self.backend,
+                                    weight_mode=cfg.weight_mode, runner=self.runner, send=self._send,
+                                    max_batch=cfg.max_batch)
+        self.stage_host.start()
+        self.serving = Serving(self.node_id, self._send, self._plan_view,
+                               eos_ids=list(self.tokenizer.eos_token_ids),
+                               tokenizer_factory=lambda: IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True))
+        self.coordinator = CoordinatorRole(self.node_id, self.model_name, self._profile(), self._send)
+        self.system.spawn(_Inbox({
+            PlanUpdate: self._on_plan_update, PlanReady: self._on_plan_ready,
+            Forward: self.stage_host.on_forward, TokenOut: self.stage_host.on_token,
+            Retransmit: self._on_retransmit, EndSession: self.stage_host.on_end,
+        }), name=STAGE_ACTOR, mailbox_size=10_000)
+        self.system.spawn(_Inbox({TokenOut: self.serving.on_token, SessionFailed: self.serving.on_failed}),
+                          name=SERVE_ACTOR, mailbox_size=10_000)
+        self.system.spawn(_Inbox({StageReady: self.coordinator.on_stage_ready}), name=COORD_ACTOR,
+                          mailbox_size=10_000)
+        self.info = MemberInfo(
+            name=cfg.name or platform.node() or self.node_id[:8],
+            backend=self.backend,
+            device=_device(self.backend),
+            free_memory=cfg.memory_limit or int(psutil.virtual_memory().available * 0.8),
+            speed=await self.runner.run(_measure_speed),
+            api_port=0,
+        )
+        if cfg.api_port is not None:
+            self.api = Api(self, api_key=cfg.api_key)
+            self.info.api_port = await self.api.start(cfg.api_host, cfg.api_port)
+        self.cluster = ClusterService(self.system, self.identity, state_dir=state_dir, cluster=cfg.cluster,
+                                      secret=secret, info=self.info, interfaces=cfg.interfaces, peers=cfg.peers,
+                                      mdns=cfg.mdns)
+        await self.cluster.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._follow_cluster(), name="follow-cluster"))
+        log.info("node.started", node=self.node_id, name=self.info.name, address=self.system.address,
+                 api_port=self.info.api_port, backend=self.backend, model=str(self.model_path))
+        return self
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.coordinator.step_down()
+        if self.cluster is not None:
+            await self.cluster.stop()  # a graceful leave: the others do not treat it as a failure
+        if self.api is not None:
+            await self.api.stop()
+        await self.stage_host.stop()
+        if self.system is not None:
+            await self.system.stop()
+        self.runner.close()
+
+    async def __aenter__(self) -> "Node":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # -- cluster ----------------------------------------------------------------------
+
+    async def _follow_cluster(self) -> None:
+        """React to the election and to membership: take or leave office, re-plan, refresh."""
+        last_refresh = 0.0
+        async for _ in self.cluster.changes(interval=0.5):
+            self.fence.observe(self.cluster.term)
+            leading = self.cluster.coordinator == self.node_id
+            if leading and (not self.coordinator.active or self.coordinator.term != self.cluster.term):
+                self.coordinator.take_office(self.cluster.term, self.plan)
+            elif not leading and self.coordinator.active:
+                self.coordinator.step_down()
+            if self.coordinator.active:
+                self.coordinator.set_members(self._capacities())
+                now = time.monotonic()
+                if now - last_refresh > 2.0:
+                    last_refresh = now
+                    self.coordinator.refresh()
+
+    def _capacities(self) -> list[NodeCapacity]:
+        return [NodeCapacity(m.node_id, m.info.free_memory, m.info.speed, m.info.backend)
+                for m in self.cluster.members() if m.state == "alive"]
+
+    def _profile(self) -> ModelProfile:
+        c = self.model_config
+        kv = c.n_kv_heads * c.head_dim
+        layer_params = 2 * c.hidden * c.hidden + 2 * c.hidden * kv + 3 * c.hidden * c.intermediate + 2 * c.hidden
+        embed = c.vocab_size * c.hidden
+        bytes_per = 4 if self.config.weight_mode == "float32" else 1
+        return ModelProfile(n_layers=c.n_layers, layer_bytes=layer_params * bytes_per, embed_bytes=embed * 4,
+                            head_bytes=(embed if c.tie_embeddings else embed) * bytes_per + c.hidden * 4)
+
+    # -- pipeline messages ------------------------------------------------------------
+
+    def _send(self, node: str, actor: str, msg: object) -> None:
+        try:
+            self.system.ref(node, actor).tell(msg)
+        except Exception as exc:  # an unreachable peer: the failure detector will act on it
+            log.debug("send.failed", to=node, actor=actor, type=type(msg).__name__, error=str(exc))
+
+    def _on_plan_update(self, update: PlanUpdate) -> None:
+        if not self.fence.check(update.term, src=update.coordinator, command="PlanUpdate"):
+            return
+        if self.plan is not None and (update.term, update.version) <= (self.plan.term, self.plan.version):
+            if (update.term, update.version) == (self.plan.term, self.plan.version) and self.plan_ready:
+                return
+            if (update.term, update.version) < (self.plan.term, self.plan.version):
+                return
+        else:
+            self.plan = update
+            self.plan_ready = False
+            self._plan_changed.set()
+            self._plan_changed = asyncio.Event()
+        if update.error:
+            self.serving.fail_all(Unavailable(update.error))
+            return
+
+        async def load() -> None:
+            ready = await self.stage_host.apply_plan(update)
+            self._send(update.coordinator, COORD_ACTOR, ready)
+
+        task = asyncio.get_running_loop().create_task(load(), name="apply-plan")
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _on_plan_ready(self, msg: PlanReady) -> None:
+        if not self.fence.check(msg.term, command="PlanReady"):
+            return
+        if self.plan is None or (msg.term, msg.version) != (self.plan.term, self.plan.version) or self.plan_ready:
+            return
+        self.plan_ready = True
+        log.info("plan.serving", epoch=(msg.term, msg.version),
+                 stages=[(s.node[:8], s.start, s.end) for s in self.plan.stages])
+        self._plan_changed.set()
+        self._plan_changed = asyncio.Event()
+        self.serving.on_plan_ready()
+
+    def _on_retransmit(self, msg: Retransmit) -> None:
+        self.stage_host.on_retransmit(msg)
+        self.serving.on_retransmit(msg)
+
+    def _plan_view(self) -> PlanView | None:
+        if self.plan is None or not self.plan_ready or not self.plan.stages:
+            return None
+        return PlanView(self.plan.term, self.plan.version, [s.node for s in self.plan.stages])
+
+    # -- serving ----------------------------------------------------------------------
+
+    async def wait_ready(self, timeout: float = 120.0, stages: int | None = None) -> None:
+        """Wait until a plan (with ``stages`` stages, if given) is loaded and serving."""
+        deadline = time.monotonic() + timeout
+        while not (self.plan_ready and (stages is None or len(self.plan.stages) == stages)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(self._unavailable_reason(timeout))
+            try:
+                await asyncio.wait_for(self._plan_changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def _unavailable_reason(self, waited: float) -> str:
+        if self.plan is not None and self.plan.error:
+            return self.plan.error
+        if self.cluster is None or self.cluster.coordinator is None:
+            return f"no coordinator after {waited:.0f}s: the cluster has no majority of its voters online"
+        return f"no pipeline ready after {waited:.0f}s"
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def generate_stream(self, prompt_ids: list[int], params: GenerationParams,
+                              *, wait_s: float = 60.0) -> AsyncIterator[TokenEvent]:
+        params.validate(prompt_len=len(prompt_ids), context_length=self.model_config.context_length)
+        if self.plan is not None and self.plan.error:
+            raise Unavailable(self.plan.error)
+        await self.wait_ready(timeout=wait_s)
+        async for event in self.serving.generate(prompt_ids, params):
+            yield event
+
+    async def generate(self, prompt: str, *, chat: bool = True, **params) -> AsyncIterator[TokenEvent]:
+        """Stream the answer to ``prompt`` (a user message, or raw text with ``chat=False``)."""
+        ids = self.encode_chat([{"role": "user", "content": prompt}]) if chat else self.encode_text(prompt)
+        async for event in self.generate_stream(ids, GenerationParams(**params)):
+            yield event
+
+    async def chat(self, messages: list[dict], **params) -> AsyncIterator[TokenEvent]:
+        async for event in self.generate_stream(self.encode_chat(messages), GenerationParams(**params)):
+            yield event
+
+    # -- views ------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        members = self.cluster.members() if self.cluster is not None else []
+        roles: dict[str, list[str]] = {}
+        if self.plan is not None:
+            for s in self.plan.stages:
+                roles.setdefault(s.node, []).append(f"stage{s.index}")
+        coordinator = self.cluster.coordinator if self.cluster is not None else None
+        if coordinator:
+            roles.setdefault(coordinator, []).append("coordinator")
+        nodes = []
+        for m in members:
+            nodes.append({
+                "id": m.node_id, "name": m.info.name, "address": f"{m.host}:{m.port}" if m.host else None,
+                "api_port": m.info.api_port, "backend": m.info.backend, "device": m.info.device,
+                "free_memory": m.info.free_memory, "speed": m.info.speed, "state": m.state,
+                "roles": roles.get(m.node_id, []),
+            })
+        plan = None
+        if self.plan is not None:
+            plan = {"term": self.plan.term, "version": self.plan.version, "ready": self.plan_ready,
+                    "error": self.plan.error or None,
+                    "stages": [{"index": s.index, "node": s.node, "layers": [s.start, s.end], "backend": s.backend}
+                               for s in self.plan.stages]}
+        return {"self": self.node_id, "name": self.info.name, "coordinator": coordinator,
+                "term": self.cluster.term if self.cluster is not None else 0, "nodes": nodes, "plan": plan,
+                "model": self.model_name, "failovers": self.failovers, "verification": self.verification(),
+                "stage": self._stage_stats()}
+
+    def verification(self) -> dict:
+        return {"commitments": 0, "verified_links": 0, "audits": 0, "audit_failures": 0, "flagged_nodes": []}
+
+    def _stage_stats(self) -> dict:
+        s = self.stage_host.stats
+        return {"steps": s.steps, "batches": s.batches, "tokens_sampled": s.tokens_sampled,
+                "digest_mismatches": s.digest_mismatches, "retransmits": s.retransmits_sent,
+                "busy_s": round(s.busy_s, 3)}
+
+    def mesh_info(self) -> dict:
+        pipeline = [] if self.plan is None else [
+            {"node": s.node, "layers": [s.start, s.end], "backend": s.backend} for s in self.plan.stages]
+        return {"node": self.node_id, "coordinator": self.cluster.coordinator if self.cluster else None,
+                "term": self.cluster.term if self.cluster else 0, "pipeline": pipeline,
+                "verification": self.verification(), "failovers": self.failovers}
+
+    def metrics_text(self) -> str:
+        s = self.stage_host.stats
+        lines = [
+            "# TYPE mesh_tokens_served_total counter", f"mesh_tokens_served_total {self.serving.tokens_out}",
+            "# TYPE mesh_sessions_completed_total counter",
+            f"mesh_sessions_completed_total {self.serving.completed}",
+            "# TYPE mesh_sessions_active gauge", f"mesh_sessions_active {len(self.serving.sessions)}",
+            "# TYPE mesh_stage_steps_total counter", f"mesh_stage_steps_total {s.steps}",
+            "# TYPE mesh_stage_batches_total counter", f"mesh_stage_batches_total {s.batches}",
+            "# TYPE mesh_stage_busy_seconds_total counter", f"mesh_stage_busy_seconds_total {s.busy_s:.6f}",
+            "# TYPE mesh_tokens_sampled_total counter", f"mesh_tokens_sampled_total {s.tokens_sampled}",
+            "# TYPE mesh_digest_mismatches_total counter", f"mesh_digest_mismatches_total {s.digest_mismatches}",
+            "# TYPE mesh_failovers_total counter", f"mesh_failovers_total {len(self.failovers)}",
+            "# TYPE mesh_term gauge", f"mesh_term {self.cluster.term if self.cluster else 0}",
+            "# TYPE mesh_is_coordinator gauge", f"mesh_is_coordinator {int(self.coordinator.active)}",
+        ]
+        v = self.verification()
+        lines += ["# TYPE mesh_audits_total counter", f"mesh_audits_total {v['audits']}",
+                  "# TYPE mesh_audit_failures_total counter", f"mesh_audit_failures_total {v['audit_failures']}"]
+        return "\n".join(lines) + "\n"
+
+
+def _device(backend: str) -> str:
+    if backend == "mlx":
+        return "metal" if platform.system() == "Darwin" else "cpu"
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _measure_speed() -> float:
+    """A coarse, stable speed score (matrix-vector GFLOP/s, rounded to a power of 1.25)
+    so nodes of the same kind get equal shares despite timing noise."""
+    import math
+
+    import numpy as np
+
+    w = np.random.default_rng(0).standard_normal((1536, 576), dtype=np.float32)
+    x = np.ones((576,), dtype=np.float32)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(20):
+            w @ x
+        best = min(best, time.perf_counter() - t)
+    gflops = 20 * 2 * w.size / best / 1e9
+    return round(1.25 ** round(math.log(max(gflops, 1e-3), 1.25)), 3)
+
+
+def memory_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    units = {"k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20, "g": 1e9, "gb": 1e9,
+             "gib": 1 << 30, "": 1}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise ValueError(f"{text!r} is not a size like 2GiB or 512MiB")
+    return int(float(num) * units[unit])
+

@@ -1,0 +1,155 @@
+"""The coordinator's part of the pipeline: place the layers, tell every node, and say
+when the plan is ready to serve.
+
+It runs only on the node the election made coordinator, and every message it sends
+carries its term (fencing). It re-plans when the set of live nodes changes — a stage's
+node died (failover), a node joined (used by the new plan), a node failed to load —
+after the membership has been quiet for a short debounce, so a burst of joins gives
+one plan rather than several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import structlog
+
+from mesh.pipeline.messages import PlanReady, PlanUpdate, StageEntry, StageReady
+from mesh.planner import InsufficientMemory, ModelProfile, NodeCapacity, Plan, plan
+
+log = structlog.get_logger("mesh.coordinator")
+
+Send = Callable[[str, str, object], None]
+
+
+@dataclass
+class PlanRecord:
+    update: PlanUpdate
+    ready_nodes: set[str] = field(default_factory=set)
+    ready: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def epoch(self) -> tuple[int, int]:
+        return (self.update.term, self.update.version)
+
+    @property
+    def nodes(self) -> list[str]:
+        return [s.node for s in self.update.stages]
+
+
+class CoordinatorRole:
+    def __init__(self, node_id: str, model: str, profile: ModelProfile, send: Send, *,
+                 debounce_s: float = 0.3, max_stages: int | None = None):
+        self.node_id = node_id
+        self.model = model
+        self.profile = profile
+        self.send = send
+        self.debounce_s = debounce_s
+        self.max_stages = max_stages
+        self.term = 0
+        self.members: list[str] = []  # every live member (gets the plan)
+        self.capacities: dict[str, NodeCapacity] = {}
+        self.current: PlanRecord | None = None
+        self.version = 0
+        self.load_failed: dict[str, str] = {}  # node -> error; left out until it rejoins
+        self._replan: asyncio.TimerHandle | None = None
+        self.active = False
+
+    # -- activation (driven by the election) -------------------------------------------
+
+    def take_office(self, term: int, last_known: PlanUpdate | None) -> None:
+        """This node became coordinator in ``term``: continue from the last plan it knew."""
+        self.active = True
+        self.term = term
+        if last_known is not None:
+            self.version = max(self.version, last_known.version)
+            self.current = PlanRecord(last_known)
+        log.info("coordinator.take_office", term=term, plan_version=self.version)
+        self.schedule()
+
+    def step_down(self) -> None:
+        self.active = False
+        if self._replan is not None:
+            self._replan.cancel()
+            self._replan = None
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def set_members(self, capacities: list[NodeCapacity]) -> None:
+        """The live members and what they offer; re-plan if the set changed."""
+        new = {c.node_id: c for c in capacities}
+        changed = set(new) != set(self.capacities)
+        self.capacities = new
+        self.members = sorted(new)
+        for node in list(self.load_failed):
+            if node not in new:
+                del self.load_failed[node]  # it left; if it comes back, it gets another chance
+        if changed and self.active:
+            self.schedule()
+
+    def on_stage_ready(self, msg: StageReady) -> None:
+        rec = self.current
+        if not self.active or rec is None or (msg.term, msg.version) != rec.epoch:
+            return
+        if not msg.ok:
+            log.warning("coordinator.load_failed", node=msg.node, error=msg.error)
+            self.load_failed[msg.node] = msg.error
+            self.schedule()
+            return
+        rec.ready_nodes.add(msg.node)
+        if not rec.ready and set(rec.nodes) <= rec.ready_nodes:
+            rec.ready = True
+            log.info("coordinator.plan_ready", epoch=rec.epoch, ready_s=round(time.monotonic() - rec.started, 3))
+            for node in self.members:
+                self.send(node, "stage", PlanReady(rec.update.term, rec.update.version))
+
+    def refresh(self) -> None:
+        """Re-send the current plan (and its readiness) to every member: a node that
+        joined late or missed a message catches up; nodes ignore what they have."""
+        rec = self.current
+        if not self.active or rec is None:
+            return
+        for node in self.members:
+            self.send(node, "stage", rec.update)
+            if rec.ready:
+                self.send(node, "stage", PlanReady(rec.update.term, rec.update.version))
+
+    # -- planning ---------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        if self._replan is not None:
+            self._replan.cancel()
+        self._replan = asyncio.get_running_loop().call_later(self.debounce_s, self._maybe_replan)
+
+    def _maybe_replan(self) -> None:
+        self._replan = None
+        if not self.active:
+            return
+        usable = [c for c in self.capacities.values() if c.node_id not in self.load_failed]
+        try:
+            stages, error = _entries(plan(usable, self.profile, max_stages=self.max_stages)), ""
+        except InsufficientMemory as exc:
+            stages, error = [], str(exc)
+        rec = self.current
+        if rec is not None and rec.update.term == self.term and rec.update.stages == stages and rec.update.error == error:
+            return  # this term already announced exactly this plan
+        self.version += 1
+        update = PlanUpdate(self.term, self.version, self.node_id, self.model, stages, error)
+        self.current = PlanRecord(update)
+        if error:
+            log.error("coordinator.degraded", error=error, epoch=(self.term, self.version))
+        else:
+            log.info("coordinator.plan", epoch=(self.term, self.version),
+                     stages=[(s.node, s.start, s.end) for s in stages])
+        for node in self.members:
+            self.send(node, "stage", update)
+
+
+def _entries(p: Plan | None) -> list[StageEntry]:
+    if p is None:
+        return []
+    return [StageEntry(s.index, s.node_id, s.start, s.end, s.backend) for s in p.stages]

@@ -1,0 +1,172 @@
+"""The serving side of a session: the node that took the client's request.
+
+It owns the session's truth — the prompt and every token streamed so far — so when
+the pipeline changes (a stage or the coordinator died, a node joined), it replays
+the session on the new plan from exactly what it holds: the client's stream goes on
+with no lost and no repeated token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import numpy as np
+import structlog
+
+from kernels.digest import tensor_digest
+from kernels.tokenizer import IncrementalDetokenizer
+from mesh.errors import MeshError
+from mesh.generation import GenerationParams, TokenEvent
+from mesh.pipeline.messages import EndSession, Forward, Retransmit, SessionFailed, SessionMeta, TokenOut
+from mesh.pipeline.sequencer import TokenSequencer, Verdict
+
+log = structlog.get_logger("mesh.serve")
+
+Send = Callable[[str, str, object], None]
+
+
+class SessionError(MeshError):
+    """The pipeline refused or lost the session; the message says why."""
+
+
+@dataclass
+class _Session:
+    id: str
+    prompt_ids: list[int]
+    params: GenerationParams
+    meta: SessionMeta
+    events: asyncio.Queue
+    sequencer: TokenSequencer = field(default_factory=TokenSequencer)
+    epoch: tuple[int, int] = (0, 0)
+    last_forward: Forward | None = None
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    replays: int = 0
+    done: bool = False
+
+
+@dataclass
+class PlanView:
+    term: int
+    version: int
+    stage_nodes: list[str]
+
+
+class Serving:
+    """Sessions this node serves. ``plan`` returns the ready plan or None."""
+
+    def __init__(self, node_id: str, send: Send, plan: Callable[[], PlanView | None], *,
+                 eos_ids: list[int], tokenizer_factory: Callable[[], IncrementalDetokenizer]):
+        self.node_id = node_id
+        self.send = send
+        self.plan = plan
+        self.eos_ids = list(eos_ids)
+        self.detok_factory = tokenizer_factory
+        self.sessions: dict[str, _Session] = {}
+        self.completed = 0
+        self.tokens_out = 0
+
+    # -- client side --------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams,
+                       *, plan_wait_s: float = 60.0) -> AsyncIterator[TokenEvent]:
+        """Run one session; yield its tokens in order. Closing the iterator cancels it."""
+        session = _Session(
+            id=uuid.uuid4().hex,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            meta=SessionMeta(serve_node=self.node_id, prompt_len=len(prompt_ids), max_tokens=params.max_tokens,
+                             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                             seed=params.seed, eos_ids=self.eos_ids),
+            events=asyncio.Queue(),
+        )
+        self.sessions[session.id] = session
+        detok = self.detok_factory()
+        try:
+            self._submit(session)
+            index = 0
+            while True:
+                item = await session.events.get()
+                if isinstance(item, Exception):
+                    raise item
+                token, finish = item
+                if session.first_token_at is None:
+                    session.first_token_at = time.perf_counter()
+                stop_token = finish == "stop" and token in self.eos_ids
+                text = "" if stop_token else detok.feed(token)
+                if finish is not None:
+                    text += detok.flush()
+                yield TokenEvent(index=index, token_id=token, text=text, finish_reason=finish, stop_token=stop_token)
+                index += 1
+                if finish is not None:
+                    return
+        finally:
+            session.done = True
+            self.sessions.pop(session.id, None)
+            self.completed += 1
+            plan = self.plan()
+            if plan is not None:
+                for node in set(plan.stage_nodes):
+                    self.send(node, "stage", EndSession(session.id))
+
+    # -- pipeline side ------------------------------------------------------------------
+
+    def _submit(self, session: _Session) -> None:
+        """Send the session (prompt + tokens so far) into the pipeline's first stage."""
+        plan = self.plan()
+        if plan is None:
+            return  # replayed when a plan becomes ready
+        ids = np.asarray(session.prompt_ids + session.sequencer.tokens, dtype=np.int32)
+        session.epoch = (plan.term, plan.version)
+        fwd = Forward(plan.term, plan.version, session.id, step=session.sequencer.next_seq, start_pos=0,
+                      sender=self.node_id, digest=tensor_digest(ids), tokens=ids, meta=session.meta)
+        session.last_forward = fwd
+        self.send(plan.stage_nodes[0], "stage", fwd)
+
+    def on_plan_ready(self) -> None:
+        """A new plan is serving: replay every session that is not on it yet."""
+        plan = self.plan()
+        if plan is None:
+            return
+        for session in list(self.sessions.values()):
+            if session.epoch != (plan.term, plan.version) and not session.done:
+                session.replays += 1
+                log.info("session.replay", session=session.id, tokens=session.sequencer.next_seq,
+                         epoch=(plan.term, plan.version))
+                self._submit(session)
+
+    def on_token(self, msg: TokenOut) -> None:
+        session = self.sessions.get(msg.session)
+        if session is None or session.done:
+            return
+        verdict = session.sequencer.offer(msg.seq, msg.token)
+        if verdict is Verdict.ACCEPTED:
+            self.tokens_out += 1
+            session.events.put_nowait((msg.token, msg.finish_reason))
+            if msg.finish_reason:
+                session.done = True
+        elif verdict is Verdict.GAP:
+            log.warning("session.token_gap", session=msg.session, seq=msg.seq, expected=session.sequencer.next_seq)
+            self._submit(session)  # replay from what we hold
+
+    def on_failed(self, msg: SessionFailed) -> None:
+        session = self.sessions.get(msg.session)
+        if session is not None and not session.done:
+            session.events.put_nowait(SessionError(msg.error))
+
+    def on_retransmit(self, msg: Retransmit) -> None:
+        session = self.sessions.get(msg.session)
+        if session is None or session.last_forward is None or session.last_forward.step != msg.step:
+            return
+        plan = self.plan()
+        if plan is not None and session.epoch == (plan.term, plan.version):
+            self.send(plan.stage_nodes[0], "stage", session.last_forward)
+
+    def fail_all(self, error: Exception) -> None:
+        for session in self.sessions.values():
+            if not session.done:
+                session.events.put_nowait(error)
