@@ -97,10 +97,10 @@ class Link:
         try:
             out = self._hs.receive_data(data)
         except HandshakeError as exc:
+            self._hs_done.set_exception(exc)  # before close(), whose connection_lost would also settle it
             if self._hs.farewell:
                 self._write([self._hs.farewell])
             self.stream.close()
-            self._hs_done.set_exception(exc)
             return
         if out:
             self._write(out)
