@@ -56,6 +56,8 @@ class Member:
     state: str = "alive"  # alive | suspect | dead | left
     roles: tuple[str, ...] = ()
     voter: bool = False
+    speed: float = 1.0
+    api_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class LocalFacts:
     device: str = ""
     free_memory: int = 0
     roles: list[str] = field(default_factory=list)
+    speed: float = 1.0
+    api_port: int = 0
 
 
 class _ClusterActor(Actor):
@@ -154,6 +158,7 @@ class ClusterService:
             self.node_id, self.facts.name, self.system.address, self.facts.backend, self.facts.device,
             self.facts.free_memory, "left" if self._leaving and self.node_id not in voters else "alive",
             self._roles(self.node_id, self.facts.roles), self.node_id in voters,
+            self.facts.speed, self.facts.api_port,
         )
         out = [me]
         for node_id in sorted((set(self._info) | voters) - {self.node_id}):
@@ -168,6 +173,8 @@ class ClusterService:
                 self._state_of(node_id, now),
                 self._roles(node_id, hb.roles if hb else []),
                 node_id in voters,
+                hb.speed if hb else 1.0,
+                hb.api_port if hb else 0,
             ))
         return out
 
@@ -306,7 +313,7 @@ class ClusterService:
         hb = Heartbeat(
             self.node_id, self.facts.name, host, port, self.facts.backend, self.facts.device,
             self.facts.free_memory, list(self.facts.roles), self.term, self.coordinator or "",
-            bool(self.election.log), self._leaving,
+            bool(self.election.log), self._leaving, self.facts.speed, self.facts.api_port,
         )
         for node_id in self.system.peers():
             self._tell(node_id, hb)

@@ -46,6 +46,8 @@ class Heartbeat:
     coordinator: str = ""
     configured: bool = False
     leaving: bool = False
+    speed: float = 1.0
+    api_port: int = 0
 
 
 def to_wire(msg: m.Message) -> RaftWire:
