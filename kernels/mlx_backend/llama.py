@@ -43,26 +43,30 @@ GROUP = 32
 
 @dataclass
 class Matrix:
-    """A ``(out, in)`` weight, float32 or affine-quantized; ``self(x)`` is ``x @ W.T``."""
+    """A weight ``W`` of shape ``(out, in)``; ``self(x)`` is ``x @ W.T``.
 
-    weight: mx.array  # float32 (out, in), or packed uint32 codes (out, in * bits / 32)
+    Float32 weights are kept transposed, ``(in, out)`` contiguous: a matrix-vector
+    product reads them row after row, which is what a plain CPU BLAS does fastest
+    (the MLX CPU wheel links the reference BLAS). Quantized weights keep MLX's layout:
+    packed uint32 codes ``(out, in * bits / 32)`` with scales and biases ``(out, in / 32)``.
+    """
+
+    weight: mx.array
     scales: mx.array | None = None
     biases: mx.array | None = None
-    bits: int = 0  # 0: not quantized
+    bits: int = 0  # 0: float32, transposed
 
     def __call__(self, x: mx.array) -> mx.array:
         if not self.bits:
-            return x @ self.weight.T
+            return x @ self.weight
         return mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
                                    group_size=GROUP, bits=self.bits)
 
     def rows(self, ids: mx.array) -> mx.array:
-        """Rows ``ids`` as float32: an embedding lookup."""
+        """Rows ``ids`` of ``W`` as float32: an embedding lookup."""
         if not self.bits:
-            return self.weight[ids]
-        # Float32 scales, so the rows are d*q + m computed in float32, not rounded to float16.
-        scales, biases = self.scales[ids].astype(mx.float32), self.biases[ids].astype(mx.float32)
-        return mx.dequantize(self.weight[ids], scales, biases, group_size=GROUP, bits=self.bits)
+            return self.weight[:, ids].T
+        return mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids], group_size=GROUP, bits=self.bits)
 
     @property
     def nbytes(self) -> int:
@@ -78,38 +82,70 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(lanes << shifts, axis=-1)
 
 
-def to_matrix(t: np.ndarray | QuantTensor) -> Matrix:
-    if isinstance(t, np.ndarray):
-        return Matrix(mx.array(t.astype(np.float32, copy=False)))
+def _affine(t: QuantTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A GGUF block matrix as MLX affine parts: (unsigned codes, scales, biases, bits)."""
     rows, cols = t.shape
     codes = t.qs.reshape(rows, cols)
-    scale = t.scale.reshape(rows, cols // GROUP).astype(np.float16)
+    # float16 -> float32 is exact; float32 scales make MLX's CPU kernel a little faster.
+    scale = t.scale.reshape(rows, cols // GROUP).astype(np.float32)
     if t.type_name == "Q4_1":
-        bits, biases = 4, t.min.reshape(scale.shape).astype(np.float16)
-    elif t.type_name == "Q4_0":
-        bits, biases = 4, (scale * np.float16(-8)).astype(np.float16)
-    elif t.type_name == "Q8_0":
-        bits, biases = 8, (scale * np.float16(-128)).astype(np.float16)
-        codes = (codes.astype(np.int16) + 128).astype(np.uint8)
-    else:
-        raise ValueError(f"no MLX affine form for GGUF type {t.type_name}")
-    return Matrix(mx.array(_pack(codes, bits)), mx.array(scale), mx.array(biases), bits)
+        return codes, scale, t.min.reshape(scale.shape).astype(np.float32), 4
+    if t.type_name == "Q4_0":
+        return codes, scale, scale * np.float32(-8), 4
+    if t.type_name == "Q8_0":
+        return (codes.astype(np.int16) + 128).astype(np.uint8), scale, scale * np.float32(-128), 8
+    raise ValueError(f"no MLX affine form for GGUF type {t.type_name}")
+
+
+def to_matrices(parts: list[np.ndarray | QuantTensor]) -> list[Matrix]:
+    """Weights stacked along their rows into as few matrices as possible (q|k|v, gate|up):
+    one matrix product instead of several. Parts of different storage stay separate."""
+    groups: list[list[np.ndarray | QuantTensor]] = []
+    for t in parts:
+        kind = t.type_name if isinstance(t, QuantTensor) else "float32"
+        last = groups[-1][-1] if groups else None
+        last_kind = None if last is None else (last.type_name if isinstance(last, QuantTensor) else "float32")
+        if kind == last_kind:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    matrices = []
+    for group in groups:
+        if not isinstance(group[0], QuantTensor):
+            w = np.concatenate([np.asarray(t, dtype=np.float32) for t in group], axis=0)
+            matrices.append(Matrix(mx.array(np.ascontiguousarray(w.T))))
+            continue
+        affine = [_affine(t) for t in group]
+        bits = affine[0][3]
+        codes, scales, biases = (np.concatenate([a[i] for a in affine], axis=0) for i in range(3))
+        matrices.append(Matrix(mx.array(_pack(codes, bits)), mx.array(scales), mx.array(biases), bits))
+    return matrices
+
+
+@dataclass
+class Projection:
+    """``x @ [W1; W2; ...].T``: the outputs of several weights side by side."""
+
+    matrices: list[Matrix]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        outputs = [m(x) for m in self.matrices]
+        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=-1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.matrices)
 
 
 @dataclass
 class Layer:
     input_norm: mx.array
+    qkv: Projection  # q | k | v rows stacked
+    qkv_bias: mx.array | None
+    o: Projection
     post_attention_norm: mx.array
-    q: Matrix
-    k: Matrix
-    v: Matrix
-    o: Matrix
-    gate: Matrix
-    up: Matrix
-    down: Matrix
-    q_bias: mx.array | None = None
-    k_bias: mx.array | None = None
-    v_bias: mx.array | None = None
+    gate_up: Projection  # gate | up rows stacked
+    down: Projection
 
 
 @dataclass
@@ -154,38 +190,44 @@ class MLXLlamaStage(Stage):
         self._digest = weights.source_digest
         w = weights.tensors
         c = self.config
-        matrices: dict[int, Matrix] = {}  # a tied head shares the embedding's Matrix
+        projections: list[Projection] = []
+        by_source: dict[int, Projection] = {}  # a tied head reuses the embedding's matrix
 
-        def matrix(name: str) -> Matrix:
-            t = w[name]
-            if id(t) not in matrices:
-                matrices[id(t)] = to_matrix(t)
-            return matrices[id(t)]
+        def projection(*names: str) -> Projection:
+            source = id(w[names[0]]) if len(names) == 1 else None
+            if source not in by_source:
+                projections.append(Projection(to_matrices([w[n] for n in names])))
+                if source is not None:
+                    by_source[source] = projections[-1]
+                return projections[-1]
+            return by_source[source]
 
         def vector(name: str) -> mx.array:
             return mx.array(np.asarray(w[name], dtype=np.float32))
 
-        self.embed = matrix("model.embed_tokens.weight") if self.spec.embed else None
+        self.embed = projection("model.embed_tokens.weight").matrices[0] if self.spec.embed else None
         self.layers: list[Layer] = []
         for i in self.spec.layers():
             p = f"model.layers.{i}."
-            bias = (lambda n: vector(p + f"self_attn.{n}_proj.bias")) if c.qkv_bias else (lambda n: None)
+            qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
             self.layers.append(Layer(
                 input_norm=vector(p + "input_layernorm.weight"),
+                qkv=projection(*qkv),
+                qkv_bias=mx.concatenate([vector(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+                if c.qkv_bias else None,
+                o=projection(p + "self_attn.o_proj.weight"),
                 post_attention_norm=vector(p + "post_attention_layernorm.weight"),
-                q=matrix(p + "self_attn.q_proj.weight"), k=matrix(p + "self_attn.k_proj.weight"),
-                v=matrix(p + "self_attn.v_proj.weight"), o=matrix(p + "self_attn.o_proj.weight"),
-                gate=matrix(p + "mlp.gate_proj.weight"), up=matrix(p + "mlp.up_proj.weight"),
-                down=matrix(p + "mlp.down_proj.weight"),
-                q_bias=bias("q"), k_bias=bias("k"), v_bias=bias("v"),
+                gate_up=projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                down=projection(p + "mlp.down_proj.weight"),
             ))
         self.norm = vector("model.norm.weight") if self.spec.head else None
-        self.lm_head = matrix("lm_head.weight") if self.spec.head else None
+        self.lm_head = projection("lm_head.weight") if self.spec.head else None
         vectors = [a for layer in self.layers for a in (layer.input_norm, layer.post_attention_norm,
-                                                        layer.q_bias, layer.k_bias, layer.v_bias) if a is not None]
+                                                        layer.qkv_bias) if a is not None]
         vectors += [self.norm] if self.norm is not None else []
-        self._param_bytes = sum(m.nbytes for m in matrices.values()) + sum(a.nbytes for a in vectors)
-        mx.eval([m.weight for m in matrices.values()], vectors)
+        matrices = [m for proj in projections for m in proj.matrices]
+        self._param_bytes = sum(m.nbytes for m in matrices) + sum(a.nbytes for a in vectors)
+        mx.eval([[m.weight, m.scales, m.biases] for m in matrices], vectors)
         self._caches: dict[str, KVCache] = {}
         self._scale = c.head_dim ** -0.5
 
@@ -257,14 +299,17 @@ class MLXLlamaStage(Stage):
     def _layer(self, index: int, layer: Layer, x: mx.array, steps: list[_Step]) -> mx.array:
         c = self.config
         h = mx.fast.rms_norm(x, layer.input_norm, c.rms_eps)
-        q, k, v = layer.q(h), layer.k(h), layer.v(h)
-        if layer.q_bias is not None:
-            q, k, v = q + layer.q_bias, k + layer.k_bias, v + layer.v_bias
+        qkv = layer.qkv(h)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        q, k, v = qkv[:, :q_dim], qkv[:, q_dim:q_dim + kv_dim], qkv[:, q_dim + kv_dim:]
         outputs = [self._attend(index, q[s.rows], k[s.rows], v[s.rows], s) for s in steps]
         attn = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
         x = x + layer.o(attn)
         h = mx.fast.rms_norm(x, layer.post_attention_norm, c.rms_eps)
-        return x + layer.down(_silu(layer.gate(h)) * layer.up(h))
+        gate, up = mx.split(layer.gate_up(h), 2, axis=-1)
+        return x + layer.down(_silu(gate) * up)
 
     def _attend(self, index: int, q: mx.array, k: mx.array, v: mx.array, step: _Step) -> mx.array:
         """One session's attention over its cache: rows ``(T, n_heads * head_dim)`` in and out."""
