@@ -27,7 +27,7 @@ from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 from mesh import models
 from mesh.api import Api, Unavailable
 from mesh.cluster.fence import Fence
-from mesh.cluster.service import ClusterService, MemberInfo
+from mesh.cluster.service import ClusterService, LocalFacts
 from mesh.errors import MeshError
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
@@ -159,20 +159,18 @@ class Node:
                           name=SERVE_ACTOR, mailbox_size=10_000)
         self.system.spawn(_Inbox({StageReady: self.coordinator.on_stage_ready}), name=COORD_ACTOR,
                           mailbox_size=10_000)
-        self.info = MemberInfo(
+        self.info = LocalFacts(
             name=cfg.name or platform.node() or self.node_id[:8],
             backend=self.backend,
             device=_device(self.backend),
             free_memory=cfg.memory_limit or int(psutil.virtual_memory().available * 0.8),
             speed=await self.runner.run(_measure_speed),
-            api_port=0,
         )
         if cfg.api_port is not None:
             self.api = Api(self, api_key=cfg.api_key)
             self.info.api_port = await self.api.start(cfg.api_host, cfg.api_port)
-        self.cluster = ClusterService(self.system, self.identity, state_dir=state_dir, cluster=cfg.cluster,
-                                      secret=secret, info=self.info, interfaces=cfg.interfaces, peers=cfg.peers,
-                                      mdns=cfg.mdns)
+        self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
+                                      mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret)
         await self.cluster.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._follow_cluster(), name="follow-cluster"))
         log.info("node.started", node=self.node_id, name=self.info.name, address=self.system.address,
@@ -189,7 +187,8 @@ class Node:
                 pass
         self.coordinator.step_down()
         if self.cluster is not None:
-            await self.cluster.stop()  # a graceful leave: the others do not treat it as a failure
+            await self.cluster.leave(timeout=2.0)  # a graceful leave: not treated as a failure
+            await self.cluster.stop()
         if self.api is not None:
             await self.api.stop()
         await self.stage_host.stop()
@@ -208,7 +207,12 @@ class Node:
     async def _follow_cluster(self) -> None:
         """React to the election and to membership: take or leave office, re-plan, refresh."""
         last_refresh = 0.0
-        async for _ in self.cluster.changes(interval=0.5):
+        events = self.cluster.events().__aiter__()
+        while True:
+            try:
+                await asyncio.wait_for(events.__anext__(), 0.5)
+            except asyncio.TimeoutError:
+                pass
             self.fence.observe(self.cluster.term)
             leading = self.cluster.coordinator == self.node_id
             if leading and (not self.coordinator.active or self.coordinator.term != self.cluster.term):
@@ -223,8 +227,8 @@ class Node:
                     self.coordinator.refresh()
 
     def _capacities(self) -> list[NodeCapacity]:
-        return [NodeCapacity(m.node_id, m.info.free_memory, m.info.speed, m.info.backend)
-                for m in self.cluster.members() if m.state == "alive"]
+        return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
+                for m in self.cluster.members() if m.state == "alive" and m.backend]
 
     def _profile(self) -> ModelProfile:
         c = self.model_config
@@ -350,10 +354,9 @@ class Node:
         nodes = []
         for m in members:
             nodes.append({
-                "id": m.node_id, "name": m.info.name, "address": f"{m.host}:{m.port}" if m.host else None,
-                "api_port": m.info.api_port, "backend": m.info.backend, "device": m.info.device,
-                "free_memory": m.info.free_memory, "speed": m.info.speed, "state": m.state,
-                "roles": roles.get(m.node_id, []),
+                "id": m.node_id, "name": m.name, "address": f"{m.address[0]}:{m.address[1]}" if m.address else None,
+                "api_port": m.api_port, "backend": m.backend, "device": m.device, "free_memory": m.free_memory,
+                "speed": m.speed, "state": m.state, "voter": m.voter, "roles": roles.get(m.node_id, []),
             })
         plan = None
         if self.plan is not None:
