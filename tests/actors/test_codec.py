@@ -91,7 +91,7 @@ def test_registered_messages_roundtrip(node: Node) -> None:
 def test_every_registered_type_roundtrips_with_defaults() -> None:
     from actors import envelopes  # noqa: F401  (registers the runtime's own types)
 
-    samples = {"int": 7, "str": "s", "bytes": b"b", "float": 0.5, "bool": True}
+    samples = {"int": 7, "str": "s", "bytes": b"b", "float": 0.5, "bool": True, "ndarray": np.arange(3.0)}
     for name, cls in registered_types().items():
         from actors.messages import fields_of
 
@@ -104,7 +104,11 @@ def test_every_registered_type_roundtrips_with_defaults() -> None:
             msg = cls(**kwargs)
         except TypeError:
             continue
-        assert _roundtrip(msg) == msg, name
+        out = _roundtrip(msg)
+        assert type(out) is cls, name
+        for (fname, _, _) in fields_of(cls):
+            a, b = getattr(out, fname), getattr(msg, fname)
+            assert (np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b), (name, fname)
 
 
 TORCH_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
