@@ -1,0 +1,126 @@
+"""Our GGUF reader against the gguf package (test-only) on synthetic and real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kernels.config import load_config
+from kernels.gguf import GGUFError, GGUFFile, UnsupportedTensorType
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
+
+
+def _write(path: Path, tensors: dict[str, tuple[np.ndarray, str]]) -> dict[str, np.ndarray]:
+    """Write a GGUF with each tensor quantized to its type; return the reference dequantization."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("test.answer", 42)
+    w.add_array("test.list", ["a", "bc"])
+    ref = {}
+    for name, (data, tname) in tensors.items():
+        qtype = Q[tname]
+        if tname == "F32":
+            w.add_tensor(name, data.astype(np.float32))
+            ref[name] = data.astype(np.float32)
+            continue
+        if tname == "F16":
+            q = data.astype(np.float16)
+            w.add_tensor(name, q)
+            ref[name] = q.astype(np.float32)
+            continue
+        q = gguf.quants.quantize(data, qtype)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+        ref[name] = gguf.quants.dequantize(q, qtype).reshape(data.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return ref
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    tensors = {f"t_{t}": (rng.standard_normal((8, 64)).astype(np.float32), t) for t in TYPES}
+    path = tmp_path / "synthetic.gguf"
+    return path, _write(path, tensors)
+
+
+def test_dequantize_matches_gguf_package(synthetic):
+    path, ref = synthetic
+    f = GGUFFile(path)
+    assert f.metadata["test.answer"] == 42
+    assert f.metadata["test.list"] == ["a", "bc"]
+    for name, expected in ref.items():
+        got = f.dequantize(name)
+        assert got.dtype == np.float32 and got.shape == (8, 64)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+def test_real_model_tensors_match_gguf_package(model_path: Path):
+    f = GGUFFile(model_path)
+    r = gguf.GGUFReader(str(model_path))
+    assert f.version == 3 and len(f.tensors) == len(r.tensors)
+    picked = {"token_embd.weight", "blk.3.attn_q.weight", "blk.3.ffn_down.weight", "blk.3.attn_norm.weight"}
+    for t in r.tensors:
+        if t.name not in picked:
+            continue
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(f.tensors[t.name].shape)
+        np.testing.assert_array_equal(f.dequantize(t.name), ref, err_msg=t.name)
+
+
+def test_config_from_real_model(model_path: Path):
+    c = load_config(model_path)
+    assert (c.arch, c.n_layers, c.hidden, c.intermediate) == ("llama", 30, 576, 1536)
+    assert (c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (9, 3, 64, 49152)
+    assert c.rope_theta == 100000.0 and abs(c.rms_eps - 1e-5) < 1e-9
+    assert c.tie_embeddings and not c.qkv_bias and c.eos_token_ids == (2,)
+
+
+def test_truncated_file_gives_typed_error(model_path: Path, tmp_path: Path):
+    data = model_path.read_bytes()
+    for cut in (3, 100, 2_000_000, len(data) - 1000):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(GGUFError) as err:
+            GGUFFile(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_bad_magic_and_version_give_typed_error(tmp_path: Path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + b"\0" * 60)
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        GGUFFile(bad)
+    bad.write_bytes(b"GGUF" + (7).to_bytes(4, "little") + b"\0" * 60)
+    with pytest.raises(GGUFError, match="version 7"):
+        GGUFFile(bad)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(GGUFError):
+        GGUFFile(empty)
+
+
+def test_corrupt_metadata_gives_typed_error(tmp_path: Path, synthetic):
+    path, _ = synthetic
+    data = bytearray(path.read_bytes())
+    # first KV's key length (after magic, version, n_tensors, n_kv) -> absurd
+    data[24:32] = (1 << 40).to_bytes(8, "little")
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(GGUFError):
+        GGUFFile(bad)
+
+
+def test_unsupported_type_gives_typed_error(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "q5.gguf"
+    _write(path, {"t_q5": (rng.standard_normal((4, 64)).astype(np.float32), "Q5_0")})
+    f = GGUFFile(path)
+    with pytest.raises(UnsupportedTensorType, match="Q5_0"):
+        f.dequantize("t_q5")
