@@ -227,8 +227,9 @@ class Node:
                     self.coordinator.refresh()
 
     def _capacities(self) -> list[NodeCapacity]:
+        # A suspect node keeps its place until it is declared dead: no re-plan on a hiccup.
         return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
-                for m in self.cluster.members() if m.state == "alive" and m.backend]
+                for m in self.cluster.members() if m.state in ("alive", "suspect") and m.backend]
 
     def _profile(self) -> ModelProfile:
         c = self.model_config
@@ -250,27 +251,31 @@ class Node:
     def _on_plan_update(self, update: PlanUpdate) -> None:
         if not self.fence.check(update.term, src=update.coordinator, command="PlanUpdate"):
             return
-        if self.plan is not None and (update.term, update.version) <= (self.plan.term, self.plan.version):
-            if (update.term, update.version) == (self.plan.term, self.plan.version) and self.plan_ready:
-                return
-            if (update.term, update.version) < (self.plan.term, self.plan.version):
-                return
-        else:
+        epoch = (update.term, update.version)
+        current = (self.plan.term, self.plan.version) if self.plan is not None else (0, 0)
+        if epoch < current:
+            return
+        if epoch > current:
             self.plan = update
             self.plan_ready = False
-            self._plan_changed.set()
-            self._plan_changed = asyncio.Event()
+            self.failovers = list(update.failovers)
+            self._notify_plan()
+            if update.error:
+                self.serving.fail_all(Unavailable(update.error))
         if update.error:
-            self.serving.fail_all(Unavailable(update.error))
             return
 
-        async def load() -> None:
+        async def load() -> None:  # also answers a re-sent plan, once its load is done
             ready = await self.stage_host.apply_plan(update)
             self._send(update.coordinator, COORD_ACTOR, ready)
 
         task = asyncio.get_running_loop().create_task(load(), name="apply-plan")
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _notify_plan(self) -> None:
+        self._plan_changed.set()
+        self._plan_changed = asyncio.Event()
 
     def _on_plan_ready(self, msg: PlanReady) -> None:
         if not self.fence.check(msg.term, command="PlanReady"):
@@ -280,8 +285,7 @@ class Node:
         self.plan_ready = True
         log.info("plan.serving", epoch=(msg.term, msg.version),
                  stages=[(s.node[:8], s.start, s.end) for s in self.plan.stages])
-        self._plan_changed.set()
-        self._plan_changed = asyncio.Event()
+        self._notify_plan()
         self.serving.on_plan_ready()
 
     def _on_retransmit(self, msg: Retransmit) -> None:

@@ -43,12 +43,14 @@ class PlanRecord:
 
 class CoordinatorRole:
     def __init__(self, node_id: str, model: str, profile: ModelProfile, send: Send, *,
-                 debounce_s: float = 0.3, max_stages: int | None = None):
+                 debounce_s: float = 0.3, failover_debounce_s: float = 0.02, max_stages: int | None = None):
         self.node_id = node_id
         self.model = model
         self.profile = profile
         self.send = send
         self.debounce_s = debounce_s
+        self.failover_debounce_s = failover_debounce_s
+        self.failovers: list[dict] = []
         self.max_stages = max_stages
         self.term = 0
         self.members: list[str] = []  # every live member (gets the plan)
@@ -68,8 +70,11 @@ class CoordinatorRole:
         if last_known is not None:
             self.version = max(self.version, last_known.version)
             self.current = PlanRecord(last_known)
+            self.failovers = list(last_known.failovers)
+            if last_known.coordinator != self.node_id:
+                self._record("coordinator", last_known.coordinator)
         log.info("coordinator.take_office", term=term, plan_version=self.version)
-        self.schedule()
+        self.schedule(self.failover_debounce_s)
 
     def step_down(self) -> None:
         self.active = False
@@ -88,8 +93,20 @@ class CoordinatorRole:
         for node in list(self.load_failed):
             if node not in new:
                 del self.load_failed[node]  # it left; if it comes back, it gets another chance
-        if changed and self.active:
-            self.schedule()
+        if not (changed and self.active):
+            return
+        lost = [n for n in (self.current.nodes if self.current else []) if n not in new]
+        for node in lost:
+            self._record("stage", node)
+        # A lost stage stalls every session: re-plan at once. Joins wait for the burst to settle.
+        self.schedule(self.failover_debounce_s if lost else self.debounce_s)
+
+    def _record(self, kind: str, node: str) -> None:
+        if any(f["kind"] == kind and f["node"] == node and f["term"] == self.term for f in self.failovers):
+            return
+        self.failovers.append({"kind": kind, "node": node, "term": self.term, "at": time.time()})
+        del self.failovers[:-50]
+        log.warning("coordinator.failover", kind=kind, node=node, term=self.term)
 
     def on_stage_ready(self, msg: StageReady) -> None:
         rec = self.current
@@ -120,10 +137,11 @@ class CoordinatorRole:
 
     # -- planning ---------------------------------------------------------------------
 
-    def schedule(self) -> None:
+    def schedule(self, delay: float | None = None) -> None:
         if self._replan is not None:
             self._replan.cancel()
-        self._replan = asyncio.get_running_loop().call_later(self.debounce_s, self._maybe_replan)
+        delay = self.debounce_s if delay is None else delay
+        self._replan = asyncio.get_running_loop().call_later(delay, self._maybe_replan)
 
     def _maybe_replan(self) -> None:
         self._replan = None
@@ -135,10 +153,11 @@ class CoordinatorRole:
         except InsufficientMemory as exc:
             stages, error = [], str(exc)
         rec = self.current
-        if rec is not None and rec.update.term == self.term and rec.update.stages == stages and rec.update.error == error:
+        if (rec is not None and rec.update.term == self.term and rec.update.stages == stages
+                and rec.update.error == error):
             return  # this term already announced exactly this plan
         self.version += 1
-        update = PlanUpdate(self.term, self.version, self.node_id, self.model, stages, error)
+        update = PlanUpdate(self.term, self.version, self.node_id, self.model, stages, error, list(self.failovers))
         self.current = PlanRecord(update)
         if error:
             log.error("coordinator.degraded", error=error, epoch=(self.term, self.version))

@@ -31,6 +31,7 @@ class PlanUpdate:
     model: str
     stages: list[StageEntry]
     error: str = ""  # set, with no stages, when the survivors cannot hold the model
+    failovers: list[dict] = field(default_factory=list)  # the latest failovers, newest last
 
 
 @message("mesh.StageReady")

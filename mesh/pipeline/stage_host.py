@@ -84,6 +84,7 @@ class StageHost:
         self._task: asyncio.Task | None = None
         self._loading: asyncio.Lock = asyncio.Lock()
         self._to_free: list[str] = []
+        self._ready: StageReady | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -109,13 +110,18 @@ class StageHost:
     # -- plan -------------------------------------------------------------------------
 
     async def apply_plan(self, update: PlanUpdate) -> StageReady:
-        """Switch to a new plan: drop old sessions, load this node's layers if they changed."""
+        """Switch to a new plan: drop old sessions, load this node's layers if they changed.
+
+        Idempotent per plan: the coordinator re-sends its plan now and then, and a node
+        answers with the outcome it already has (after its load finishes)."""
         epoch = (update.term, update.version)
-        if epoch <= self.epoch:
-            log.info("plan.stale", epoch=epoch, current=self.epoch)
-            return StageReady(update.term, update.version, self.node_id, ok=epoch == self.epoch)
         async with self._loading:
+            if epoch < self.epoch:
+                return StageReady(update.term, update.version, self.node_id, ok=False, error="stale plan")
+            if epoch == self.epoch and self._ready is not None:
+                return self._ready
             self.epoch = epoch
+            self._ready = None
             self.stages = list(update.stages)
             mine = next((s for s in update.stages if s.node == self.node_id), None)
             # Every session is replayed from its start on the new plan: old caches are useless.
@@ -124,27 +130,31 @@ class StageHost:
             self.last_sent.clear()
             if self.stage is not None:
                 await self.runner.run(self._release, self.stage)
-            started = time.perf_counter()
-            if mine is None:
-                self.entry, self.stage = None, None
-                return StageReady(update.term, update.version, self.node_id, ok=True)
-            n = len(update.stages)
-            spec = StageSpec(mine.start, mine.end, embed=mine.index == 0, head=mine.index == n - 1)
-            try:
-                if self.stage is None or self.stage.spec != spec:
-                    self.stage = None  # release the old layers before loading the new ones
-                    self.stage = await self.runner.run(load_stage, self.model_path, spec, self.backend,
-                                                       self.weight_mode)
-            except Exception as exc:  # a node that cannot load tells the coordinator why
-                log.error("stage.load_failed", spec=str(spec), error=str(exc))
-                self.entry = None
-                return StageReady(update.term, update.version, self.node_id, ok=False,
-                                  error=f"{type(exc).__name__}: {exc}")
-            self.entry = mine
-            load_s = time.perf_counter() - started
-            log.info("stage.ready", index=mine.index, layers=[mine.start, mine.end], load_s=round(load_s, 3),
-                     epoch=epoch)
-            return StageReady(update.term, update.version, self.node_id, ok=True, load_s=load_s)
+            self._ready = await self._load(update, mine)
+            return self._ready
+
+    async def _load(self, update: PlanUpdate, mine: StageEntry | None) -> StageReady:
+        started = time.perf_counter()
+        if mine is None:
+            self.entry, self.stage = None, None
+            return StageReady(update.term, update.version, self.node_id, ok=True)
+        n = len(update.stages)
+        spec = StageSpec(mine.start, mine.end, embed=mine.index == 0, head=mine.index == n - 1)
+        try:
+            if self.stage is None or self.stage.spec != spec:
+                self.entry, self.stage = None, None  # release the old layers before loading the new ones
+                self.stage = await self.runner.run(load_stage, self.model_path, spec, self.backend,
+                                                   self.weight_mode)
+        except Exception as exc:  # a node that cannot load tells the coordinator why
+            log.error("stage.load_failed", spec=str(spec), error=str(exc))
+            self.entry = None
+            return StageReady(update.term, update.version, self.node_id, ok=False,
+                              error=f"{type(exc).__name__}: {exc}")
+        self.entry = mine
+        load_s = time.perf_counter() - started
+        log.info("stage.ready", index=mine.index, layers=[mine.start, mine.end], load_s=round(load_s, 3),
+                 epoch=(update.term, update.version))
+        return StageReady(update.term, update.version, self.node_id, ok=True, load_s=load_s)
 
     # -- messages -----------------------------------------------------------------------
 
