@@ -280,13 +280,15 @@ class Api:
                       prompt_ids) -> web.StreamResponse:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, *, role: bool = False) -> bytes:
+        def chunk(text: str | None, finish: str | None, *, role: bool = False, tokens: int | None = None) -> bytes:
             if chat:
                 delta: dict = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            if tokens is not None:
+                payload["mesh"] = {"tokens": tokens}  # tokens streamed so far (a text chunk may hold several)
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
         iterator = events.__aiter__()
@@ -309,7 +311,7 @@ class Api:
                     token_ids.append(event.token_id)
                 text = matcher.feed(event.text)
                 if text:
-                    await response.write(chunk(text, None))
+                    await response.write(chunk(text, None, tokens=len(token_ids)))
                 if matcher.stopped:
                     finish = "stop"
                     break
