@@ -17,7 +17,7 @@ CHAT_PROMPTS = [
 
 
 @pytest.fixture(scope="session")
-def hf_reference(model_path: Path):
+def hf_reference(model_path: Path, hf_tokenizer):
     """transformers' own GGUF loader: (model, tokenizer), float32, the reference."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -25,14 +25,19 @@ def hf_reference(model_path: Path):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_path.parent, gguf_file=model_path.name, dtype=torch.float32)
     model.eval()
-    tok = transformers.AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
-    return model, tok
+    return model, hf_tokenizer
 
 
 @pytest.fixture(scope="session")
-def chat_ids(hf_reference) -> list[np.ndarray]:
+def hf_tokenizer(model_path: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+
+
+@pytest.fixture(scope="session")
+def chat_ids(hf_tokenizer) -> list[np.ndarray]:
     """Token ids of CHAT_PROMPTS through transformers' chat template."""
-    _, tok = hf_reference
+    tok = hf_tokenizer
     out = []
     for text in CHAT_PROMPTS:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
