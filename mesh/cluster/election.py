@@ -22,7 +22,12 @@ What it implements:
   coordinator proposes a change only when no other change is pending and it has
   committed an entry of its own term (the no-op it appends on taking office). A
   node that is not a voter keeps asking the coordinator to add it (`JoinRequest`);
-  `leave()` asks it to remove this node, so a graceful exit is not a failure.
+  `leave()` asks it to remove this node, so a graceful exit is not a failure;
+- removal of dead voters: the caller reports which nodes its failure detector
+  declares dead (`set_dead`); a coordinator removes a voter that has stayed dead
+  for `remove_dead_ticks` through the same single-server change, so the
+  survivors of a crash keep a majority for the next one. A removed node that
+  comes back finds itself outside the configuration and asks to join again.
 
 At most one coordinator per term: a candidate needs votes from a majority of its
 committed configuration, each node votes once per term (persisted), and two
@@ -41,6 +46,7 @@ docs/cluster.md.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -77,6 +83,7 @@ class ElectionConfig:
     join_retry_ticks: int = 5
     pre_vote: bool = True
     check_quorum: bool = True
+    remove_dead_ticks: int = 0  # 0: never remove a voter unless it leaves
 
 
 @dataclass(slots=True)
@@ -129,6 +136,7 @@ class Election:
         self._learners: set[str] = set()
         self._departing: dict[str, int] = {}
         self._active: set[str] = set()
+        self._dead_ticks: dict[str, int] = {}
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._join_elapsed = 0
@@ -190,7 +198,28 @@ class Election:
         self._request_membership_change()
         return self._flush()
 
+    def set_dead(self, nodes: Iterable[str]) -> None:
+        """The nodes the failure detector declares dead right now (all of them, every tick).
+
+        A node counts as dead for as many ticks as it stays in this set; any message
+        from it resets the count. Only a coordinator acts on it (`remove_dead_ticks`).
+        """
+        dead = set(nodes) - {self.id}
+        self._dead_ticks = {n: self._dead_ticks.get(n, 0) for n in dead}
+
+    def observe_term(self, term: int) -> Outbox:
+        """A command of `term` was accepted (fencing): adopt the term like any Raft message.
+
+        A coordinator of `term` exists, so a lower-term coordinator here steps down, and the
+        term is persisted: after a restart this node still refuses the older terms.
+        """
+        if term > self.term:
+            self._become_follower(term, None)
+        return self._flush()
+
     def tick(self) -> Outbox:
+        for node in self._dead_ticks:
+            self._dead_ticks[node] += 1
         if self.role is Role.COORDINATOR:
             self._tick_coordinator()
         else:
@@ -210,6 +239,8 @@ class Election:
             self._on_membership_request(m)
             return self._flush()
         self.add_peer(m.src)
+        if m.src in self._dead_ticks:
+            self._dead_ticks[m.src] = 0  # it just spoke: not dead, whatever the detector lags behind
         if m.term > self.term:
             if isinstance(m, VoteRequest) and self._in_lease():
                 return self._flush()
@@ -336,6 +367,7 @@ class Election:
         if self._heartbeat_elapsed >= self.cfg.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             self._broadcast_append()
+        self._remove_dead_voter()
         self._election_elapsed += 1
         if self._election_elapsed >= self.cfg.election_ticks:
             self._election_elapsed = 0
@@ -415,8 +447,29 @@ class Election:
             if m.src not in voters or len(voters) == 1 or not self._can_change_config():
                 return
             voters.discard(m.src)
+        self._propose(voters, "join" if isinstance(m, JoinRequest) else "leave", m.src)
+
+    def _remove_dead_voter(self) -> None:
+        """Remove one voter that has been dead for `remove_dead_ticks`, if the change can commit."""
+        grace = self.cfg.remove_dead_ticks
+        if not grace or not self._can_change_config():
+            return
+        dead = [v for v in self.voters if v != self.id and self._dead_ticks.get(v, 0) >= grace]
+        if not dead:
+            return
+        # Propose only what the live voters can commit: an entry that cannot reach a
+        # majority would linger and could be committed by a later term, after the node
+        # has come back.
+        alive = [v for v in self.voters if v == self.id or not self._dead_ticks.get(v, 0)]
+        if len(alive) < quorum(len(self.voters)):
+            return
+        gone = min(dead, key=lambda v: (-self._dead_ticks[v], v))
+        self._propose(set(self.voters) - {gone}, "dead", gone)
+
+    def _propose(self, voters: set[str], reason: str, about: str) -> None:
         self.log.append(Entry(self.term, tuple(sorted(voters))))
-        log.info("config_proposed", node=self.id, term=self.term, voters=sorted(voters))
+        log.info("config_proposed", node=self.id, term=self.term, voters=sorted(voters), reason=reason,
+                 about=about)
         self._maybe_commit()
         self._broadcast_append()
 

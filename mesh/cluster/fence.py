@@ -4,11 +4,18 @@ Every command a coordinator sends carries its term. A receiver keeps the highest
 it has seen (from the election and from commands) and refuses anything lower, so an
 old coordinator that has not yet noticed it was replaced cannot change anything.
 The pipeline layer keeps one `Fence` per node and calls `check` on every command.
+
+Durability: `ClusterService.fence` starts at the election's persisted term and hands every
+higher term it accepts to the election (`on_raise` -> `Election.observe_term`), which saves
+it before the command is applied. So a restarted node still refuses the terms it had
+fenced off; a bare `Fence()` keeps its highest term in memory only.
 """
 
 from __future__ import annotations
 
 import structlog
+
+from collections.abc import Callable
 
 from mesh.cluster.errors import StaleTerm
 
@@ -16,10 +23,11 @@ log = structlog.get_logger("mesh.cluster.fence")
 
 
 class Fence:
-    def __init__(self, highest: int = 0, node: str = "") -> None:
+    def __init__(self, highest: int = 0, node: str = "", on_raise: Callable[[int], None] | None = None) -> None:
         self.highest = highest
         self.node = node
         self.rejected = 0
+        self.on_raise = on_raise  # called with a newly accepted higher term, before check() returns
 
     def observe(self, term: int) -> None:
         """Raise the highest term seen (e.g. when the election moves to a new term)."""
@@ -34,7 +42,10 @@ class Fence:
                 "fenced_stale_term", node=self.node, src=src, command=command, term=term, seen=self.highest
             )
             return False
-        self.highest = term
+        if term > self.highest:
+            self.highest = term
+            if self.on_raise is not None:
+                self.on_raise(term)
         return True
 
     def require(self, term: int, *, src: str = "", command: str = "") -> None:

@@ -14,6 +14,11 @@ discovery hints (mDNS or `--peer`) into `system.connect`. Discovery is only a hi
 a peer is a member once it is in the committed configuration, which only changes
 through the coordinator over the authenticated transport.
 
+Dead voters: every tick the election learns which voters the detector declares dead; a
+coordinator removes one that stays dead for `remove_dead_after` seconds (a single-server
+change), so a 4-node cluster that loses one node keeps a majority of 3 for the next
+failure. A removed node that comes back asks to join again.
+
 Bootstrap of a new home cluster: a node with no persisted state waits `bootstrap_after`
 seconds for peers. If one of them is already part of a cluster, it asks to join. If
 none is and its own id is the lowest among the new nodes it sees, it founds a cluster
@@ -23,6 +28,8 @@ of itself alone; the others then join it one at a time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -109,12 +116,15 @@ class ClusterService:
         election: ElectionConfig = ElectionConfig(),
         detector: DetectorConfig = DetectorConfig(),
         bootstrap_after: float = 1.0,
+        remove_dead_after: float | None = 1.0,
         seed: int | None = None,
     ) -> None:
         self.system = system
         self.node_id = system.node_id
         if storage is None:
             storage = FileStorage(state_dir) if state_dir is not None else MemoryStorage()
+        if remove_dead_after is not None and not election.remove_dead_ticks:
+            election = dataclasses.replace(election, remove_dead_ticks=max(1, math.ceil(remove_dead_after / tick)))
         self.election = Election(self.node_id, storage, random.Random(seed), election)
         self.facts = facts or LocalFacts()
         self.static_peers = [parse_peer(p) for p in static_peers]
@@ -123,7 +133,7 @@ class ClusterService:
         self.tick_s, self.heartbeat_s = tick, heartbeat
         self.detector = FailureDetector(detector)
         self.bootstrap_after = bootstrap_after
-        self.fence = Fence(self.election.term, self.node_id)
+        self.fence = Fence(self.election.term, self.node_id, on_raise=self._on_fenced_term)
         self._info: dict[str, Heartbeat] = {}
         self._states: dict[str, str] = {}
         self._left: set[str] = set()
@@ -250,6 +260,7 @@ class ClusterService:
             next_at += self.tick_s
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             self._maybe_bootstrap()
+            self.election.set_dead(self._dead_voters())
             self._dispatch(self.election.tick())
             self._update_member_states()
 
@@ -307,6 +318,19 @@ class ClusterService:
         if all(self.node_id < hb.node_id for hb in alive):
             log.info("cluster_founded", node=self.node_id)
             e.bootstrap((self.node_id,))
+
+    def _on_fenced_term(self, term: int) -> None:
+        self._dispatch(self.election.observe_term(term))
+
+    def _dead_voters(self) -> list[str]:
+        now = time.monotonic()
+        # A voter never heard since start counts as dead only once the links had time to form.
+        settled = now - self._started_at > self.bootstrap_after + 1.0
+        return [
+            v for v in self.election.voters
+            if v != self.node_id
+            and (not self.detector.is_alive(v, now) if v in self.detector.peers else settled)
+        ]
 
     def _send_heartbeats(self) -> None:
         host, port = self.system.address or ("", 0)

@@ -4,7 +4,12 @@ Everything random comes from one `random.Random(seed)`, so a seed replays a run 
 After every delivery and tick the invariants are checked:
 - never two coordinators in the same term (over the whole history);
 - committed log prefixes never disagree (configurations only change through commits);
-- no node accepts a command from a term lower than one it has seen (fencing).
+- no node accepts a command from a term lower than one it has seen (fencing), even
+  across a restart (an accepted command's term is handed to the election, which saves it).
+
+With `config.remove_dead_ticks` set, every node also heartbeats every peer each tick and
+runs a toy failure detector (dead after `DETECT_TICKS` of silence) that feeds
+`Election.set_dead`, as `ClusterService` does with the phi-accrual detector.
 `converge()` heals every fault and asserts one coordinator within a bounded number of ticks.
 """
 
@@ -21,6 +26,8 @@ from mesh.cluster.fence import Fence
 from mesh.cluster.messages import Entry, Message
 from mesh.cluster.persistence import MemoryStorage
 
+DETECT_TICKS = 5
+
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))  # silence the sim
 
 
@@ -32,6 +39,13 @@ class Command:
     src: str
 
 
+@dataclass(frozen=True)
+class Beat:
+    """A heartbeat: only feeds the receiver's toy failure detector."""
+
+    src: str
+
+
 @dataclass
 class SimNode:
     id: str
@@ -39,7 +53,12 @@ class SimNode:
     election: Election
     fence: Fence
     up: bool = True
-    seen: int = 0  # highest term this incarnation has seen (election term or accepted command)
+    seen: int = 0  # highest term this node has seen (election term or accepted command)
+    born: int = 0
+    heard: dict[str, int] = field(default_factory=dict)
+
+    def dead_peers(self, now: int, ids: list[str]) -> set[str]:
+        return {p for p in ids if p != self.id and now - self.heard.get(p, self.born) > DETECT_TICKS}
 
 
 class InvariantViolation(AssertionError):
@@ -71,7 +90,9 @@ class Sim:
         election = Election(
             node_id, storage, random.Random(self.rng.getrandbits(32)), self.config, tuple(self.nodes)
         )
-        return SimNode(node_id, storage, election, Fence(election.term, node_id), seen=election.term)
+        node = SimNode(node_id, storage, election, Fence(election.term, node_id), seen=election.term, born=self.now)
+        node.fence.on_raise = lambda term: self._send(node_id, election.observe_term(term))
+        return node
 
     def bootstrap(self, n: int) -> None:
         ids = tuple(f"n{i}" for i in range(n))
@@ -96,6 +117,7 @@ class Sim:
         old = self.nodes[node_id]
         node = self._new_node(node_id, old.storage)
         node.election.peers |= set(self.nodes) - {node_id}
+        node.seen = max(node.seen, old.seen)  # fencing must hold across the restart too
         self.nodes[node_id] = node
 
     def partition(self, groups: list[set[str]]) -> None:
@@ -131,6 +153,9 @@ class Sim:
             node = self.nodes[dst]
             if not node.up or frozenset((src, dst)) in self.cut:
                 continue
+            node.heard[src] = self.now
+            if isinstance(msg, Beat):
+                continue
             if isinstance(msg, Command):
                 self._on_command(node, msg)
             else:
@@ -151,9 +176,14 @@ class Sim:
 
     def tick(self) -> None:
         self.now += 1
+        detect = bool(self.config.remove_dead_ticks)
+        ids = sorted(self.nodes)
         for node in list(self.nodes.values()):
             if not node.up:
                 continue
+            if detect:
+                node.election.set_dead(node.dead_peers(self.now, ids))
+                self._send(node.id, [(peer, Beat(node.id)) for peer in ids if peer != node.id])
             self._send(node.id, node.election.tick())
             if node.election.is_coordinator:
                 cmd = Command(node.election.term, node.id)

@@ -129,3 +129,32 @@ def test_corrupt_state_file_says_what_to_do(tmp_path) -> None:  # type: ignore[n
     (tmp_path / "election.json").write_text('{"version": 1, "term": "x"}')
     with pytest.raises(CorruptClusterState, match="move it away"):
         FileStorage(tmp_path).load()
+
+
+def test_a_fenced_term_is_adopted_and_survives_a_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A command of a higher term than the election knows: the term is saved before it is applied."""
+    from mesh.cluster.fence import Fence
+
+    storage = FileStorage(tmp_path)
+    e = node("a", ("a",), storage)  # type: ignore[arg-type]
+    for _ in range(20):
+        e.tick()
+    assert e.is_coordinator and e.term == 1
+    fence = Fence(e.term, "a", on_raise=lambda term: e.observe_term(term))
+    assert fence.check(5, src="z", command="PlanUpdate")
+    assert e.term == 5 and not e.is_coordinator, "a coordinator of term 5 exists: ours of term 1 steps down"
+    restarted = Election("a", FileStorage(tmp_path), random.Random(1))
+    assert not Fence(restarted.term, "a").check(4, src="old", command="PlanUpdate")
+
+
+def test_set_dead_counts_only_while_dead_and_a_message_resets_it() -> None:
+    e = node("a", ("a", "b", "c"))
+    e.cfg = ElectionConfig(remove_dead_ticks=3)
+    e.set_dead({"b"})
+    e.tick()
+    e.tick()
+    assert e._dead_ticks == {"b": 2}
+    e.step(VoteResponse(0, "b", False))
+    assert e._dead_ticks == {"b": 0}
+    e.set_dead(set())
+    assert e._dead_ticks == {}

@@ -148,3 +148,26 @@ async def test_tcp_loopback_form_detect_and_reelect() -> None:
         assert detected < 2.0 and elected < 3.0
     finally:
         await shutdown(services)
+
+
+@pytest.mark.slow
+async def test_memory_four_nodes_remove_the_dead_and_survive_a_second_failure() -> None:
+    net = MemoryNetwork()
+    services = await memory_cluster(4, net)
+    try:
+        await wait_for(lambda: agreed(services, 4), 15, "4 nodes to form")
+        leader = next(s for s in services if s.is_coordinator)
+        victim = next(s for s in services if s is not leader)
+        net.crash(f"h{services.index(victim)}")
+        await victim.stop()
+        rest = [s for s in services if s is not victim]
+        # dead after ~1 s, removed after remove_dead_after (1 s) more
+        took = await wait_for(lambda: agreed(rest, 3), 6, "the dead follower to be removed")
+        assert leader.is_coordinator, "removing a dead follower must not disturb the coordinator"
+        net.crash(f"h{services.index(leader)}")
+        await leader.stop()
+        survivors = [s for s in rest if s is not leader]
+        await wait_for(lambda: agreed(survivors, 2), 10, "2 survivors of 4 to elect and remove the old coordinator")
+        print(f"\nremoved the dead follower after {took:.2f}s")
+    finally:
+        await shutdown(services)
