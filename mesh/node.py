@@ -171,6 +171,7 @@ class Node:
             self.info.api_port = await self.api.start(cfg.api_host, cfg.api_port)
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
                                       mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret)
+        self.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
         await self.cluster.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._follow_cluster(), name="follow-cluster"))
         log.info("node.started", node=self.node_id, name=self.info.name, address=self.system.address,
