@@ -32,7 +32,8 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,24 @@ class LocalFacts:
     api_port: int = 0
 
 
+class EventStream:
+    """An async iterator of `ClusterEvent`s; keeps the latest 1000 if nobody reads."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[ClusterEvent] = asyncio.Queue(1000)
+
+    def put(self, event: ClusterEvent) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(event)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> ClusterEvent:
+        return await self._queue.get()
+
+
 class _ClusterActor(Actor):
     def __init__(self, service: ClusterService) -> None:
         self.service = service
@@ -138,7 +157,7 @@ class ClusterService:
         self._states: dict[str, str] = {}
         self._left: set[str] = set()
         self._leaving = False
-        self._queues: list[asyncio.Queue[ClusterEvent]] = []
+        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
         self._callbacks: list[Callable[[ClusterEvent], Any]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mdns: MdnsDiscovery | None = None
@@ -192,15 +211,15 @@ class ClusterService:
         extra = ["coordinator"] if node_id == self.coordinator else []
         return tuple(extra + [r for r in roles if r != "coordinator"])
 
-    async def events(self) -> AsyncIterator[ClusterEvent]:
-        """Changes from now on: coordinator/term changes and member state changes."""
-        queue: asyncio.Queue[ClusterEvent] = asyncio.Queue(1000)
-        self._queues.append(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._queues.remove(queue)
+    def events(self) -> EventStream:
+        """Changes from now on: coordinator/term changes and member state changes.
+
+        Unlike an async generator, the stream survives a cancelled `__anext__` (e.g. under
+        `asyncio.wait_for(stream.__anext__(), 0.5)`); it is dropped when unreferenced.
+        """
+        stream = EventStream()
+        self._streams.add(stream)
+        return stream
 
     def on_change(self, callback: Callable[[ClusterEvent], Any]) -> None:
         self._callbacks.append(callback)
@@ -384,10 +403,8 @@ class ClusterService:
                     self._spawn(result)
             except Exception as exc:
                 log.warning("cluster_callback_failed", error=repr(exc))
-        for q in self._queues:
-            if q.full():
-                q.get_nowait()
-            q.put_nowait(event)
+        for stream in list(self._streams):
+            stream.put(event)
 
 
 __all__ = ["ClusterEvent", "ClusterService", "LocalFacts", "Member"]

@@ -171,3 +171,14 @@ async def test_memory_four_nodes_remove_the_dead_and_survive_a_second_failure() 
         print(f"\nremoved the dead follower after {took:.2f}s")
     finally:
         await shutdown(services)
+
+
+async def test_event_stream_survives_a_cancelled_wait() -> None:
+    """node.py waits with `wait_for(events.__anext__(), 0.5)`: a timeout must not end the stream."""
+    system = ActorSystem(NodeIdentity.generate(), SECRET, MemoryNetwork().transport("h0"))
+    service = ClusterService(system)
+    events = service.events().__aiter__()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(events.__anext__(), 0.05)
+    service._emit(ClusterEvent("coordinator", "x", 3))
+    assert await asyncio.wait_for(events.__anext__(), 1) == ClusterEvent("coordinator", "x", 3)
