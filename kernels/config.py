@@ -40,9 +40,9 @@ def load_config(path: str | Path) -> ModelConfig:
         return config_from_hf_dir(path)
     if path.suffix == ".json":
         return config_from_hf_dir(path.parent)
-    from kernels.gguf import GGUFFile
+    from kernels.gguf import open_gguf
 
-    return config_from_gguf(GGUFFile(path))
+    return config_from_gguf(open_gguf(path))
 
 
 def config_from_gguf(gf: Any) -> ModelConfig:

@@ -84,6 +84,9 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Bounds-checked little-endian reads over a byte buffer."""
 
@@ -110,6 +113,24 @@ class _Cursor:
         except UnicodeDecodeError as exc:
             raise GGUFError(f"{self.path}: corrupt string at byte {self.pos}") from exc
 
+    def _strings(self, count: int) -> list[str]:
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = _U64.unpack_from
+        try:
+            for _ in range(count):
+                (n,) = length(buf, pos)
+                pos += 8
+                if pos + n > end:
+                    raise GGUFError(f"{self.path}: truncated GGUF header at byte {pos}; re-download the model file")
+                out.append(str(buf[pos:pos + n], "utf-8"))
+                pos += n
+        except struct.error:
+            raise GGUFError(f"{self.path}: truncated GGUF header at byte {pos}; re-download the model file") from None
+        except UnicodeDecodeError as exc:
+            raise GGUFError(f"{self.path}: corrupt string at byte {pos}") from exc
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
@@ -124,8 +145,30 @@ class _Cursor:
                 return np.frombuffer(raw, dtype=dt).tolist()
             if count > len(self.buf):
                 raise GGUFError(f"{self.path}: corrupt array length {count}")
+            if etype == _STRING:  # vocabularies: ~100k strings, read in one tight loop
+                return self._strings(count)
             return [self.value(etype) for _ in range(count)]
         raise GGUFError(f"{self.path}: corrupt metadata value type {vtype} at byte {self.pos}")
+
+
+_OPEN: dict[tuple[str, int, int], "GGUFFile"] = {}
+
+
+def open_gguf(path: str | Path) -> "GGUFFile":
+    """An opened GGUFFile, parsed once per process per file version (path, size, mtime):
+    the config, the tokenizer and every stage load of a node share one parse."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise GGUFError(f"{path}: cannot open ({exc.strerror})") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    gf = _OPEN.get(key)
+    if gf is None:
+        gf = GGUFFile(path)
+        _OPEN.clear()  # keep one file: a node serves one model
+        _OPEN[key] = gf
+    return gf
 
 
 class GGUFFile:

@@ -32,7 +32,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
-from kernels.gguf import GGUF_MAGIC, GGUFFile
+from kernels.gguf import GGUF_MAGIC, open_gguf
 
 __all__ = ["Tokenizer", "IncrementalDetokenizer", "TokenizerLoadError", "ChatTemplateMissing"]
 
@@ -210,7 +210,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        meta = GGUFFile(path).metadata
+        meta = open_gguf(path).metadata
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise TokenizerLoadError(

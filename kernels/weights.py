@@ -33,7 +33,7 @@ import blake3
 import numpy as np
 
 from kernels.config import ModelConfig, config_from_gguf, config_from_hf_dir
-from kernels.gguf import GGUFFile, blocks, dequantize
+from kernels.gguf import GGUFFile, blocks, dequantize, open_gguf
 from kernels.safetensors import SafetensorsDir
 from kernels.stage import WEIGHT_MODES, StageSpec
 
@@ -166,7 +166,7 @@ def load_weights(path: str | Path, spec: StageSpec, mode: str = "float32") -> St
 
 
 def _load_gguf(path: Path, spec: StageSpec, mode: str) -> StageWeights:
-    gf = GGUFFile(path)
+    gf = open_gguf(path)
     config = config_from_gguf(gf)
     spec.validate(config)
     digest = blake3.blake3()

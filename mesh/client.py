@@ -30,9 +30,9 @@ class StreamResult:
 
 async def stream_chat(api: str, prompt: str, *, max_tokens: int = 128, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int = 0, raw: bool = False, api_key: str | None = None,
-                      on_text: Callable[[str], None] | None = None, on_chunk: Callable[[int], None] | None = None,
+                      on_text: Callable[[str], None] | None = None, on_tokens: Callable[[int], None] | None = None,
                       timeout: float = 600.0) -> StreamResult:
-    """Stream one answer; ``on_text`` gets text as it arrives, ``on_chunk`` the running chunk count."""
+    """Stream one answer; ``on_text`` gets text as it arrives, ``on_tokens`` the tokens streamed so far."""
     body: dict = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                   "stream": True}
     if raw:
@@ -70,8 +70,9 @@ async def stream_chat(api: str, prompt: str, *, max_tokens: int = 128, temperatu
                     if on_text:
                         on_text(text)
                 result.chunks += 1
-                if on_chunk:
-                    on_chunk(result.chunks)
+                tokens = obj.get("mesh", {}).get("tokens")
+                if on_tokens and tokens is not None:
+                    on_tokens(tokens)
                 if choice.get("finish_reason"):
                     result.finish_reason = choice["finish_reason"]
                 if "mesh" in obj:
