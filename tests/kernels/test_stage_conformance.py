@@ -13,7 +13,7 @@ import pytest
 from kernels.config import load_config
 from kernels.stage import StageInputError, StageSpec, StepInput, load_stage
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "mlx"]
 
 # batched vs one-by-one: same math, different matmul shapes -> tiny float differences
 BATCH_ATOL = {"float32": 1e-4, "quant": 5e-2}
