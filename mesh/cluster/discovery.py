@@ -128,8 +128,10 @@ class MdnsDiscovery:
             properties={"id": self.node_id, "port": str(self.port), "cluster": self.tag},
             server=f"mesh-{self.node_id}.local.",
         )
-        await self._zc.async_register_service(self._info)
+        # Browse first: registration probes for ~0.75 s, and the peers found meanwhile count
+        # for the bootstrap decision (who founds the cluster) that follows start().
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
+        await self._zc.async_register_service(self._info)
         log.info("mdns_started", node=self.node_id, interfaces=self.interfaces, port=self.port)
 
     def _on_change(

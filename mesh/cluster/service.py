@@ -162,7 +162,8 @@ class ClusterService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mdns: MdnsDiscovery | None = None
         self._last_view: tuple[str | None, int] = (None, self.election.term)
-        self._started_at = 0.0
+        self._started_at = math.inf  # set once discovery runs; no bootstrap before that
+        self._hinted: dict[str, float] = {}  # discovered node -> when; bootstrap waits to hear from it
 
     # ---- public API ------------------------------------------------------------------
 
@@ -229,7 +230,6 @@ class ClusterService:
         self.system.on_peer(self._on_peer_event)
         for node_id in self.system.peers():
             self.election.add_peer(node_id)
-        self._started_at = time.monotonic()
         self._spawn(self._tick_loop())
         self._spawn(self._heartbeat_loop())
         for host, port in self.static_peers:
@@ -240,6 +240,8 @@ class ClusterService:
                 self.node_id, self.system.address[1], self.secret, self.mdns_interfaces, self.add_hint,
             )
             await self._mdns.start()
+        # The bootstrap wait counts from the moment discovery runs (mDNS start takes ~1 s).
+        self._started_at = time.monotonic()
         log.info("cluster_started", node=self.node_id, term=self.term, voters=self.election.voters)
 
     async def stop(self) -> None:
@@ -263,6 +265,7 @@ class ClusterService:
     def add_hint(self, hint: PeerHint) -> None:
         """A discovered address (mDNS or static); connects unless already connected."""
         if hint.node_id not in self.system.peers():
+            self._hinted.setdefault(hint.node_id, time.monotonic())
             self._spawn(self._connect_once(hint.host, hint.port))
 
     # ---- loops -----------------------------------------------------------------------
@@ -334,6 +337,9 @@ class ClusterService:
         alive = [hb for n, hb in self._info.items() if self.detector.is_alive(n, time.monotonic())]
         if any(hb.configured for hb in alive):
             return  # a cluster exists: the election keeps asking it to add us
+        now = time.monotonic()
+        if any(n not in self._info and now - t < self.bootstrap_after for n, t in self._hinted.items()):
+            return  # a discovered node we have not heard from yet may already be a cluster
         if all(self.node_id < hb.node_id for hb in alive):
             log.info("cluster_founded", node=self.node_id)
             e.bootstrap((self.node_id,))
