@@ -3,18 +3,23 @@ Prometheus metrics and the dashboard. aiohttp, in the node's own event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
+import structlog
 from aiohttp import web
 
 from mesh.errors import BadRequest, MeshError
 from mesh.generation import GenerationParams, TokenEvent
 
 WEB_DIR = Path(__file__).parent / "web"
+ROLES = ("system", "developer", "user", "assistant", "tool")
+log = structlog.get_logger("mesh.api")
 
 
 class Unavailable(MeshError):
@@ -48,7 +53,7 @@ def _field(body: dict, name: str, kinds: tuple, default: Any) -> Any:
     if name not in body or body[name] is None:
         return default
     value = body[name]
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise _FieldError(name, f"'{name}' must be of type {'/'.join(k.__name__ for k in kinds)}")
     return value
 
@@ -60,6 +65,11 @@ class _FieldError(Exception):
 
 
 def _params(body: dict) -> tuple[GenerationParams, list[str]]:
+    _field(body, "stream", (bool,), False)
+    if _field(body, "n", (int,), 1) != 1:
+        raise _FieldError("n", "'n' must be 1: a mesh generates one choice per request")
+    if body.get("logprobs") not in (None, False, 0):
+        raise _FieldError("logprobs", "'logprobs' is not supported by this server")
     max_tokens = _field(body, "max_tokens", (int,), None)
     if max_tokens is None:
         max_tokens = _field(body, "max_completion_tokens", (int,), 128)
@@ -79,9 +89,73 @@ def _params(body: dict) -> tuple[GenerationParams, list[str]]:
         top_k=int(_field(body, "top_k", (int,), 0)),
         seed=int(_field(body, "seed", (int,), 0)),
     )
-    if params.temperature > 2:
+    if not 0 <= params.temperature <= 2:
         raise _FieldError("temperature", "'temperature' must be between 0 and 2")
+    if not 0 < params.top_p <= 1:
+        raise _FieldError("top_p", "'top_p' must be in (0, 1]")
+    if params.max_tokens < 1:
+        raise _FieldError("max_tokens", "'max_tokens' must be at least 1")
     return params, stops
+
+
+def _text_content(content: Any) -> str | None:
+    """A message's content as text: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _FieldError("messages", "'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise _FieldError(f"messages[{i}].role", f"messages[{i}] needs a 'role', one of {', '.join(ROLES)}")
+        text = _text_content(m.get("content"))
+        if text is None:
+            raise _FieldError(f"messages[{i}].content",
+                              f"messages[{i}].content must be a string or a list of text parts")
+        out.append({"role": m["role"], "content": text})
+    return out
+
+
+class HttpStats:
+    """Request counts by route and status, and latency histograms, for /metrics."""
+
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.hist: dict[str, list[int]] = {"request": [0] * len(self.BUCKETS), "ttft": [0] * len(self.BUCKETS)}
+        self.sums = {"request": 0.0, "ttft": 0.0}
+        self.counts = {"request": 0, "ttft": 0}
+
+    def observe(self, kind: str, seconds: float) -> None:
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                self.hist[kind][i] += 1
+        self.sums[kind] += seconds
+        self.counts[kind] += 1
+
+    def text(self) -> str:
+        lines = ["# HELP mesh_http_requests_total HTTP requests by route and status code",
+                 "# TYPE mesh_http_requests_total counter"]
+        for (route, code), n in sorted(self.requests.items()):
+            lines.append(f'mesh_http_requests_total{{route="{route}",code="{code}"}} {n}')
+        for kind, help_text in (("request", "generation request duration (until the last token)"),
+                                ("ttft", "time from request to first token")):
+            name = f"mesh_http_{kind}_seconds"
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+            for bound, n in zip(self.BUCKETS, self.hist[kind]):
+                lines.append(f'{name}_bucket{{le="{bound}"}} {n}')
+            lines += [f'{name}_bucket{{le="+Inf"}} {self.counts[kind]}', f"{name}_sum {self.sums[kind]:.6f}",
+                      f"{name}_count {self.counts[kind]}"]
+        return "\n".join(lines) + "\n"
 
 
 class StopMatcher:
@@ -120,7 +194,9 @@ class Api:
     def __init__(self, backend: ServingBackend, *, api_key: str | None = None):
         self.backend = backend
         self.api_key = api_key
-        self.app = web.Application(middlewares=[self._auth, self._errors], client_max_size=4 << 20)
+        self.stats = HttpStats()
+        self._announcer = None
+        self.app = web.Application(middlewares=[self._count, self._auth, self._errors], client_max_size=4 << 20)
         self.app.add_routes([
             web.get("/", self.dashboard),
             web.get("/v1/models", self.models),
@@ -131,6 +207,7 @@ class Api:
         ])
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.host = "127.0.0.1"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -138,9 +215,28 @@ class Api:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # the port picked when port == 0
+        self.host = host
         return self.port
 
+    async def announce(self, interfaces: list[str], *, node_id: str, name: str) -> None:
+        """Announce this API by mDNS (`_mesh-api._tcp`) where it is reachable, for `mesh run`."""
+        from mesh.api_discovery import ApiAnnouncer, reachable_on
+
+        where = reachable_on(self.host, interfaces)
+        if not where or self.port is None:
+            return
+        self._announcer = ApiAnnouncer(where, self.port, node_id=node_id, name=name,
+                                       model=self.backend.model_name, needs_key=bool(self.api_key))
+        try:
+            await self._announcer.start()
+        except OSError as exc:  # mDNS is a convenience: the API serves without it
+            log.warning("api.announce_failed", interfaces=where, error=str(exc))
+            self._announcer = None
+
     async def stop(self) -> None:
+        if self._announcer is not None:
+            await self._announcer.stop()
+            self._announcer = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -148,9 +244,18 @@ class Api:
     # -- middleware -------------------------------------------------------------------
 
     @web.middleware
+    async def _count(self, request: web.Request, handler):
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        response = await handler(request)
+        key = (route, response.status)
+        self.stats.requests[key] = self.stats.requests.get(key, 0) + 1
+        return response
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler):
         if self.api_key and request.path.startswith("/v1/") and request.path != "/v1/cluster":
-            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                               "invalid_request_error", code="invalid_api_key")
         return await handler(request)
@@ -175,6 +280,11 @@ class Api:
             return _error(503, str(exc), "service_unavailable", code="cluster_unavailable")
         except MeshError as exc:
             return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:  # a bug must still answer in OpenAI's shape, and the node keeps serving
+            log.exception("api.internal_error", path=request.path)
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     # -- read-only endpoints ----------------------------------------------------------
 
@@ -189,7 +299,8 @@ class Api:
         return web.json_response(self.backend.status())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.backend.metrics_text(), content_type="text/plain")
+        return web.Response(text=self.backend.metrics_text() + self.stats.text(), content_type="text/plain",
+                            headers={"Cache-Control": "no-cache"})
 
     # -- generation -------------------------------------------------------------------
 
@@ -210,12 +321,7 @@ class Api:
             body = await self._body(request)
         except _NotFoundModel as exc:
             return self._unknown_model(exc.model)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise _FieldError("messages", "'messages' must be a non-empty list of {role, content} objects")
+        messages = _messages(body)
         params, stops = _params(body)
         prompt_ids = self.backend.encode_chat(messages)
         return await self._respond(request, body, prompt_ids, params, stops, chat=True)
@@ -234,6 +340,12 @@ class Api:
         prompt_ids = self.backend.encode_text(prompt)
         return await self._respond(request, body, prompt_ids, params, stops, chat=False)
 
+    def _observe(self, clock: "_Clock") -> None:
+        now = time.perf_counter()
+        self.stats.observe("request", now - clock.started)
+        if clock.first is not None:
+            self.stats.observe("ttft", clock.first - clock.started)
+
     def _unknown_model(self, model: Any) -> web.Response:
         return _error(404, f"the model {model!r} does not exist; this cluster serves {self.backend.model_name!r}",
                       "invalid_request_error", param="model", code="model_not_found")
@@ -246,7 +358,10 @@ class Api:
         matcher = StopMatcher(stops)
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "total_tokens": len(prompt_ids)}
         if body.get("stream"):
-            return await self._stream(request, rid, created, model, events, matcher, usage, chat, prompt_ids)
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await self._stream(request, rid, created, model, events, matcher, usage, chat, prompt_ids,
+                                      include_usage=include_usage)
         pieces, finish, token_ids = [], "length", []
         clock = _Clock()
         # The first event surfaces request errors (bad params, no pipeline) as HTTP errors.
@@ -272,12 +387,13 @@ class Api:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
+        self._observe(clock)
         info = {**self.backend.mesh_info(), "token_ids": token_ids, "prompt_token_ids": prompt_ids, **clock.as_dict()}
         return web.json_response({"id": rid, "object": obj, "created": created, "model": model,
                                   "choices": [choice], "usage": usage, "mesh": info})
 
     async def _stream(self, request, rid, created, model, events, matcher, usage, chat,
-                      prompt_ids) -> web.StreamResponse:
+                      prompt_ids, *, include_usage: bool = False) -> web.StreamResponse:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, *, role: bool = False, tokens: int | None = None) -> bytes:
@@ -324,12 +440,16 @@ class Api:
             rest = "" if matcher.stopped else matcher.flush()
             if rest:
                 await response.write(chunk(rest, None))
+            self._observe(clock)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             final = json.loads(chunk(None, finish)[6:])
             final["usage"] = usage
             final["mesh"] = {**self.backend.mesh_info(), "token_ids": token_ids, "prompt_token_ids": prompt_ids,
                              **clock.as_dict()}
             await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+            if include_usage:  # OpenAI's shape: one last chunk with no choices and the usage
+                tail = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+                await response.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
         except MeshError as exc:
             err = {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error", "param": None,

@@ -1,0 +1,114 @@
+"""Finding a node's HTTP API on the LAN: `_mesh-api._tcp.local.` mDNS records.
+
+Each node announces its API (address, port, node id, name, model, whether a key is
+required) on the interfaces where that API is reachable, so `mesh run` and
+`mesh status` work without --api. The record is only a pointer: answers come from
+the API itself. Peer discovery (`mesh.cluster.discovery`) is separate and keyed by
+the cluster secret; this record reveals nothing a port scan would not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+import structlog
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+log = structlog.get_logger("mesh.api_discovery")
+
+API_SERVICE = "_mesh-api._tcp.local."
+_WILDCARD = ("0.0.0.0", "::", "")
+
+
+@dataclass(frozen=True)
+class ApiHint:
+    url: str
+    node_id: str
+    name: str
+    model: str
+    needs_key: bool
+
+
+def reachable_on(api_host: str, interfaces: list[str]) -> list[str]:
+    """The interfaces whose address reaches an API bound to ``api_host``."""
+    if api_host in _WILDCARD:
+        return list(interfaces)
+    return [i for i in interfaces if i == api_host]
+
+
+class ApiAnnouncer:
+    def __init__(self, interfaces: list[str], port: int, *, node_id: str, name: str, model: str,
+                 needs_key: bool):
+        self.interfaces = interfaces
+        self.info = AsyncServiceInfo(
+            API_SERVICE, f"mesh-api-{node_id}.{API_SERVICE}",
+            addresses=[socket.inet_aton(interfaces[0])], port=port,
+            properties={"id": node_id, "name": name[:63], "model": model[:63], "key": "1" if needs_key else "0"},
+            server=f"mesh-api-{node_id}.local.")
+        self._zc: AsyncZeroconf | None = None
+
+    async def start(self) -> None:
+        self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
+        await self._zc.async_register_service(self.info)
+
+    async def stop(self) -> None:
+        if self._zc is not None:
+            await self._zc.async_unregister_service(self.info)
+            await self._zc.async_close()
+            self._zc = None
+
+
+def _prop(props: dict, key: bytes) -> str:
+    value = props.get(key)
+    return value.decode("utf-8", "replace")[:64] if isinstance(value, bytes) else ""
+
+
+async def find_apis(interfaces: list[str], timeout: float = 3.0, *, first: bool = True) -> list[ApiHint]:
+    """Browse for mesh APIs on ``interfaces`` for up to ``timeout`` seconds
+    (returning at the first one found when ``first``)."""
+    found: dict[str, ApiHint] = {}
+    got_one = asyncio.Event()
+    zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+    tasks: set[asyncio.Task] = set()
+
+    async def resolve(name: str) -> None:
+        info = AsyncServiceInfo(API_SERVICE, name)
+        try:
+            if not await info.async_request(zc.zeroconf, 2000):
+                return
+            props = info.properties or {}
+            for addr in info.parsed_addresses():
+                ip = ipaddress.ip_address(addr)
+                if ip.version == 4 and not (ip.is_multicast or ip.is_unspecified) and info.port:
+                    found[name] = ApiHint(f"http://{addr}:{info.port}", _prop(props, b"id"), _prop(props, b"name"),
+                                          _prop(props, b"model"), _prop(props, b"key") == "1")
+                    got_one.set()
+                    return
+        except Exception as exc:  # a malformed record must not stop the search
+            log.debug("api_record_ignored", name=name, error=repr(exc))
+
+    def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is not ServiceStateChange.Removed:
+            task = asyncio.get_running_loop().create_task(resolve(name))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    browser = AsyncServiceBrowser(zc.zeroconf, [API_SERVICE], handlers=[on_change])
+    try:
+        if first:
+            try:
+                await asyncio.wait_for(got_one.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(timeout)
+    finally:
+        await browser.async_cancel()
+        for task in list(tasks):
+            task.cancel()
+        await zc.async_close()
+    return sorted(found.values(), key=lambda h: h.name)
