@@ -169,6 +169,8 @@ class Node:
         if cfg.api_port is not None:
             self.api = Api(self, api_key=cfg.api_key)
             self.info.api_port = await self.api.start(cfg.api_host, cfg.api_port)
+            if cfg.mdns and cfg.interfaces:
+                await self.api.announce(cfg.interfaces, node_id=self.node_id, name=self.info.name)
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
                                       mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret)
         self.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
