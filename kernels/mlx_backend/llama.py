@@ -27,7 +27,7 @@ attention run per session, since sessions sit at different positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -177,7 +177,7 @@ class _Step:
     cache: KVCache
     start: int
     rows: slice
-    mask: mx.array | None = field(default=None)
+    mask: mx.array | None = None
 
 
 class MLXLlamaStage(Stage):
