@@ -88,12 +88,23 @@ class LocalCluster:
             self.nodes.append(LocalNode(i, port, api_port, state, backend, self.workdir / f"node{i}.log", args))
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for node in self.nodes:
-            log = open(node.log_path, "wb")
-            node.proc = subprocess.Popen(node.args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-            log.close()
+            self._spawn(node)
+
+    def _spawn(self, node: LocalNode) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = open(node.log_path, "ab")
+        node.proc = subprocess.Popen(node.args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        log.close()
+
+    def restart(self, index: int) -> None:
+        """Start a stopped or killed node again, with its state dir and ports: it comes back
+        with the same identity and rejoins the cluster."""
+        node = self.nodes[index]
+        if node.alive:
+            raise ClusterStartFailed(f"node{index} is still running")
+        self._spawn(node)
 
     def kill(self, index: int) -> None:
         node = self.nodes[index]

@@ -6,11 +6,9 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 
 from mesh import models
-from mesh.client import stream_chat
-from mesh.faults import BadFaultSpec, KillFault, parse_kill
+from mesh.faults import parse_kill, stream_with_faults
 from mesh.launcher import LocalCluster
 
 DEFAULT_PROMPT = "Explain in three sentences why splitting a language model across devices helps."
@@ -58,20 +56,15 @@ async def _demo(args: argparse.Namespace) -> int:
             stages = ", ".join(f"{s['node'][:8]}:{s['layers'][0]}-{s['layers'][1]}({s['backend']})"
                                for s in view["plan"]["stages"])
             print(f"coordinator {view['coordinator'][:8]} term {view['term']}; pipeline {stages}", file=sys.stderr)
-        killer = Killer(cluster, view, args.kills, quiet=args.json)
-        serving = cluster.nodes[killer.serving_index()]
-
         def show(text: str) -> None:
-            killer.on_text()
             if not args.json:
                 sys.stdout.write(text)
                 sys.stdout.flush()
 
-        result = await stream_chat(serving.api, args.prompt, max_tokens=args.max_tokens,
-                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, raw=args.raw,
-                                   on_text=show, on_tokens=killer.on_tokens)
-        await killer.finish()
-        final = await _final_view(cluster, serving.index) or view
+        result, failovers, serving = await stream_with_faults(
+            cluster, view, args.prompt, args.kills, quiet=args.json, on_text=show, max_tokens=args.max_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, raw=args.raw)
+        final = await _final_view(cluster, serving) or view
     mesh = result.mesh
     if args.json:
         print(json.dumps({
@@ -86,7 +79,7 @@ async def _demo(args: argparse.Namespace) -> int:
             "pipeline": mesh.get("pipeline", [
                 {"node": s["node"], "layers": s["layers"], "backend": s["backend"]} for s in final["plan"]["stages"]]),
             "verification": mesh.get("verification", {}),
-            "failovers": killer.report(mesh.get("failovers", [])),
+            "failovers": failovers,
             "nodes": args.nodes,
             "backend": args.backend,
         }))
@@ -94,74 +87,6 @@ async def _demo(args: argparse.Namespace) -> int:
         print(f"\n\n[{len(result.token_ids)} tokens, ttft {result.ttft_s:.2f}s, "
               f"{result.decode_tokens_per_s:.1f} tokens/s, finish={result.finish_reason}]", file=sys.stderr)
     return 0
-
-
-class Killer:
-    """Carries out kill faults during the stream and measures recovery (kill -> next token)."""
-
-    def __init__(self, cluster: LocalCluster, view: dict, kills: list[KillFault], *, quiet: bool):
-        self.cluster = cluster
-        self.view = view
-        self.pending = sorted(kills, key=lambda k: k.after)
-        self.quiet = quiet
-        self.done: list[dict] = []
-        self.waiting: dict | None = None  # the kill whose next token we wait for
-        self._tasks: list[asyncio.Task] = []
-        self._index = {n.node_id: n.index for n in cluster.nodes}
-
-    def serving_index(self) -> int:
-        """A node no planned kill targets: the stage nodes named, and the current coordinator."""
-        avoid = {self.view.get("coordinator")} if any(k.target == "coordinator" for k in self.pending) else set()
-        stages = self.view["plan"]["stages"]
-        avoid |= {stages[k.stage]["node"] for k in self.pending if k.target == "stage" and k.stage < len(stages)}
-        for node in self.cluster.nodes:
-            if node.node_id not in avoid:
-                return node.index
-        raise BadFaultSpec("every node is a kill target; the serving node must survive (add --nodes)")
-
-    def on_tokens(self, tokens: int) -> None:
-        if self.pending and tokens >= self.pending[0].after:
-            fault = self.pending.pop(0)
-            self._tasks.append(asyncio.get_running_loop().create_task(self._kill(fault, tokens)))
-
-    def on_text(self) -> None:
-        if self.waiting is not None and "recovery_s" not in self.waiting and "killed_at" in self.waiting:
-            self.waiting["recovery_s"] = time.perf_counter() - self.waiting.pop("killed_at")
-            self.waiting = None
-
-    async def _kill(self, fault: KillFault, at_token: int) -> None:
-        import aiohttp
-
-        if fault.target == "coordinator":
-            async with aiohttp.ClientSession() as http:
-                serving = self.serving_index()
-                view = await self.cluster.status(serving, http) or self.view
-            node = view.get("coordinator")
-        else:
-            stages = (self.view.get("plan") or {}).get("stages", [])
-            if self.done:  # the plan changed since start: ask for the current one
-                async with aiohttp.ClientSession() as http:
-                    view = await self.cluster.status(self.serving_index(), http) or self.view
-                stages = (view.get("plan") or {}).get("stages", [])
-            node = stages[fault.stage]["node"] if fault.stage < len(stages) else None
-        if node is None or node not in self._index:
-            raise BadFaultSpec(f"no node to kill for {fault}")
-        self.cluster.kill(self._index[node])
-        record = {"kind": fault.target, "node": node, "at_token": at_token, "killed_at": time.perf_counter()}
-        self.done.append(record)
-        self.waiting = record
-        if not self.quiet:
-            print(f"\n[killed {fault.target} node {node[:8]} after {at_token} tokens]", file=sys.stderr)
-
-    async def finish(self) -> None:
-        for task in self._tasks:
-            await task
-
-    def report(self, cluster_failovers: list[dict]) -> list[dict]:
-        if not self.done:
-            return cluster_failovers
-        return [{"kind": r["kind"], "node": r["node"], "at_token": r["at_token"],
-                 "recovery_s": r.get("recovery_s")} for r in self.done]
 
 
 async def _final_view(cluster: LocalCluster, index: int) -> dict | None:
