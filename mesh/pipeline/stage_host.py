@@ -73,6 +73,7 @@ class StageHost:
         self.send = send
         self.max_batch = max_batch
         self.wire_fault = wire_fault
+        self.verifier = None  # mesh.verify.recorder.StageRecorder, set by the node
         self.epoch: tuple[int, int] = (0, 0)
         self.entry: StageEntry | None = None
         self.stages: list[StageEntry] = []
@@ -151,6 +152,8 @@ class StageHost:
             return StageReady(update.term, update.version, self.node_id, ok=False,
                               error=f"{type(exc).__name__}: {exc}")
         self.entry = mine
+        if self.verifier is not None:
+            self.verifier.on_loaded(self)
         load_s = time.perf_counter() - started
         log.info("stage.ready", index=mine.index, layers=[mine.start, mine.end], load_s=round(load_s, 3),
                  epoch=(update.term, update.version))
@@ -166,6 +169,8 @@ class StageHost:
         tensor = msg.tokens if msg.tokens is not None else msg.hidden
         if tensor is None or tensor_digest(tensor) != msg.digest:
             self.stats.digest_mismatches += 1
+            if self.verifier is not None:
+                self.verifier.on_digest_mismatch(self, msg, b"" if tensor is None else tensor_digest(tensor))
             log.warning("forward.digest_mismatch", session=msg.session, step=msg.step, sender=msg.sender)
             # The node's stage actor hands a Retransmit to both its stage and its serving side.
             self.send(msg.sender, STAGE_ACTOR, Retransmit(msg.term, msg.version, msg.session, msg.step,
@@ -199,6 +204,8 @@ class StageHost:
         self.send(sent[0], STAGE_ACTOR, sent[1])  # the clean copy: faults apply to the wire only
 
     def on_end(self, msg: EndSession) -> None:
+        if self.verifier is not None:
+            self.verifier.on_end(self, msg.session)
         self._free(msg.session)
 
     def _free(self, session: str) -> None:
@@ -248,6 +255,8 @@ class StageHost:
         self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
         if self.epoch != epoch:
             return  # the plan changed while we computed: these outputs belong to nobody
+        if self.verifier is not None:
+            results = self.verifier.outputs(self, results)
         if self.is_last:
             await self._sample_and_emit(results)
         else:
@@ -269,6 +278,8 @@ class StageHost:
         fwd = Forward(src.term, src.version, src.session, src.step, src.start_pos, sender=self.node_id,
                       digest=tensor_digest(hidden), hidden=hidden, meta=src.meta)
         self.last_sent[src.session] = (node, fwd)
+        if self.verifier is not None:
+            self.verifier.commit(self, src, hidden, fwd.digest)
         if self.wire_fault is not None:
             fwd = Forward(**{**fwd.__dict__, "hidden": self.wire_fault(hidden)})
         self.send(node, STAGE_ACTOR, fwd)
@@ -284,7 +295,10 @@ class StageHost:
                                     seed=meta.seed)
             picks.append((work, meta, position, logits[-1], params))
         tokens = await self.runner.run(lambda: [sample(row, p, pos) for _, _, pos, row, p in picks])
-        for (work, meta, position, _, _), token in zip(picks, tokens):
+        for (work, meta, position, row, _), token in zip(picks, tokens):
+            if self.verifier is not None:
+                self.verifier.commit(self, work.msg, np.ascontiguousarray(row[None], dtype=np.float32),
+                                     token=int(token))
             seq = position - meta.prompt_len
             finish = None
             if token in meta.eos_ids:
