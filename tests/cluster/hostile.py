@@ -4,7 +4,7 @@
 
 Registers records with the cluster's own tag but broken fields (and records of other
 clusters), and keeps opening connections to every target that send random bytes, an
-absurd frame length, or nothing at all. Prints one JSON summary line at the end.
+absurd frame length, or nothing at all. Prints the running totals as JSON lines.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ async def main() -> None:
                 jobs.append(garbage_connection(host, int(port), rng))
             for kind in await asyncio.gather(*jobs):
                 sent[kind] = sent.get(kind, 0) + 1
+            print(json.dumps({"garbage_connections": sent}), flush=True)  # the test may SIGTERM us any time
             await asyncio.sleep(0.1)
     finally:
         if zc is not None:

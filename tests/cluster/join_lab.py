@@ -306,3 +306,21 @@ class JoinLab:
             return "\n".join(self.log_path(i).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def same_coordinator(lab: JoinLab, indices: Iterable[int], not_in: Iterable[str | None] = ()) -> tuple[str, int] | None:
+    """(coordinator, term) if these nodes all name the same one (whatever the voters)."""
+    views = lab.views(indices)
+    if any(v is None for v in views):
+        return None
+    seen = {(v["coordinator"], v["term"]) for v in views}  # type: ignore[index]
+    if len(seen) != 1:
+        return None
+    coord, term = next(iter(seen))
+    return None if coord is None or coord in set(not_in) else (coord, term)
+
+
+def state_of(view: dict[str, Any] | None, node_id: str | None) -> str | None:
+    if view is None:
+        return None
+    return next((n["state"] for n in view["nodes"] if n["id"] == node_id), None)
