@@ -85,6 +85,8 @@ class StageHost:
         self._task: asyncio.Task | None = None
         self._loading: asyncio.Lock = asyncio.Lock()
         self._to_free: list[str] = []
+        self._ended: dict[str, None] = {}  # recently ended sessions, oldest first (bounded)
+        self._releases: set[asyncio.Future] = set()
         self._ready: StageReady | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -130,7 +132,7 @@ class StageHost:
                 self._free(session)
             self.last_sent.clear()
             if self.stage is not None:
-                await self.runner.run(self._release, self.stage)
+                await self.runner.run(self._release, self.stage, self._take_frees())
             self._ready = await self._load(update, mine)
             return self._ready
 
@@ -176,6 +178,8 @@ class StageHost:
             self.send(msg.sender, STAGE_ACTOR, Retransmit(msg.term, msg.version, msg.session, msg.step,
                                                           "digest mismatch"))
             return
+        if msg.session in self._ended:
+            return  # the session's EndSession overtook this step: caching it would leak
         if msg.meta is not None:
             self.meta[msg.session] = msg.meta
         elif msg.session not in self.meta:
@@ -206,7 +210,14 @@ class StageHost:
     def on_end(self, msg: EndSession) -> None:
         if self.verifier is not None:
             self.verifier.on_end(self, msg.session)
+        self._ended[msg.session] = None
+        if len(self._ended) > 4096:
+            del self._ended[next(iter(self._ended))]
         self._free(msg.session)
+        if self.stage is not None:  # free now: an idle stage must not keep a gone client's cache
+            release = asyncio.ensure_future(self.runner.run(self._release, self.stage, self._take_frees()))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
 
     def _free(self, session: str) -> None:
         self.meta.pop(session, None)
@@ -240,7 +251,7 @@ class StageHost:
                            hidden=None if stage.spec.embed else w.tensor) for w in batch]
         started = time.perf_counter()
         try:
-            outputs = await self.runner.run(self._forward_pass, stage, items)
+            outputs = await self.runner.run(self._forward_pass, stage, items, self._take_frees())
             results = list(zip(batch, outputs))
         except StageInputError:
             results = []
@@ -264,13 +275,17 @@ class StageHost:
             for work, out in results:
                 self._forward(nxt, work.msg, out)
 
-    def _release(self, stage: Stage) -> None:
+    def _take_frees(self) -> list[str]:
+        """Sessions to free, taken on the event loop thread (where _free appends)."""
         freeing, self._to_free = self._to_free, []
-        for session in freeing:
+        return freeing
+
+    def _release(self, stage: Stage, sessions: list[str]) -> None:
+        for session in sessions:
             stage.free(session)
 
-    def _forward_pass(self, stage: Stage, items: list[StepInput]) -> list[np.ndarray]:
-        self._release(stage)
+    def _forward_pass(self, stage: Stage, items: list[StepInput], freeing: list[str]) -> list[np.ndarray]:
+        self._release(stage, freeing)
         return stage.forward(items)
 
     def _forward(self, node: str, src: Forward, hidden: np.ndarray) -> None:
