@@ -67,9 +67,9 @@ def _prop(props: dict, key: bytes) -> str:
     return value.decode("utf-8", "replace")[:64] if isinstance(value, bytes) else ""
 
 
-async def find_apis(interfaces: list[str], timeout: float = 3.0, *, first: bool = True) -> list[ApiHint]:
-    """Browse for mesh APIs on ``interfaces`` for up to ``timeout`` seconds
-    (returning at the first one found when ``first``)."""
+async def find_apis(interfaces: list[str], timeout: float = 3.0, *, settle: float | None = 0.5) -> list[ApiHint]:
+    """Browse for mesh APIs on ``interfaces`` for up to ``timeout`` seconds; with ``settle``,
+    return that many seconds after the first one is found (the others answer at about the same time)."""
     found: dict[str, ApiHint] = {}
     got_one = asyncio.Event()
     zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
@@ -99,9 +99,10 @@ async def find_apis(interfaces: list[str], timeout: float = 3.0, *, first: bool 
 
     browser = AsyncServiceBrowser(zc.zeroconf, [API_SERVICE], handlers=[on_change])
     try:
-        if first:
+        if settle is not None:
             try:
                 await asyncio.wait_for(got_one.wait(), timeout)
+                await asyncio.sleep(settle)
             except asyncio.TimeoutError:
                 pass
         else:

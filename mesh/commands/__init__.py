@@ -11,4 +11,6 @@ COMMAND_MODULES = [
     "mesh.commands.demo",
     "mesh.commands.models",
     "mesh.commands.secret",
+    "mesh.commands.run",
+    "mesh.commands.status",
 ]

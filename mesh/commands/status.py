@@ -1,0 +1,89 @@
+"""`mesh status`: the cluster as one node sees it — nodes, coordinator and term, the plan."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import aiohttp
+
+from mesh.commands.run import add_api_arguments, find_api
+from mesh.errors import MeshError
+
+
+class StatusUnavailable(MeshError):
+    pass
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show the cluster: nodes, coordinator and term, the layer plan",
+                       description="Ask one node (found by mDNS, or --api) for its view of the cluster.")
+    add_api_arguments(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the /v1/cluster object (keys self, coordinator, term, nodes, plan, ...)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    api = asyncio.run(find_api(args))
+    view = asyncio.run(fetch_view(api, args.api_key))
+    if args.json:
+        print(json.dumps(view))
+    else:
+        print_view(view, api)
+    return 0
+
+
+async def fetch_view(api: str, api_key: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.get(api.rstrip("/") + "/v1/cluster", headers=headers) as resp:
+                if resp.status != 200:
+                    raise StatusUnavailable(f"{api} answered {resp.status}: {(await resp.text())[:200]}")
+                return await resp.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise StatusUnavailable(f"cannot reach {api}: {exc or type(exc).__name__}; is a node running there?") from None
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def print_view(view: dict, api: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    names = {n["id"]: n.get("name") or n["id"][:8] for n in view.get("nodes", [])}
+    coord = view.get("coordinator")
+    console.print(f"[bold]mesh[/bold] via {api} · model [bold]{view.get('model', '?')}[/bold] · coordinator "
+                  f"[bold]{names.get(coord, coord) or 'none'}[/bold] ({(coord or '-')[:16]}) · term {view.get('term')}")
+    table = Table(show_edge=False)
+    for col in ("id", "name", "address", "backend", "device", "free memory", "state", "roles"):
+        table.add_column(col)
+    for n in view.get("nodes", []):
+        me = " (this)" if n["id"] == view.get("self") else ""
+        table.add_row(n["id"][:16], (n.get("name") or "-") + me, n.get("address") or "-", n.get("backend") or "-",
+                      n.get("device") or "-", _size(n.get("free_memory")), n.get("state") or "-",
+                      ", ".join(n.get("roles") or []) or "-")
+    console.print(table)
+    plan = view.get("plan")
+    if not plan:
+        console.print("plan: none yet")
+        return
+    state = "serving" if plan.get("ready") else ("error: " + plan["error"] if plan.get("error") else "loading")
+    console.print(f"plan term {plan['term']} version {plan['version']}: {state}")
+    for s in plan.get("stages", []):
+        a, b = s["layers"]
+        console.print(f"  stage {s['index']}: layers {a}-{b - 1} on {names.get(s['node'], s['node'][:8])} ({s['backend']})")
+    failovers = view.get("failovers") or []
+    if failovers:
+        console.print(f"failovers: {len(failovers)} (last: {failovers[-1]})")
