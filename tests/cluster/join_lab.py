@@ -116,6 +116,7 @@ class JoinLab:
         self.agents: list[Agent | None] = [None] * self.n
         self.others: list[subprocess.Popen[Any]] = []
         self.ids: list[str | None] = [None] * self.n
+        self.launched: list[float] = [0.0] * self.n  # time.time() of each node's latest start
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class JoinLab:
 
     def start(self, i: int, *, secret: Path | None = None, extra: Iterable[str] = ()) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.launched[i] = time.time()
         with open(self.log_path(i), "ab") as log:
             self.procs[i] = subprocess.Popen(self.command(i, self.join_argv(i, secret=secret, extra=extra)),
                                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -297,7 +299,9 @@ class JoinLab:
                 if proc is not None and proc.poll() is not None:
                     raise AssertionError(f"node{i} exited with {proc.returncode}:\n{self.tail(i)}")
             times = [self.event_time(i, "cluster_started") for i in indices]
-            return max(times) if all(t is not None for t in times) else None  # type: ignore[type-var]
+            if any(t is None or t < self.launched[i] for i, t in zip(indices, times)):
+                return None  # not yet, or only a previous incarnation's line
+            return max(times)  # type: ignore[type-var]
 
         return self.wait(started, timeout, f"nodes {indices} to start their cluster service", every=0.1)
 
