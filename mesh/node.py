@@ -44,6 +44,7 @@ from mesh.pipeline.messages import (
 from mesh.pipeline.serving import PlanView, Serving
 from mesh.pipeline.stage_host import COORD_ACTOR, SERVE_ACTOR, STAGE_ACTOR, StageHost
 from mesh.planner import ModelProfile, NodeCapacity
+from mesh.verify import service as verify_service
 
 log = structlog.get_logger("mesh.node")
 
@@ -74,6 +75,8 @@ class NodeConfig:
     memory_limit: int | None = None  # bytes offered for layers; default: 80% of available RAM
     threads: int | None = None
     max_batch: int = 16
+    audit_rate: float = 0.2  # share of stage steps audited (mesh.verify)
+    fault: str | None = None  # test-only misbehaviour, mesh.verify.faults spec
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -159,6 +162,8 @@ class Node:
                           name=SERVE_ACTOR, mailbox_size=10_000)
         self.system.spawn(_Inbox({StageReady: self.coordinator.on_stage_ready}), name=COORD_ACTOR,
                           mailbox_size=10_000)
+        self._inbox = _Inbox
+        self.verify = verify_service.attach(self, audit_rate=cfg.audit_rate, fault_spec=cfg.fault)
         self.info = LocalFacts(
             name=cfg.name or platform.node() or self.node_id[:8],
             backend=self.backend,
@@ -194,6 +199,7 @@ class Node:
             await self.cluster.stop()
         if self.api is not None:
             await self.api.stop()
+        self.verify.close()
         await self.stage_host.stop()
         if self.system is not None:
             await self.system.stop()
@@ -377,7 +383,7 @@ class Node:
                 "stage": self._stage_stats()}
 
     def verification(self) -> dict:
-        return {"commitments": 0, "verified_links": 0, "audits": 0, "audit_failures": 0, "flagged_nodes": []}
+        return self.verify.verification()
 
     def _stage_stats(self) -> dict:
         s = self.stage_host.stats

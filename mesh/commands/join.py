@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, help="where the node key and votes live (default $MESH_HOME/node)")
     p.add_argument("--memory", help="memory to offer for layers, e.g. 2GiB (default: 80%% of available)")
     p.add_argument("--threads", type=int, help="compute threads (default: torch's choice)")
+    p.add_argument("--audit-rate", type=float, default=0.2,
+                   help="share of stage steps an auditor re-checks, 0..1 (default 0.2)")
+    p.add_argument("--fault", metavar="SPEC",
+                   help="tests only: misbehave as [stage=K:]tamper:scale=E | skip-layer:L | noise:sigma=S | stale "
+                        "| corrupt-wire (see mesh/verify/faults.py)")
     p.add_argument("--log-format", choices=["console", "json"], default="console", help="log format")
     p.add_argument("--log-level", default="info", help="log level (debug, info, warning)")
     p.set_defaults(func=run)
@@ -67,7 +72,7 @@ def config_from_args(args: argparse.Namespace):
                       api_host=args.api_host, api_port=args.api_port, api_key=args.api_key,
                       interfaces=args.interfaces or [args.host], peers=args.peers, mdns=not args.no_mdns,
                       backend=args.backend, weight_mode=args.weight_mode, name=args.name, state_dir=args.state_dir,
-                      memory_limit=memory, threads=args.threads)
+                      memory_limit=memory, threads=args.threads, audit_rate=args.audit_rate, fault=args.fault)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,113 @@
+"""Test-only misbehaviour of a stage (``mesh join --fault SPEC``), to prove audits catch it.
+
+    tamper:scale=E     multiply every output by 1+E
+    skip-layer:L       skip the stage's L-th layer (0-based within its range, clamped)
+    noise:sigma=S      perturb its weights: every norm weight times (1 + S·N(0,1))
+    stale              send the previous step's activations instead of this step's
+    corrupt-wire       flip a bit of what it sends, after digesting and signing it
+
+``stage=K:SPEC`` applies SPEC only while the node holds stage K (``mesh demo`` passes it
+to every node). A node that does not send activations (the last stage) has no wire to
+corrupt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mesh.errors import MeshError
+
+KINDS = ("tamper", "skip-layer", "noise", "stale", "corrupt-wire")
+_NORMS = ("attn_norm", "mlp_norm", "input_norm", "post_attention_norm")
+
+
+class BadFaultSpec(MeshError):
+    pass
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    value: float = 0.0
+    stage: int | None = None  # None: whatever stage the node holds
+
+    def applies(self, stage_index: int | None) -> bool:
+        return stage_index is not None and (self.stage is None or self.stage == stage_index)
+
+    # -- what the stage does wrong ------------------------------------------------------
+
+    def corrupt_stage(self, stage) -> None:
+        """skip-layer / noise: change the loaded layers in place (torch or MLX stage)."""
+        if getattr(stage, "_mesh_fault", None) is not None:
+            return
+        stage._mesh_fault = self
+        if self.kind == "skip-layer" and stage.layers:
+            del stage.layers[min(int(self.value), len(stage.layers) - 1)]
+        elif self.kind == "noise":
+            rng = np.random.default_rng(0)
+            for layer in stage.layers:
+                for name in _NORMS:
+                    w = getattr(layer, name, None)
+                    if w is not None:
+                        setattr(layer, name, _perturbed(w, self.value, rng))
+
+    def output(self, previous: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+        if self.kind == "tamper":
+            return (out * np.float32(1.0 + self.value)).astype(np.float32)
+        if self.kind == "stale" and previous is not None and previous.shape[-1] == out.shape[-1]:
+            return previous[-out.shape[0]:] if previous.shape[0] >= out.shape[0] else out
+        return out
+
+    def wire(self, tensor: np.ndarray) -> np.ndarray:
+        if self.kind != "corrupt-wire":
+            return tensor
+        bad = np.array(tensor, copy=True)
+        raw = bad.reshape(-1).view(np.uint8)
+        raw[raw.size // 2] ^= 0x01
+        return bad
+
+
+def _perturbed(w, sigma: float, rng: np.random.Generator):
+    kind = type(w).__module__.split(".")[0]
+    a = np.array(w, dtype=np.float32)
+    a = (a * (1.0 + sigma * rng.standard_normal(a.shape))).astype(np.float32)
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(a)
+    if kind == "mlx":
+        import mlx.core as mx
+
+        return mx.array(a)
+    return a
+
+
+def parse_fault(spec: str) -> Fault:
+    """``[stage=K:]tamper:scale=E | skip-layer:L | noise:sigma=S | stale | corrupt-wire``."""
+    parts = spec.strip().split(":")
+    stage = None
+    if parts and parts[0].startswith("stage="):
+        try:
+            stage = int(parts.pop(0).split("=", 1)[1])
+        except ValueError:
+            raise BadFaultSpec(f"--fault {spec!r}: stage=K needs an integer K") from None
+    if not parts or parts[0] not in KINDS:
+        raise BadFaultSpec(f"--fault {spec!r}: use one of tamper:scale=E, skip-layer:L, noise:sigma=S, stale, "
+                           "corrupt-wire (optionally prefixed by stage=K:)")
+    kind, args = parts[0], parts[1:]
+    need = {"tamper": "scale", "noise": "sigma", "skip-layer": ""}.get(kind)
+    if need is None:
+        if args:
+            raise BadFaultSpec(f"--fault {spec!r}: {kind} takes no argument")
+        return Fault(kind, 0.0, stage)
+    if len(args) != 1 or (need and not args[0].startswith(need + "=")):
+        raise BadFaultSpec(f"--fault {spec!r}: write {kind}:{need + '=' if need else ''}VALUE")
+    try:
+        value = float(args[0].split("=", 1)[1] if need else args[0])
+    except ValueError:
+        raise BadFaultSpec(f"--fault {spec!r}: {args[0]!r} is not a number") from None
+    if value < 0 or (kind == "skip-layer" and value != int(value)):
+        raise BadFaultSpec(f"--fault {spec!r}: the value must be a non-negative {'integer' if need == '' else 'number'}")
+    return Fault(kind, value, stage)

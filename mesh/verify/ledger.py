@@ -1,0 +1,213 @@
+"""The coordinator's side of verification: the commitment log, the chain links, the
+audit schedule, escalation and flags. No I/O: it takes messages and calls ``send``.
+
+Audit selection uses a beacon secret drawn when the coordinator takes office and
+never sent to a stage: a step is audited when BLAKE3(secret, leaf) < rate, which no
+stage can predict before it signs the leaf. (Publishing BLAKE3(secret) at take-office
+and the secret at step-down would let anyone re-check the schedule afterwards.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import blake3
+import structlog
+
+from mesh.verify.commitment import CommitmentRejected, leaf_hash, verify_batch
+from mesh.verify.messages import AuditRequest, AuditResult, CommitBatch, StepRecord, WireFault
+
+log = structlog.get_logger("mesh.verify.ledger")
+
+Send = Callable[[str, str, object], None]
+
+
+@dataclass
+class _Pending:
+    request: AuditRequest
+    auditors: list[str]
+    results: list[AuditResult] = field(default_factory=list)
+    sent_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Flag:
+    node: str
+    reason: str
+    evidence: dict
+
+
+class Ledger:
+    def __init__(self, node_id: str, send: Send, flag: Callable[[Flag], None], *, audit_rate: float = 0.2,
+                 max_sessions: int = 256, wire_strikes: int = 2, actor: str = "verify"):
+        self.node_id = node_id
+        self.send = send
+        self.flag = flag
+        self.audit_rate = audit_rate
+        self.max_sessions = max_sessions
+        self.wire_strikes = wire_strikes
+        self.actor = actor
+        self.term = -1
+        self.secret = b""
+        # (term, version, session) -> stage -> step -> (record, batch)
+        self.log: OrderedDict[tuple, dict[int, dict[int, tuple[StepRecord, CommitBatch]]]] = OrderedDict()
+        self.pending: dict[int, _Pending] = {}
+        self.next_id = 1
+        self.strikes: dict[str, list[WireFault]] = {}
+        self.flagged: dict[str, Flag] = {}
+        self.commitments = self.verified_links = self.broken_links = 0
+        self.audits = self.audit_failures = self.rejected = 0
+
+    def take_office(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.secret = os.urandom(32)
+            self.log.clear()
+            self.pending.clear()
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def on_batch(self, b: CommitBatch, epoch: tuple[int, int], stages: list, members: dict[str, str]) -> None:
+        """``epoch``/``stages``: the current plan; ``members``: live node -> backend."""
+        if (b.term, b.version) != epoch:
+            return  # a plan that is gone: nobody will audit it
+        entry = stages[b.stage] if 0 <= b.stage < len(stages) else None
+        try:
+            verify_batch(b, expect_node=entry.node if entry is not None else None)
+            if entry is None or (entry.start, entry.end) != (b.start, b.end):
+                raise CommitmentRejected(f"batch for stage {b.stage} [{b.start}, {b.end}) is not in the plan")
+        except CommitmentRejected as exc:
+            self.rejected += 1
+            log.warning("commitment.rejected", node=b.node, error=str(exc))
+            return
+        key = (b.term, b.version, b.records[0].session if b.records else "")
+        if not b.records:
+            return
+        by_stage = self.log.setdefault(key, {})
+        self.log.move_to_end(key)
+        while len(self.log) > self.max_sessions:
+            self.log.popitem(last=False)
+        steps = by_stage.setdefault(b.stage, {})
+        for r in b.records:
+            if r.session != key[2]:
+                continue
+            steps[r.step] = (r, b)
+            self.commitments += 1
+            self._links(by_stage, b.stage, r)
+            if b.node not in self.flagged and self._selected(r):
+                self._start_audit(key, b, r, len(stages), members)
+
+    def on_result(self, res: AuditResult, members: dict[str, str]) -> None:
+        p = self.pending.get(res.audit_id)
+        if p is None or res.auditor != p.auditors[-1] or res.round != p.request.round:
+            return
+        p.results.append(res)
+        if res.inconclusive:
+            del self.pending[res.audit_id]
+            return
+        self.audits += 1
+        if res.ok:
+            del self.pending[res.audit_id]
+            return
+        self.audit_failures += 1
+        b = p.request.batch
+        if p.request.round == 1:
+            second = self._pick_auditor(b, members, exclude={res.auditor})
+            if second is None:
+                log.warning("audit.no_second_auditor", node=b.node, session=res.session, step=res.step)
+                del self.pending[res.audit_id]
+                return
+            req = AuditRequest(p.request.audit_id, 2, p.request.session, p.request.step, b, p.request.records,
+                               p.request.n_stages)
+            p.request, p.auditors = req, p.auditors + [second]
+            log.warning("audit.escalated", node=b.node, first=res.auditor, second=second, reason=res.reason)
+            self.send(second, self.actor, req)
+            return
+        del self.pending[res.audit_id]
+        self._flag(b.node, f"two audits failed: {res.reason}", {
+            "batch": _batch_json(b),
+            "audits": [_result_json(r) for r in p.results],
+        })
+
+    def on_wire_fault(self, w: WireFault) -> None:
+        if w.sender in self.flagged:
+            return
+        strikes = self.strikes.setdefault(w.sender, [])
+        strikes.append(w)
+        log.warning("wire.corrupt", sender=w.sender, reporter=w.reporter, session=w.session, step=w.step)
+        if len(strikes) >= self.wire_strikes:
+            self._flag(w.sender, f"sent {len(strikes)} tensors that do not hash to their digests",
+                       {"reports": [{"reporter": s.reporter, "session": s.session, "step": s.step,
+                                     "claimed": s.claimed.hex(), "actual": s.actual.hex()} for s in strikes]})
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _selected(self, r: StepRecord) -> bool:
+        u = int.from_bytes(blake3.blake3(self.secret + leaf_hash(r)).digest(8), "little") / 2.0 ** 64
+        return u < self.audit_rate
+
+    def _links(self, by_stage: dict, stage: int, r: StepRecord) -> None:
+        for a, b in ((stage - 1, stage), (stage, stage + 1)):
+            ra = by_stage.get(a, {}).get(r.step)
+            rb = by_stage.get(b, {}).get(r.step)
+            if ra is None or rb is None:
+                continue
+            if ra[0].output_digest == rb[0].input_digest:
+                self.verified_links += 1
+            else:
+                self.broken_links += 1
+                log.warning("chain.broken", session=r.session, step=r.step, stages=(a, b))
+
+    def _pick_auditor(self, b: CommitBatch, members: dict[str, str], exclude: set[str]) -> str | None:
+        candidates = [n for n in members if n != b.node and n not in exclude and n not in self.flagged]
+        if not candidates:
+            return None
+        # another backend first; then a stable choice per (session-stage) so its audit cache is reused
+        return min(candidates, key=lambda n: (members[n] == b.backend,
+                                              blake3.blake3(f"{b.stage}|{n}".encode()).digest()))
+
+    def _start_audit(self, key: tuple, b: CommitBatch, r: StepRecord, n_stages: int,
+                     members: dict[str, str]) -> None:
+        auditor = self._pick_auditor(b, members, exclude=set())
+        if auditor is None:
+            return
+        steps = self.log[key][b.stage]
+        records = [steps[s][0] for s in sorted(steps) if s <= r.step]
+        req = AuditRequest(self.next_id, 1, r.session, r.step, b, records, n_stages)
+        self.pending[self.next_id] = _Pending(req, [auditor])
+        self.next_id += 1
+        self.send(auditor, self.actor, req)
+
+    def _flag(self, node: str, reason: str, evidence: dict) -> None:
+        if node in self.flagged:
+            return
+        flag = Flag(node, reason, evidence)
+        self.flagged[node] = flag
+        for aid in [a for a, p in self.pending.items() if p.request.batch.node == node]:
+            del self.pending[aid]
+        log.error("node.flagged", node=node, reason=reason)
+        self.flag(flag)
+
+
+def _batch_json(b: CommitBatch) -> dict:
+    return {"term": b.term, "version": b.version, "stage": b.stage, "layers": [b.start, b.end], "node": b.node,
+            "public_key": b.public_key.hex(), "backend": b.backend, "weight_mode": b.weight_mode,
+            "weights_digest": b.weights_digest.hex(), "root": b.root.hex(), "signature": b.signature.hex(),
+            "records": [{"session": r.session, "step": r.step, "start_pos": r.start_pos, "length": r.length,
+                         "input": r.input_digest.hex(), "output": r.output_digest.hex(), "token": r.token}
+                        for r in b.records]}
+
+
+def _result_json(r: AuditResult) -> dict:
+    return {"auditor": r.auditor, "round": r.round, "session": r.session, "step": r.step, "ok": r.ok,
+            "reason": r.reason, "max_row_rel_l2": r.max_row_rel_l2, "outside_share": r.outside_share,
+            "audit_backend": r.audit_backend, "signature": r.signature.hex()}
+
+
+def flag_json(f: Flag) -> str:
+    return json.dumps(f.evidence)

@@ -1,0 +1,156 @@
+"""Messages of verification. Commitments are signed; everything else is a request,
+a reply or a report that carries signed commitments as its evidence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from actors import message
+
+
+@message("mesh.verify.StepRecord")
+@dataclass
+class StepRecord:
+    """What a stage commits to for one step of one session (a Merkle leaf)."""
+
+    session: str
+    step: int
+    start_pos: int
+    length: int
+    input_digest: bytes
+    output_digest: bytes
+    token: int = -1  # the sampled token (last stage only)
+
+
+@message("mesh.verify.CommitBatch")
+@dataclass
+class CommitBatch:
+    """A stage -> the coordinator: a chunk of step records under one signed Merkle root.
+
+    The signature covers the header (term, version, stage index, layer range, node,
+    backend, weight mode, weights digest) and the root of the records' leaves.
+    """
+
+    term: int
+    version: int
+    stage: int
+    start: int
+    end: int
+    node: str
+    public_key: bytes
+    backend: str
+    weight_mode: str
+    weights_digest: bytes
+    records: list[StepRecord]
+    root: bytes
+    signature: bytes
+
+
+@message("mesh.verify.AuditRequest")
+@dataclass
+class AuditRequest:
+    """Coordinator -> an auditor: check ``step`` of ``session`` as committed by ``batch.node``.
+
+    ``records`` are the committed records of that stage for steps 0..step (input
+    digests to check the fetched inputs against); ``batch`` is the signed batch
+    holding ``step``. ``round`` is 1 for a first audit, 2 for the escalation.
+    """
+
+    audit_id: int
+    round: int
+    session: str
+    step: int
+    batch: CommitBatch
+    records: list[StepRecord]
+    n_stages: int
+
+
+@message("mesh.verify.AuditFetch")
+@dataclass
+class AuditFetch:
+    """An auditor -> the audited node: the committed inputs of steps >= from_step
+    up to ``step``, and the committed output of ``step``."""
+
+    term: int
+    version: int
+    session: str
+    from_step: int
+    step: int
+
+
+@message("mesh.verify.AuditData")
+@dataclass
+class AuditData:
+    ok: bool
+    error: str = ""
+    steps: list[int] = field(default_factory=list)
+    start_pos: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    inputs: np.ndarray | None = None  # every step's input rows, concatenated
+    output: np.ndarray | None = None
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@message("mesh.verify.AuditResult")
+@dataclass
+class AuditResult:
+    """An auditor -> the coordinator (signed by the auditor)."""
+
+    audit_id: int
+    round: int
+    auditor: str
+    node: str
+    session: str
+    step: int
+    ok: bool
+    reason: str
+    max_row_rel_l2: float
+    outside_share: float
+    audit_backend: str
+    inconclusive: bool = False
+    signature: bytes = b""
+
+
+@message("mesh.verify.WireFault")
+@dataclass
+class WireFault:
+    """A receiver -> the coordinator: bytes from ``sender`` did not hash to the digest it sent."""
+
+    term: int
+    version: int
+    reporter: str
+    sender: str
+    session: str
+    step: int
+    claimed: bytes
+    actual: bytes
+
+
+@message("mesh.verify.NodeFlagged")
+@dataclass
+class NodeFlagged:
+    """Coordinator -> every member: ``node`` is flagged and evicted; ``evidence`` is JSON."""
+
+    term: int
+    node: str
+    reason: str
+    evidence: str
+
+
+@message("mesh.verify.Summary")
+@dataclass
+class Summary:
+    """Coordinator -> every member: the cluster's verification counters."""
+
+    term: int
+    commitments: int
+    verified_links: int
+    broken_links: int
+    audits: int
+    audit_failures: int
+    audits_pending: int

@@ -1,0 +1,151 @@
+"""The stage side of verification: commit every step, keep what an auditor needs.
+
+StageHost calls in at four points (see mesh/pipeline/stage_host.py): when its layers
+are loaded (faults that change weights), after a forward pass (faults that change
+outputs), when it sends an output or samples a token (the commitment), and when what
+arrives does not hash to its digest (a wire fault report). Records are signed per chunk
+of steps (a Merkle root) and sent to the coordinator; the inputs of every step and the
+outputs of recent steps stay here, bounded, for the auditors to fetch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import structlog
+
+from actors.identity import NodeIdentity
+from kernels.digest import tensor_digest
+from mesh.verify.commitment import sign_batch
+from mesh.verify.faults import Fault
+from mesh.verify.messages import AuditData, AuditFetch, StepRecord, WireFault
+
+log = structlog.get_logger("mesh.verify")
+
+Send = Callable[[str, str, object], None]
+VERIFY_ACTOR = "verify"
+
+
+@dataclass
+class _SessionLog:
+    epoch: tuple[int, int]
+    inputs: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # step -> (start_pos, tensor)
+    outputs: OrderedDict = field(default_factory=OrderedDict)  # step -> committed output
+    pending: list[StepRecord] = field(default_factory=list)
+    last_honest: np.ndarray | None = None
+    sampling: tuple[float, int, float, int] = (0.0, 0, 1.0, 0)
+
+
+class StageRecorder:
+    def __init__(self, identity: NodeIdentity, send: Send, coordinator: Callable[[], str | None], *,
+                 fault: Fault | None = None, chunk: int = 8, max_sessions: int = 32, keep_outputs: int = 64):
+        self.identity = identity
+        self.send = send
+        self.coordinator = coordinator
+        self.fault = fault
+        self.chunk = chunk
+        self.max_sessions = max_sessions
+        self.keep_outputs = keep_outputs
+        self.sessions: OrderedDict[str, _SessionLog] = OrderedDict()
+        self.commitments = 0
+        self.batches = 0
+        self.wire_faults_seen = 0
+        self.commit_s = 0.0
+
+    # -- hooks called by StageHost ------------------------------------------------------
+
+    def on_loaded(self, host) -> None:
+        if self.fault is not None and self.fault.applies(host.entry.index if host.entry else None) \
+                and self.fault.kind in ("skip-layer", "noise") and host.stage is not None:
+            self.fault.corrupt_stage(host.stage)
+            log.warning("fault.active", kind=self.fault.kind, value=self.fault.value, stage=host.entry.index)
+
+    def wire(self, host, tensor: np.ndarray) -> np.ndarray:
+        if self.fault is not None and self.fault.applies(host.entry.index if host.entry else None):
+            return self.fault.wire(tensor)
+        return tensor
+
+    def outputs(self, host, results: list) -> list:
+        """Apply output faults (tamper, stale) to a forward pass's results."""
+        if self.fault is None or not self.fault.applies(host.entry.index if host.entry else None) \
+                or self.fault.kind not in ("tamper", "stale"):
+            return results
+        out = []
+        for work, value in results:
+            s = self._session(work.msg.session, host.epoch)
+            bad = self.fault.output(s.last_honest, value)
+            s.last_honest = np.array(value, copy=True)
+            out.append((work, bad))
+        return out
+
+    def commit(self, host, src, output: np.ndarray, output_digest: bytes | None = None, token: int = -1) -> None:
+        """Record one step (``src`` is the Forward that came in) and sign the chunk when full."""
+        started = time.perf_counter()
+        tensor = src.tokens if src.tokens is not None else src.hidden
+        s = self._session(src.session, (src.term, src.version))
+        digest = output_digest if output_digest is not None else tensor_digest(output)
+        s.inputs[src.step] = (src.start_pos, tensor)
+        s.outputs[src.step] = output
+        while len(s.outputs) > self.keep_outputs:
+            s.outputs.popitem(last=False)
+        if src.meta is not None:
+            s.sampling = (src.meta.temperature, src.meta.top_k, src.meta.top_p, src.meta.seed)
+        s.pending.append(StepRecord(src.session, src.step, src.start_pos, int(tensor.shape[0]), src.digest,
+                                    digest, int(token)))
+        self.commitments += 1
+        if len(s.pending) >= self.chunk or len(s.pending) == len(s.inputs):  # the prefill goes out at once
+            self._flush(host, s)
+        self.commit_s += time.perf_counter() - started
+
+    def on_end(self, host, session: str) -> None:
+        s = self.sessions.get(session)
+        if s is not None and s.pending:
+            self._flush(host, s)
+
+    def on_digest_mismatch(self, host, msg, actual: bytes) -> None:
+        self.wire_faults_seen += 1
+        coord = self.coordinator()
+        if coord is not None:
+            self.send(coord, VERIFY_ACTOR, WireFault(msg.term, msg.version, self.identity.node_id, msg.sender,
+                                                     msg.session, msg.step, msg.digest, actual))
+
+    # -- what auditors fetch ------------------------------------------------------------
+
+    def fetch(self, req: AuditFetch) -> AuditData:
+        s = self.sessions.get(req.session)
+        if s is None or s.epoch != (req.term, req.version):
+            return AuditData(False, "session not held (evicted from the retention window, or another plan)")
+        steps = sorted(k for k in s.inputs if req.from_step <= k <= req.step)
+        if not steps or steps[-1] != req.step or req.step not in s.outputs:
+            return AuditData(False, f"step {req.step} is not retained")
+        t, k, p, seed = s.sampling
+        return AuditData(True, "", steps, [s.inputs[k][0] for k in steps],
+                         [int(s.inputs[k][1].shape[0]) for k in steps],
+                         np.concatenate([s.inputs[k][1] for k in steps]), s.outputs[req.step],
+                         temperature=t, top_k=k, top_p=p, seed=seed)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _session(self, session: str, epoch: tuple[int, int]) -> _SessionLog:
+        s = self.sessions.get(session)
+        if s is None or s.epoch != epoch:
+            s = self.sessions[session] = _SessionLog(epoch)
+        self.sessions.move_to_end(session)
+        while len(self.sessions) > self.max_sessions:
+            self.sessions.popitem(last=False)
+        return s
+
+    def _flush(self, host, s: _SessionLog) -> None:
+        records, s.pending = s.pending, []
+        entry, stage, coord = host.entry, host.stage, self.coordinator()
+        if entry is None or stage is None or coord is None:
+            return
+        batch = sign_batch(self.identity, term=s.epoch[0], version=s.epoch[1], stage=entry.index, start=entry.start,
+                           end=entry.end, backend=host.backend, weight_mode=host.weight_mode,
+                           weights_digest=stage.weights_digest, records=records)
+        self.batches += 1
+        self.send(coord, VERIFY_ACTOR, batch)
