@@ -10,6 +10,7 @@ import sys
 from mesh import models
 from mesh.faults import parse_kill, stream_with_faults
 from mesh.launcher import LocalCluster
+from mesh.verify.faults import verify_args
 
 DEFAULT_PROMPT = "Explain in three sentences why splitting a language model across devices helps."
 
@@ -32,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="float32 weights or the faster quantized mode (default float32)")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault (repeatable): kill:stage=K:after=T or kill:coordinator:after=T "
-                        "SIGKILLs that node's process after T generated tokens")
+                        "SIGKILLs that node's process after T generated tokens; stage=K:SPEC makes the node "
+                        "holding stage K cheat (tamper:scale=E, skip-layer:L, noise:sigma=S, stale, corrupt-wire)")
+    p.add_argument("--audit-rate", type=float, default=0.2, help="share of stage steps audited (default 0.2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the cluster (default 300)")
     p.add_argument("--keep-logs", action="store_true", help="keep the nodes' state dirs and logs")
@@ -41,13 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     args.kills = [k for k in (parse_kill(spec) for spec in args.fault) if k is not None]
+    args.node_args = verify_args(args.audit_rate, [s for s in args.fault if parse_kill(s) is None])
     models.resolve(args.model, fetch=True)  # fetch once here rather than in every node
     return asyncio.run(_demo(args))
 
 
 async def _demo(args: argparse.Namespace) -> int:
     cluster = LocalCluster(n=args.nodes, backend=args.backend, model=args.model, keep_dir=args.keep_logs,
-                           extra_args=["--weight-mode", args.weight_mode])
+                           extra_args=["--weight-mode", args.weight_mode, *args.node_args])
     with cluster:
         if not args.json:
             print(f"starting {args.nodes} nodes on 127.0.0.1 (logs in {cluster.workdir}) ...", file=sys.stderr)

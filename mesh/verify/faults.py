@@ -111,3 +111,12 @@ def parse_fault(spec: str) -> Fault:
     if value < 0 or (kind == "skip-layer" and value != int(value)):
         raise BadFaultSpec(f"--fault {spec!r}: the value must be a non-negative {'integer' if need == '' else 'number'}")
     return Fault(kind, value, stage)
+
+
+def verify_args(audit_rate: float, specs: list[str]) -> list[str]:
+    """`mesh join` arguments that carry a demo's --audit-rate and cheat specs to every node."""
+    if len(specs) > 1:
+        raise BadFaultSpec(f"one cheating stage at a time: got {', '.join(specs)}")
+    for spec in specs:
+        parse_fault(spec)  # refuse a bad spec here rather than in every node
+    return ["--audit-rate", str(audit_rate), *(a for spec in specs for a in ("--fault", spec))]
