@@ -181,6 +181,7 @@ class Node:
         self.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
         await self.cluster.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._follow_cluster(), name="follow-cluster"))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_sessions(), name="watch-sessions"))
         log.info("node.started", node=self.node_id, name=self.info.name, address=self.system.address,
                  api_port=self.info.api_port, backend=self.backend, model=str(self.model_path))
         return self
@@ -234,6 +235,11 @@ class Node:
                 if now - last_refresh > 2.0:
                     last_refresh = now
                     self.coordinator.refresh()
+
+    async def _watch_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self.serving.check_stalls()
 
     def _capacities(self) -> list[NodeCapacity]:
         # A suspect node keeps its place until it is declared dead: no re-plan on a hiccup.

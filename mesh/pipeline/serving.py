@@ -45,6 +45,7 @@ class _Session:
     last_forward: Forward | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_progress: float = field(default_factory=time.monotonic)
     replays: int = 0
     done: bool = False
 
@@ -60,7 +61,8 @@ class Serving:
     """Sessions this node serves. ``plan`` returns the ready plan or None."""
 
     def __init__(self, node_id: str, send: Send, plan: Callable[[], PlanView | None], *,
-                 eos_ids: list[int], tokenizer_factory: Callable[[], IncrementalDetokenizer]):
+                 eos_ids: list[int], tokenizer_factory: Callable[[], IncrementalDetokenizer],
+                 stall_s: float = 5.0, stall_s_per_token: float = 0.01):
         self.node_id = node_id
         self.send = send
         self.plan = plan
@@ -69,6 +71,9 @@ class Serving:
         self.sessions: dict[str, _Session] = {}
         self.completed = 0
         self.tokens_out = 0
+        self.stall_s = stall_s
+        self.stall_s_per_token = stall_s_per_token
+        self.stalls = 0
 
     # -- client side --------------------------------------------------------------------
 
@@ -122,6 +127,7 @@ class Serving:
             return  # replayed when a plan becomes ready
         ids = np.asarray(session.prompt_ids + session.sequencer.tokens, dtype=np.int32)
         session.epoch = (plan.term, plan.version)
+        session.last_progress = time.monotonic()
         fwd = Forward(plan.term, plan.version, session.id, step=session.sequencer.next_seq, start_pos=0,
                       sender=self.node_id, digest=tensor_digest(ids), tokens=ids, meta=session.meta)
         session.last_forward = fwd
@@ -146,6 +152,7 @@ class Serving:
         verdict = session.sequencer.offer(msg.seq, msg.token)
         if verdict is Verdict.ACCEPTED:
             self.tokens_out += 1
+            session.last_progress = time.monotonic()
             session.events.put_nowait((msg.token, msg.finish_reason))
             if msg.finish_reason:
                 session.done = True
@@ -165,6 +172,28 @@ class Serving:
         plan = self.plan()
         if plan is not None and session.epoch == (plan.term, plan.version):
             self.send(plan.stage_nodes[0], "stage", session.last_forward)
+
+    def check_stalls(self, now: float | None = None) -> int:
+        """Replay sessions that made no progress for too long on a ready plan: a message
+        lost with a dropped link would otherwise stall them forever. Replays are safe:
+        tokens are deterministic and the sequencer drops duplicates."""
+        plan = self.plan()
+        if plan is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        replayed = 0
+        for session in list(self.sessions.values()):
+            if session.done or session.epoch != (plan.term, plan.version):
+                continue
+            length = len(session.prompt_ids) + session.sequencer.next_seq
+            if now - session.last_progress > self.stall_s + self.stall_s_per_token * length:
+                self.stalls += 1
+                session.replays += 1
+                replayed += 1
+                log.warning("session.stalled", session=session.id, tokens=session.sequencer.next_seq,
+                            idle_s=round(now - session.last_progress, 2))
+                self._submit(session)
+        return replayed
 
     def fail_all(self, error: Exception) -> None:
         for session in self.sessions.values():

@@ -1,0 +1,63 @@
+"""The serving side on its own: replay on a new plan, stall recovery, duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from mesh.generation import GenerationParams
+from mesh.pipeline.messages import Forward, TokenOut
+from mesh.pipeline.serving import PlanView, Serving
+
+
+class _Detok:
+    def feed(self, token: int) -> str:
+        return f"<{token}>"
+
+    def flush(self) -> str:
+        return ""
+
+
+def _serving(plan: list[PlanView | None]) -> tuple[Serving, list]:
+    sent: list = []
+    serving = Serving("serve", lambda node, actor, msg: sent.append((node, actor, msg)), lambda: plan[0],
+                      eos_ids=[2], tokenizer_factory=_Detok, stall_s=1.0, stall_s_per_token=0.0)
+    return serving, sent
+
+
+async def test_a_stalled_session_is_replayed_from_what_it_holds():
+    plan = [PlanView(1, 1, ["a", "b"])]
+    serving, sent = _serving(plan)
+    stream = serving.generate([5, 6, 7], GenerationParams(max_tokens=4))
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    (node, _, fwd), = sent
+    assert node == "a" and isinstance(fwd, Forward) and list(fwd.tokens) == [5, 6, 7]
+    serving.on_token(TokenOut(1, 1, fwd.session, 0, 42))
+    assert (await first).token_id == 42
+    assert serving.check_stalls(time.monotonic()) == 0  # it just made progress
+    assert serving.check_stalls(time.monotonic() + 2.0) == 1  # then nothing for 2 s: replay
+    replay = sent[-1][2]
+    assert list(replay.tokens) == [5, 6, 7, 42] and replay.start_pos == 0 and replay.step == 1
+    serving.on_token(TokenOut(1, 1, fwd.session, 0, 42))  # the old pipeline's duplicate: dropped
+    serving.on_token(TokenOut(1, 1, fwd.session, 1, 43, "length"))
+    event = await stream.__anext__()
+    assert (event.token_id, event.finish_reason) == (43, "length")
+    await stream.aclose()
+
+
+async def test_sessions_wait_for_a_plan_and_replay_when_it_is_ready():
+    plan: list[PlanView | None] = [None]
+    serving, sent = _serving(plan)
+    stream = serving.generate([9], GenerationParams(max_tokens=2))
+    pending = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    assert sent == [] and serving.check_stalls(time.monotonic() + 10) == 0  # no plan: nothing to replay on
+    plan[0] = PlanView(2, 5, ["c"])
+    serving.on_plan_ready()
+    (node, _, fwd), = sent
+    assert node == "c" and (fwd.term, fwd.version) == (2, 5)
+    serving.on_token(TokenOut(2, 5, fwd.session, 0, 2, "stop"))
+    event = await pending
+    assert event.stop_token and event.text == ""
+    await stream.aclose()
