@@ -6,13 +6,17 @@
   ``(q - 8) * scale + zero``): for Q4_1 ``zero = min + 8*scale``, for Q4_0 ``zero = 0``.
   Scales/zeros are rounded to bfloat16 and the activations run in bfloat16.
 - ``Int8Linear``: per-output-row symmetric int8 (``_weight_int8pack_mm``) for
-  everything else (Q8_0 blocks, float sources), bfloat16 activations.
+  everything else (Q8_0 blocks, float sources), bfloat16 activations. This
+  includes the fallback for the head where no quantized engine exists.
+- ``DynamicInt8Linear``: the lm_head in quant mode (see ``make_head``).
 
 Every layer takes and returns float32 ``(..., in)`` -> ``(..., out)``; only the
 matmul itself runs in the low-precision format, the residual stream stays float32.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -25,6 +29,13 @@ class DenseLinear:
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
         self.weight = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
         self.bias = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
+
+    @classmethod
+    def sharing(cls, weight: torch.Tensor) -> "DenseLinear":
+        """A linear over an existing tensor's storage (a tied head over the embedding)."""
+        lin = cls.__new__(cls)
+        lin.weight, lin.bias = weight, None
+        return lin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -51,6 +62,30 @@ class Int8Linear:
     @property
     def nbytes(self) -> int:
         return self.qweight.nbytes + self.scale.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+class DynamicInt8Linear:
+    """fbgemm/oneDNN int8 x int8 (weights per-row, activations quantized per call).
+
+    Uses the CPU's int8 dot-product instructions (VNNI): measured on one thread,
+    the 49152 x 576 head takes 1.3 ms vs 11.8 ms for ``_weight_int8pack_mm`` and
+    9.2 ms in float32.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
+        w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).double()
+        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensor creation is deprecated, not gone
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        b = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
+        self.packed = torch.ops.quantized.linear_prepack(qw, b)
+        self.nbytes = qw.int_repr().nbytes + scale.nbytes + (0 if b is None else b.nbytes)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range=False: full 8-bit activations; safe with VNNI's int32 accumulation
+        return torch.ops.quantized.linear_dynamic(x, self.packed, False)
 
 
 class Int4Linear:
@@ -81,7 +116,7 @@ class Int4Linear:
                 + (0 if self.bias is None else self.bias.nbytes))
 
 
-Linear = DenseLinear | Int8Linear | Int4Linear
+Linear = DenseLinear | Int8Linear | Int4Linear | DynamicInt8Linear
 
 
 def _concat_rows(parts: list[np.ndarray | QuantTensor]) -> np.ndarray | QuantTensor:
@@ -94,6 +129,21 @@ def _concat_rows(parts: list[np.ndarray | QuantTensor]) -> np.ndarray | QuantTen
                            np.concatenate([p.qs for p in parts]),
                            None if first.min is None else np.concatenate([p.min for p in parts]))
     return np.concatenate([p.dequantize() if isinstance(p, QuantTensor) else p for p in parts])
+
+
+def make_head(w: np.ndarray | QuantTensor, weight_mode: str) -> Linear:
+    """The lm_head (vocab x hidden), the largest matrix: in quant mode int8 on the
+    CPU's int8 dot-product path. Requantizing it to int4 group-32 instead changes the
+    first greedy token of the test prompts (measured), and the same dynamic int8
+    applied to every layer does too (activation outliers); on the head alone the
+    logits move by ~1 (of ~25) and greedy tokens match."""
+    if weight_mode == "float32":
+        return make_linear([w], None, weight_mode)
+    dense = w.dequantize() if isinstance(w, QuantTensor) else w
+    try:
+        return DynamicInt8Linear(dense)
+    except (RuntimeError, AttributeError):  # no quantized engine in this torch build
+        return Int8Linear(dense)
 
 
 def make_linear(parts: list[np.ndarray | QuantTensor], biases: list[np.ndarray] | None,

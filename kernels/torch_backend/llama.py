@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from kernels.config import ModelConfig
 from kernels.stage import Stage, StageSpec, StepInput
 from kernels.torch_backend.cache import KVCache
-from kernels.torch_backend.linear import DenseLinear, Linear, make_linear
+from kernels.torch_backend.linear import DenseLinear, Linear, make_head, make_linear
 from kernels.weights import QuantTensor, StageWeights, load_weights
 
 
@@ -148,15 +148,16 @@ class TorchLlamaStage(Stage):
             else:
                 self._embed = torch.from_numpy(e.dequantize() if isinstance(e, QuantTensor) else e)
         self._norm = self._lm_head = None
+        self._head_shares_embed = False
         if self.spec.head:
             self._norm = torch.from_numpy(t["model.norm.weight"])
             head = t["lm_head.weight"]
             if (weight_mode == "float32" and self.spec.embed and head is t["model.embed_tokens.weight"]
                     and self._embed_scale is None):
-                self._lm_head = DenseLinear.__new__(DenseLinear)  # share the embedding storage
-                self._lm_head.weight, self._lm_head.bias = self._embed, None
+                self._lm_head = DenseLinear.sharing(self._embed)
+                self._head_shares_embed = True
             else:
-                self._lm_head = make_linear([head], None, weight_mode)
+                self._lm_head = make_head(head, weight_mode)
         n_pos = c.context_length
         self._cos, self._sin = rope_tables(c, n_pos)
         self.cache = KVCache(len(self.layers), c.n_kv_heads, c.head_dim, n_pos)
@@ -169,23 +170,23 @@ class TorchLlamaStage(Stage):
 
     @property
     def param_bytes(self) -> int:
-        seen: set[int] = set()
         total = 0
-        tensors: list[torch.Tensor] = []
         for layer in self.layers:
-            tensors += [layer.attn_norm, layer.mlp_norm]
-            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                tensors += [x for x in vars(lin).values() if isinstance(x, torch.Tensor)]
+            total += layer.attn_norm.nbytes + layer.mlp_norm.nbytes
+            total += sum(lin.nbytes for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         for x in (self._embed, self._embed_scale, self._norm):
-            if x is not None:
-                tensors.append(x)
-        if self._lm_head is not None:
-            tensors += [x for x in vars(self._lm_head).values() if isinstance(x, torch.Tensor)]
-        for x in tensors:
-            ptr = x.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += x.nbytes
+            total += 0 if x is None else x.nbytes
+        if self._lm_head is not None and not self._head_shares_embed:
+            total += self._lm_head.nbytes
+        return total
+
+    @property
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads: all but the embedding table (one row is
+        read), unless the table is also the head's matrix."""
+        total = self.param_bytes
+        if self._embed is not None and not self._head_shares_embed:
+            total -= self._embed.nbytes + (0 if self._embed_scale is None else self._embed_scale.nbytes)
         return total
 
     def cache_len(self, session: str) -> int:
