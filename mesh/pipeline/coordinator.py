@@ -152,6 +152,9 @@ class CoordinatorRole:
             stages, error = _entries(plan(usable, self.profile, max_stages=self.max_stages)), ""
         except InsufficientMemory as exc:
             stages, error = [], str(exc)
+            if self.load_failed:  # the real cause: say which nodes could not load, and why
+                failed = "; ".join(f"node {n[:8]}: {e}" for n, e in sorted(self.load_failed.items()))
+                error = f"no pipeline: nodes failed to load their layers ({failed}); {error}"
         rec = self.current
         if (rec is not None and rec.update.term == self.term and rec.update.stages == stages
                 and rec.update.error == error):
