@@ -2,8 +2,9 @@
 token ids of single-device generation (kernels.generate, what `mesh generate` runs),
 for greedy decoding and for seeded sampling, on five prompts and 48 tokens.
 
-Each cluster gets all ten requests at once (the stages batch them); the concurrency
-test checks separately that batching does not change a session's tokens.
+Each cluster gets all ten requests at once, so the same checks also show that
+sessions started together (the stages batch them: continuous batching) complete with
+the tokens each gives alone — the single-device reference runs one at a time.
 """
 
 from __future__ import annotations
@@ -19,19 +20,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"{n}-node")
 def mesh_run(request, reference):
-    """(n, {request: token ids from the mesh}, cluster view) for one cluster size."""
+    """(n, {request: token ids from the mesh}, [(stage counters before, after) per node],
+    cluster view) for one cluster size."""
     n = request.param
     warming = reference.warm(REQUESTS)  # overlaps the cluster's start-up
+
+    def serve(cluster):
+        apis = [node.api for node in cluster.nodes]
+        before = [run(cluster_view(api))["stage"] for api in apis]
+        results = run(ask_all(apis[-1], REQUESTS))
+        views = [run(cluster_view(api)) for api in apis]
+        return results, list(zip(before, [v["stage"] for v in views])), views[-1]
+
     if n == 3:
-        cluster = request.getfixturevalue("cluster3")
-        results = run(ask_all(cluster.nodes[0].api, REQUESTS))
-        view = run(cluster_view(cluster.nodes[0].api))
+        results, counters, view = serve(request.getfixturevalue("cluster3"))
     else:
         with running_cluster(n) as cluster:
-            results = run(ask_all(cluster.nodes[-1].api, REQUESTS))
-            view = run(cluster_view(cluster.nodes[-1].api))
+            results, counters, view = serve(cluster)
     warming.join()
-    return n, {req: res.token_ids for req, res in zip(REQUESTS, results)}, view
+    return n, {req: res.token_ids for req, res in zip(REQUESTS, results)}, counters, view
 
 
 def _mismatches(reference, got: dict[Request, list[int]], temperature: float) -> list[str]:
@@ -48,7 +55,7 @@ def _mismatches(reference, got: dict[Request, list[int]], temperature: float) ->
 
 
 def test_plan_splits_all_layers(mesh_run):
-    n, _, view = mesh_run
+    n, _, _, view = mesh_run
     stages = view["plan"]["stages"]
     assert len(stages) == n
     assert stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == 30
@@ -58,18 +65,26 @@ def test_plan_splits_all_layers(mesh_run):
 
 
 def test_greedy_matches_single_device(mesh_run, reference):
-    _, got, _ = mesh_run
+    _, got, _, _ = mesh_run
     assert not _mismatches(reference, got, MODES["greedy"])
     assert all(len(ids) > 0 for ids in got.values())
 
 
 def test_seeded_sampling_matches_single_device(mesh_run, reference):
-    _, got, _ = mesh_run
+    _, got, _, _ = mesh_run
     assert not _mismatches(reference, got, MODES["sampled"])
 
 
 def test_sampled_differs_from_greedy(mesh_run):
     """Guards the test itself: sampling at T=0.8 really samples (else the two checks are one)."""
-    _, got, _ = mesh_run
+    _, got, _, _ = mesh_run
     differ = [p for p in PROMPTS[:5] if got[Request(p, MODES["greedy"])] != got[Request(p, MODES["sampled"])]]
     assert len(differ) >= 3
+
+
+def test_sessions_started_together_were_batched(mesh_run):
+    """The ten sessions really shared forward passes: steps per batch well above one on
+    some stage (the token checks above then show batching changes no session's tokens)."""
+    _, _, counters, _ = mesh_run
+    per_batch = [(b["steps"] - a["steps"]) / max(1, b["batches"] - a["batches"]) for a, b in counters]
+    assert max(per_batch) > 1.5, per_batch
