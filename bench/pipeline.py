@@ -1,0 +1,139 @@
+"""Pipeline benchmark: the 3-node mesh on loopback against single-device generation,
+measured in one run on the same backend, model and prompt; prints one JSON object.
+
+- decode tokens/s and time to first token of one session on the mesh, and of the
+  single-device loop (``kernels.generate``, what `mesh generate` runs) in this process,
+  measured before the cluster starts so the two do not share the CPU; their ratio
+  (goal >= 0.9: the network costs less than 10%);
+- total tokens/s with 1, 4 and 8 sessions started together on the mesh, and the
+  8-vs-1 ratio (goal >= 3: the stages batch concurrent sessions).
+
+Every figure is the best of ``--repeat`` runs (less sensitive to other load on the
+machine). Usage: ``python bench/pipeline.py [--nodes 3] [--max-tokens 64] [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+
+PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+
+
+def single_device(model: str, backend: str, max_tokens: int, repeat: int) -> dict:
+    from kernels.config import load_config
+    from kernels.generate import GenerationStats, generate
+    from kernels.stage import StageSpec, load_stage
+    from kernels.tokenizer import Tokenizer
+    from mesh import models
+
+    path = models.resolve(model, fetch=True)
+    tok = Tokenizer.from_model(path)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True),
+                     add_special_tokens=False)
+    stage = load_stage(path, StageSpec.full(load_config(path).n_layers), backend=backend)
+    list(generate(stage, ids, max_tokens=4, stop_ids=tok.eos_token_ids))  # warm-up
+    runs = []
+    for _ in range(repeat):
+        stats = GenerationStats()
+        tokens = list(generate(stage, ids, max_tokens=max_tokens, stop_ids=tok.eos_token_ids, stats=stats))
+        runs.append({"tokens": len(tokens), "ttft_s": stats.ttft_s, "decode_tokens_per_s": stats.decode_tokens_per_s})
+    import torch
+
+    return {"decode_tokens_per_s": max(r["decode_tokens_per_s"] for r in runs),
+            "ttft_s": min(r["ttft_s"] for r in runs), "tokens": runs[0]["tokens"],
+            "torch_threads": torch.get_num_threads(), "prompt_tokens": len(ids)}
+
+
+async def mesh_figures(args: argparse.Namespace) -> dict:
+    from mesh.client import stream_chat
+    from mesh.launcher import LocalCluster
+
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    cluster = LocalCluster(n=args.nodes, backend=args.backend, model=args.model, extra_args=extra)
+    with cluster:
+        started = time.perf_counter()
+        view = await cluster.wait_ready(timeout=300, stages=args.nodes)
+        ready_s = time.perf_counter() - started
+        api = cluster.nodes[0].api
+
+        async def one() -> object:
+            return await stream_chat(api, PROMPT, max_tokens=args.max_tokens, timeout=600)
+
+        await stream_chat(api, PROMPT, max_tokens=4)  # warm-up
+        singles = [await one() for _ in range(args.repeat)]
+        out: dict = {
+            "decode_tokens_per_s": max(r.decode_tokens_per_s for r in singles),
+            "ttft_s": min(r.ttft_s for r in singles),
+            "tokens": len(singles[0].token_ids),
+            "ready_s": round(ready_s, 2),
+            "pipeline": [{"layers": s["layers"], "backend": s["backend"]} for s in view["plan"]["stages"]],
+            "concurrent": {},
+        }
+        for n in (1, 4, 8):
+            best = None
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*(one() for _ in range(n)))
+                wall = time.perf_counter() - t0
+                total = sum(len(r.token_ids) for r in results)
+                fig = {"sessions": n, "tokens": total, "wall_s": round(wall, 3),
+                       "total_tokens_per_s": round(total / wall, 2)}
+                if best is None or fig["total_tokens_per_s"] > best["total_tokens_per_s"]:
+                    best = fig
+            out["concurrent"][str(n)] = best
+        stats = []
+        for node in cluster.nodes:
+            view = await _view(node.api)
+            if view:
+                stats.append(view.get("stage", {}))
+        out["stage_stats"] = stats
+    return out
+
+
+async def _view(api: str) -> dict | None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(api + "/v1/cluster") as resp:
+            return await resp.json() if resp.status == 200 else None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--backend", choices=["torch", "mlx"], default="torch")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=2, help="runs per figure; the best is kept (default 2)")
+    p.add_argument("--threads", type=int, help="pass --threads N to every node (default: the node's choice)")
+    args = p.parse_args()
+    single = single_device(args.model, args.backend, args.max_tokens, args.repeat)
+    mesh = asyncio.run(mesh_figures(args))
+    c = mesh["concurrent"]
+    print(json.dumps({
+        "bench": "pipeline",
+        "model": args.model,
+        "backend": args.backend,
+        "nodes": args.nodes,
+        "max_tokens": args.max_tokens,
+        "prompt": PROMPT,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "single_device": single,
+        "mesh": mesh,
+        "decode_ratio_mesh_vs_single": round(mesh["decode_tokens_per_s"] / single["decode_tokens_per_s"], 3),
+        "ttft_ratio_mesh_vs_single": round(mesh["ttft_s"] / single["ttft_s"], 3),
+        "concurrency_gain_8_vs_1": round(c["8"]["total_tokens_per_s"] / c["1"]["total_tokens_per_s"], 3),
+        "goals": {"decode_ratio": ">= 0.9", "concurrency_gain_8_vs_1": ">= 3"},
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
