@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from kernels.runner import ComputeRunner
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 from mesh import models
 from mesh.api import Api, Unavailable
+from mesh.cluster.election import ElectionConfig
 from mesh.cluster.fence import Fence
 from mesh.cluster.service import ClusterService, LocalFacts
 from mesh.errors import MeshError
@@ -75,6 +77,7 @@ class NodeConfig:
     memory_limit: int | None = None  # bytes offered for layers; default: 80% of available RAM
     threads: int | None = None
     max_batch: int = 16
+    campaign: bool = True  # False: vote, but never become coordinator (e.g. a node that serves clients)
     audit_rate: float = 0.2  # share of stage steps audited (mesh.verify)
     fault: str | None = None  # test-only misbehaviour, mesh.verify.faults spec
 
@@ -138,10 +141,8 @@ class Node:
         self.identity = NodeIdentity.load_or_create(state_dir)
         self.node_id = self.identity.node_id
         self.fence.node = self.node_id
-        if cfg.threads:
-            import torch
-
-            torch.set_num_threads(cfg.threads)
+        if cfg.threads:  # the torch backend reads it whenever it loads a stage
+            os.environ["MESH_TORCH_THREADS"] = str(cfg.threads)
         self.runner = ComputeRunner()
         self.system = ActorSystem(self.identity, secret)
         await self.system.start(cfg.host, cfg.port)
@@ -177,7 +178,8 @@ class Node:
             if cfg.mdns and cfg.interfaces:
                 await self.api.announce(cfg.interfaces, node_id=self.node_id, name=self.info.name)
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
-                                      mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret)
+                                      mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret,
+                                      election=ElectionConfig(campaign=cfg.campaign))
         self.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
         await self.cluster.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._follow_cluster(), name="follow-cluster"))

@@ -84,6 +84,7 @@ class ElectionConfig:
     pre_vote: bool = True
     check_quorum: bool = True
     remove_dead_ticks: int = 0  # 0: never remove a voter unless it leaves
+    campaign: bool = True  # False: this node votes but never stands for coordinator
 
 
 @dataclass(slots=True)
@@ -224,7 +225,7 @@ class Election:
             self._tick_coordinator()
         else:
             self._election_elapsed += 1
-            if self.is_voter and self._election_elapsed >= self._timeout:
+            if self.is_voter and self.cfg.campaign and self._election_elapsed >= self._timeout:
                 self._campaign(pre=self.cfg.pre_vote)
         if self._membership_pending():
             self._join_elapsed += 1

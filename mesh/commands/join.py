@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="a human name for this device (default: hostname)")
     p.add_argument("--state-dir", type=Path, help="where the node key and votes live (default $MESH_HOME/node)")
     p.add_argument("--memory", help="memory to offer for layers, e.g. 2GiB (default: 80%% of available)")
-    p.add_argument("--threads", type=int, help="compute threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="compute threads (default: half the cores)")
+    p.add_argument("--no-campaign", action="store_true",
+                   help="vote in elections but never become coordinator (for a node that mostly serves clients)")
     p.add_argument("--audit-rate", type=float, default=0.2,
                    help="share of stage steps an auditor re-checks, 0..1 (default 0.2)")
     p.add_argument("--fault", metavar="SPEC",
