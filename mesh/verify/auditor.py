@@ -28,7 +28,7 @@ from kernels.sampling import SamplingParams, sample
 from kernels.stage import Stage, StageSpec, StepInput, load_stage
 from mesh.verify.commitment import CommitmentRejected, result_bytes, verify_batch
 from mesh.verify.messages import AuditData, AuditFetch, AuditRequest, AuditResult, StepRecord
-from mesh.verify.tolerance import audit_backend, tolerance_for
+from mesh.verify.tolerance import audit_backend, audit_weight_mode, grid_hash, tolerance_for
 
 log = structlog.get_logger("mesh.verify.auditor")
 AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "10"))  # CPU share of audits vs stages (0..19)
@@ -41,6 +41,7 @@ class Verdict:
     max_row_rel_l2: float = 0.0
     outside_share: float = 0.0
     inconclusive: bool = False  # the audited node was unreachable: no judgement either way
+    grid_match: bool | None = None  # would the canonical-grid hash baseline have agreed? (measured only)
 
 
 def low_priority_runner() -> ComputeRunner:
@@ -81,15 +82,16 @@ def check_step(stage: Stage, key: str, records: dict[int, StepRecord], data: Aud
     if last:
         committed = committed.reshape(1, -1)
     cmp = compare(produced, committed, tolerance_for(producer_backend, weight_mode))
+    grid = produced.shape == committed.shape and grid_hash(produced) == grid_hash(committed)
     if not cmp.ok:
-        return Verdict(False, "output outside tolerance", cmp.max_row_rel_l2, cmp.outside_share)
+        return Verdict(False, "output outside tolerance", cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
     if last:
         params = SamplingParams(temperature=data.temperature, top_k=data.top_k, top_p=data.top_p, seed=data.seed)
         position = rec.start_pos + rec.length
         if sample(committed[-1], params, position) != rec.token:
             return Verdict(False, f"token {rec.token} is not what the committed logits sample at {position}",
-                           cmp.max_row_rel_l2, cmp.outside_share)
-    return Verdict(True, "ok", cmp.max_row_rel_l2, cmp.outside_share)
+                           cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
+    return Verdict(True, "ok", cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
 
 
 class _Track:
@@ -157,11 +159,12 @@ class Auditor:
         if self.runner is None:
             self.runner = low_priority_runner()
         backend = audit_backend(b.backend, b.weight_mode, self.backend)
+        mode = audit_weight_mode(b.backend, b.weight_mode, self.backend)
         spec = StageSpec(b.start, b.end, embed=b.stage == 0, head=b.stage == req.n_stages - 1)
-        skey = (spec, backend, b.weight_mode)
+        skey = (spec, backend, mode)
         async with self._loading:
             if skey not in self.stages:
-                self.stages[skey] = await self.runner.run(load_stage, self.model_path, spec, backend, b.weight_mode)
+                self.stages[skey] = await self.runner.run(load_stage, self.model_path, spec, backend, mode)
         stage = self.stages[skey]
         if stage.weights_digest != b.weights_digest:
             return Verdict(False, "committed weights digest differs from the model's")

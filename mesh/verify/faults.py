@@ -71,7 +71,7 @@ class Fault:
 
 def _perturbed(w, sigma: float, rng: np.random.Generator):
     kind = type(w).__module__.split(".")[0]
-    a = np.array(w, dtype=np.float32)
+    a = (w.numpy() if kind == "torch" else np.array(w)).astype(np.float32)
     a = (a * (1.0 + sigma * rng.standard_normal(a.shape))).astype(np.float32)
     if kind == "torch":
         import torch

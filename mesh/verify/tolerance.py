@@ -30,6 +30,13 @@ def audit_backend(producer_backend: str, weight_mode: str, auditor_backend: str)
     return "torch" if numeric_class(producer_backend, weight_mode) == "bf16" else auditor_backend
 
 
+def audit_weight_mode(producer_backend: str, weight_mode: str, auditor_backend: str) -> str:
+    """The weight mode that reproduces the producer's numeric class on ``audit_backend``."""
+    if numeric_class(producer_backend, weight_mode) == "bf16":
+        return "quant"
+    return "float32" if audit_backend(producer_backend, weight_mode, auditor_backend) == "torch" else weight_mode
+
+
 def tolerance_for(producer_backend: str, weight_mode: str) -> Tolerance:
     return BF16 if numeric_class(producer_backend, weight_mode) == "bf16" else F32
 
