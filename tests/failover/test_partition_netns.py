@@ -45,6 +45,10 @@ def plan_ready(lab: JoinLab, stages: int) -> bool:
                for v in views)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline side, observed 2026-11-22: the majority finishes with identical tokens (re-plan [1,2] + replay "
+    "of 6 tokens), but the cut-off node accepts a new request with its old ready plan and logs "
+    "session.stalled every 5.5 s instead of failing it (no coordinator -> Unavailable); remove when fixed"))
 def test_majority_finishes_identically_minority_serves_nothing_and_heals() -> None:
     reason = netns_skip_reason()
     if reason:
@@ -59,7 +63,7 @@ def test_majority_finishes_identically_minority_serves_nothing_and_heals() -> No
         serve, cut = [i for i in range(3) if i != c]  # both followers hold a stage; cut one, serve on the other
         agent = lab.agents[serve]
         assert agent is not None
-        agent.send({"url": lab.api(serve) + "/v1/chat/completions", "stream": True, "timeout": 120,
+        agent.send({"url": lab.api(serve) + "/v1/chat/completions", "method": "POST", "stream": True, "timeout": 120,
                     "body": {"model": "smollm2-135m", "messages": [{"role": "user", "content": PROMPT}],
                              "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}})
         final, cut_at, lines = None, None, []
