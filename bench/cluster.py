@@ -118,6 +118,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--loopback", action="store_true", help="nodes on 127.0.0.1 instead of namespaces")
     a = p.parse_args()
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # stdout is for the JSON
     reason = netns_skip_reason()
     netns = not a.loopback and reason is None
     real, base = [], []
