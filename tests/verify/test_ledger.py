@@ -1,0 +1,124 @@
+"""The coordinator's ledger and the stage's wire check, driven directly (no sockets, no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors import NodeIdentity
+from kernels.digest import tensor_digest
+from mesh.pipeline.messages import Forward, Retransmit, StageEntry
+from mesh.pipeline.stage_host import StageHost
+from mesh.verify.commitment import sign_batch
+from mesh.verify.faults import parse_fault
+from mesh.verify.ledger import Ledger
+from mesh.verify.messages import AuditRequest, AuditResult, StepRecord, WireFault
+from mesh.verify.recorder import StageRecorder
+
+EPOCH = (1, 1)
+
+
+class Net:
+    def __init__(self):
+        self.sent: list[tuple[str, str, object]] = []
+
+    def __call__(self, node, actor, msg):
+        self.sent.append((node, actor, msg))
+
+    def of(self, kind):
+        return [m for _, _, m in self.sent if isinstance(m, kind)]
+
+
+def _plan(ids):
+    return [StageEntry(i, n.node_id, 10 * i, 10 * i + 10, "torch") for i, n in enumerate(ids)]
+
+
+def _d(tag: str, step: int) -> bytes:
+    return f"{tag}{step}".encode().ljust(32, b".")
+
+
+def _batches(ident, stage, steps, out_of=lambda s: _d("out", s), in_of=lambda s: _d("in", s)):
+    records = [StepRecord("s", s, s, 1, in_of(s), out_of(s)) for s in steps]
+    return sign_batch(ident, term=1, version=1, stage=stage, start=10 * stage, end=10 * stage + 10,
+                      backend="torch", weight_mode="float32", weights_digest=b"w" * 32, records=records)
+
+
+def test_selection_rate_links_and_a_forged_batch():
+    ids = [NodeIdentity.generate() for _ in range(3)]
+    net, flags = Net(), []
+    ledger = Ledger("c", net, flags.append, audit_rate=0.2)
+    ledger.take_office(1)
+    members = {i.node_id: ("mlx" if k == 2 else "torch") for k, i in enumerate(ids)}
+    plan = _plan(ids)
+    steps = list(range(2000))
+    # stage 0's outputs are stage 1's inputs: every link verifies
+    ledger.on_batch(_batches(ids[0], 0, steps), EPOCH, plan, members)
+    ledger.on_batch(_batches(ids[1], 1, steps, in_of=lambda s: _d("out", s)), EPOCH, plan, members)
+    assert ledger.commitments == 4000
+    assert ledger.verified_links == 2000 and ledger.broken_links == 0
+    requests = net.of(AuditRequest)
+    assert 0.17 < len(requests) / 4000 < 0.23
+    assert all(members[n] == "mlx" for n, _, m in net.sent if isinstance(m, AuditRequest))  # other backend first
+    assert all(r.batch.node != n for n, _, r in net.sent if isinstance(r, AuditRequest))
+    # a batch for stage 2 signed by node 0: rejected, nothing recorded
+    ledger.on_batch(_batches(ids[0], 2, [0]), EPOCH, plan, members)
+    assert ledger.rejected == 1 and ledger.commitments == 4000
+
+
+def test_a_failed_audit_escalates_and_two_failures_flag():
+    ids = [NodeIdentity.generate() for _ in range(3)]
+    net, flags = Net(), []
+    ledger = Ledger("c", net, flags.append, audit_rate=1.0)
+    ledger.take_office(1)
+    members = {i.node_id: "torch" for i in ids}
+    ledger.on_batch(_batches(ids[1], 1, [0]), EPOCH, _plan(ids), members)
+    (first_auditor, _, req), = [(n, a, m) for n, a, m in net.sent if isinstance(m, AuditRequest)]
+
+    def result(auditor, rnd, ok):
+        return AuditResult(req.audit_id, rnd, auditor, ids[1].node_id, "s", 0, ok, "ok" if ok else "outside",
+                           0.01, 0.0, "torch")
+
+    ledger.on_result(result(first_auditor, 1, False), members)
+    second = [(n, m) for n, _, m in net.sent if isinstance(m, AuditRequest) and m.round == 2]
+    assert len(second) == 1 and second[0][0] not in (first_auditor, ids[1].node_id)
+    assert not flags
+    ledger.on_result(result(second[0][0], 2, False), members)
+    assert [f.node for f in flags] == [ids[1].node_id]
+    assert len(flags[0].evidence["audits"]) == 2 and flags[0].evidence["batch"]["signature"]
+
+
+def test_a_failed_audit_that_the_second_auditor_clears_does_not_flag():
+    ids = [NodeIdentity.generate() for _ in range(3)]
+    net, flags = Net(), []
+    ledger = Ledger("c", net, flags.append, audit_rate=1.0)
+    ledger.take_office(1)
+    members = {i.node_id: "torch" for i in ids}
+    ledger.on_batch(_batches(ids[1], 1, [0]), EPOCH, _plan(ids), members)
+    req = net.of(AuditRequest)[0]
+    first = [n for n, _, m in net.sent if m is req][0]
+    ledger.on_result(AuditResult(req.audit_id, 1, first, ids[1].node_id, "s", 0, False, "x", 1, 1, "torch"), members)
+    second = [n for n, _, m in net.sent if isinstance(m, AuditRequest) and m.round == 2][0]
+    ledger.on_result(AuditResult(req.audit_id, 2, second, ids[1].node_id, "s", 0, True, "ok", 0, 0, "torch"), members)
+    assert not flags and ledger.audits == 2 and ledger.audit_failures == 1
+
+
+def test_corrupt_wire_is_caught_on_the_same_step_and_flags_the_sender():
+    sender, receiver = NodeIdentity.generate(), NodeIdentity.generate()
+    net = Net()
+    host = StageHost(receiver.node_id, None, backend="torch", weight_mode="float32", runner=None, send=net)
+    host.epoch, host.entry = EPOCH, StageEntry(1, receiver.node_id, 10, 20, "torch")
+    host.verifier = StageRecorder(receiver, net, lambda: "coord")
+    wire = parse_fault("corrupt-wire").wire
+    for step in (5, 6):
+        hidden = np.random.default_rng(step).standard_normal((1, 576)).astype(np.float32)
+        host.on_forward(Forward(1, 1, "s", step, 40 + step, sender.node_id, tensor_digest(hidden),
+                                hidden=wire(hidden)))
+        assert host.queue.empty()  # never computed on
+        retransmit = net.of(Retransmit)[-1]
+        report = net.of(WireFault)[-1]
+        assert retransmit.step == step and report.step == step and report.sender == sender.node_id
+    flags = []
+    ledger = Ledger("coord", Net(), flags.append)
+    ledger.take_office(1)
+    for report in net.of(WireFault):
+        ledger.on_wire_fault(report)
+    assert [f.node for f in flags] == [sender.node_id]
