@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader progress bars
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from kernels.config import load_config  # noqa: E402
-from kernels.generate import GenerationStats, generate  # noqa: E402
-from kernels.stage import StageSpec, load_stage  # noqa: E402
+from kernels.config import load_config
+from kernels.generate import GenerationStats, generate
+from kernels.stage import StageSpec, load_stage
 
 PROMPTS = [
     "What is the capital of France?",
@@ -57,7 +58,7 @@ def ours_decode_rate(stage, ids: np.ndarray, n: int) -> float:
 
 def hf_decode_rate(model, ids: np.ndarray, n: int) -> float:
     x = torch.tensor(ids)[None]
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     with torch.inference_mode():
         t = time.perf_counter()
         model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
@@ -93,6 +94,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     cfg = load_config(path)
     spec = StageSpec.full(cfg.n_layers)
     f32 = load_stage(path, spec, "torch", "float32")  # also sets torch's thread count
@@ -132,7 +134,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "decode_tokens": n,
         "reps": reps,
-        "prompt_tokens": int(len(ids)),
+        "prompt_tokens": len(ids),
         "transformers_tok_s": round(best["hf"], 2),
         "ours_float32_tok_s": round(best["f32"], 2),
         "ours_quant_tok_s": round(best["quant"], 2),

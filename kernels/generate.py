@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.runner import ComputeRunner
-from kernels.sampling import SamplingParams, sample
+from kernels.sampling import GREEDY, SamplingParams, sample
 from kernels.stage import Stage, StepInput
 
 
@@ -52,7 +52,7 @@ def _setup(stage: Stage, prompt_ids: Iterable[int], stop_ids: Iterable[int] | No
 
 
 def generate(stage: Stage, prompt_ids: Iterable[int], *, max_tokens: int = 256,
-             sampling: SamplingParams = SamplingParams(), stop_ids: Iterable[int] | None = None,
+             sampling: SamplingParams = GREEDY, stop_ids: Iterable[int] | None = None,
              stats: GenerationStats | None = None, session: str | None = None) -> Iterator[int]:
     """Yield generated token ids; stops before yielding a stop id (default: the
     model's eos ids) or after ``max_tokens``. The session's cache is freed at the end."""
@@ -85,7 +85,7 @@ def generate(stage: Stage, prompt_ids: Iterable[int], *, max_tokens: int = 256,
 
 
 async def agenerate(stage: Stage, prompt_ids: Iterable[int], runner: ComputeRunner, *,
-                    max_tokens: int = 256, sampling: SamplingParams = SamplingParams(),
+                    max_tokens: int = 256, sampling: SamplingParams = GREEDY,
                     stop_ids: Iterable[int] | None = None, stats: GenerationStats | None = None,
                     session: str | None = None) -> AsyncIterator[int]:
     """``generate`` with every step (forward + sampling) on the runner's compute thread."""

@@ -151,10 +151,10 @@ class _Cursor:
         raise GGUFError(f"{self.path}: corrupt metadata value type {vtype} at byte {self.pos}")
 
 
-_OPEN: dict[tuple[str, int, int], "GGUFFile"] = {}
+_OPEN: dict[tuple[str, int, int], GGUFFile] = {}
 
 
-def open_gguf(path: str | Path) -> "GGUFFile":
+def open_gguf(path: str | Path) -> GGUFFile:
     """An opened GGUFFile, parsed once per process per file version (path, size, mtime):
     the config, the tokenizer and every stage load of a node share one parse."""
     path = Path(path)

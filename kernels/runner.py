@@ -12,7 +12,7 @@ import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ class ComputeRunner:
         """Finish queued work and stop the thread."""
         self._executor.shutdown(wait=True)
 
-    def __enter__(self) -> "ComputeRunner":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,6 +29,9 @@ class SamplingParams:
                              "top_k >= 0, 0 < top_p <= 1")
 
 
+GREEDY = SamplingParams()
+
+
 def uniform(seed: int, position: int) -> float:
     """A uniform in [0, 1) from (seed, position): the top 53 bits of a BLAKE3 digest."""
     h = blake3.blake3(b"mesh-sample" + struct.pack("<qq", seed, position)).digest(8)

@@ -49,7 +49,7 @@ class StageSpec:
     head: bool = False
 
     @classmethod
-    def full(cls, n_layers: int) -> "StageSpec":
+    def full(cls, n_layers: int) -> StageSpec:
         return cls(0, n_layers, embed=True, head=True)
 
     def layers(self) -> range:

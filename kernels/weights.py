@@ -33,7 +33,7 @@ import blake3
 import numpy as np
 
 from kernels.config import ModelConfig, config_from_gguf, config_from_hf_dir
-from kernels.gguf import GGUFFile, blocks, dequantize, open_gguf
+from kernels.gguf import blocks, dequantize, open_gguf
 from kernels.safetensors import SafetensorsDir
 from kernels.stage import WEIGHT_MODES, StageSpec
 

@@ -31,7 +31,7 @@ class DenseLinear:
         self.bias = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
 
     @classmethod
-    def sharing(cls, weight: torch.Tensor) -> "DenseLinear":
+    def sharing(cls, weight: torch.Tensor) -> DenseLinear:
         """A linear over an existing tensor's storage (a tied head over the embedding)."""
         lin = cls.__new__(cls)
         lin.weight, lin.bias = weight, None

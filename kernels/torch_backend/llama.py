@@ -99,7 +99,8 @@ class _Decode:
             p = self.length - 1
             ck[self.slot0, :, p] = k[0]
             cv[self.slot0, :, p] = v[0]
-            keys, values = ck[self.slot0:self.slot0 + 1, :, :self.length], cv[self.slot0:self.slot0 + 1, :, :self.length]
+            one = slice(self.slot0, self.slot0 + 1)
+            keys, values = ck[one, :, :self.length], cv[one, :, :self.length]
         else:
             ck[self.slots, :, self.pos] = k
             cv[self.slots, :, self.pos] = v

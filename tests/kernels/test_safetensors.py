@@ -16,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def _tiny(tmp_path: Path, kind: str, tied: bool) -> tuple[Path, object]:
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rope_theta=10000.0, tie_word_embeddings=tied)
+    common = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+              "rope_theta": 10000.0, "tie_word_embeddings": tied}
     torch.manual_seed(0)
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**common)
