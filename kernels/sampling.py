@@ -38,26 +38,40 @@ def uniform(seed: int, position: int) -> float:
     return (int.from_bytes(h, "little") >> 11) * 2.0 ** -53
 
 
+def _largest(x: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` ids (ascending) with the largest ``x``; ties at the cut go to lower ids."""
+    if k >= ids.size:
+        return ids
+    xs = x[ids]
+    cut = np.partition(xs, ids.size - k)[ids.size - k]
+    above = ids[xs > cut]
+    return np.sort(np.concatenate([above, ids[xs == cut][:k - above.size]]))
+
+
 def probabilities(logits_row: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Float64 probabilities over the vocabulary after temperature, top-k and top-p
     (zero outside the kept set). Not for greedy."""
     x = np.asarray(logits_row, dtype=np.float32).astype(np.float64).reshape(-1)
     x = x / params.temperature
-    keep = np.ones(x.shape, dtype=bool)
-    if params.top_k or params.top_p < 1.0:
-        # descending by value, ties by lower id: a total order every machine agrees on
-        order = np.lexsort((np.arange(x.size), -x))
-        if params.top_k:
-            order = order[:params.top_k]
-        p = np.exp(x[order] - x[order[0]])
-        p /= p.sum()
-        if params.top_p < 1.0:
-            # smallest prefix whose mass reaches top_p (always at least one token)
-            n = int(np.searchsorted(np.cumsum(p), params.top_p, side="left")) + 1
-            order = order[:min(n, order.size)]
-        keep = np.zeros(x.shape, dtype=bool)
-        keep[order] = True
-    z = np.where(keep, x, -np.inf)
+    ids = np.arange(x.size)
+    if params.top_k:
+        ids = _largest(x, ids, params.top_k)
+    if params.top_p < 1.0:
+        w = np.exp(x[ids] - x[ids].max())
+        total, peak = w.sum(), x[ids].max()
+        n = 1024
+        while True:  # sort only as many of the largest as hold top_p of the mass
+            cand = _largest(x, ids, n)
+            # descending by value, ties by lower id: a total order every machine agrees on
+            order = cand[np.lexsort((cand, -x[cand]))]
+            cum = np.cumsum(np.exp(x[order] - peak)) / total
+            if cum[-1] >= params.top_p or cand.size == ids.size:
+                break
+            n *= 8
+        # smallest prefix whose mass reaches top_p (always at least one token)
+        ids = order[:min(int(np.searchsorted(cum, params.top_p, side="left")) + 1, order.size)]
+    z = np.full(x.shape, -np.inf)
+    z[ids] = x[ids]
     p = np.exp(z - z.max())
     return p / p.sum()
 

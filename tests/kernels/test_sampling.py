@@ -84,3 +84,26 @@ def test_empirical_distribution_follows_probabilities():
     params = SamplingParams(temperature=1.0, seed=5)
     counts = np.bincount([sample(row, params, p) for p in range(3000)], minlength=3) / 3000
     np.testing.assert_allclose(counts, [0.6, 0.3, 0.1], atol=0.04)
+
+
+def _brute_force(row: np.ndarray, params: SamplingParams) -> np.ndarray:
+    x = row.astype(np.float64) / params.temperature
+    order = np.lexsort((np.arange(x.size), -x))
+    if params.top_k:
+        order = order[:params.top_k]
+    p = np.exp(x[order] - x[order[0]])
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = order[:int(np.searchsorted(np.cumsum(p), params.top_p)) + 1]
+    keep = np.zeros(x.size, bool)
+    keep[order] = True
+    return keep
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat (nucleus > 1024 tokens) to peaked
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (2000, 0.95), (50, 0.5), (0, 0.999)])
+def test_kept_set_equals_full_sort(scale, top_k, top_p):
+    row = (np.random.default_rng(3).standard_normal(49152) * scale).astype(np.float32)
+    row[[5, 9, 700]] = row.max()  # ties at the top go to the lower id
+    params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+    np.testing.assert_array_equal(probabilities(row, params) > 0, _brute_force(row, params))
