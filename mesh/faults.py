@@ -63,6 +63,7 @@ class Killer:
         self.waiting: dict | None = None  # the kill whose next token we wait for
         self._tasks: list[asyncio.Task] = []
         self._index = {n.node_id: n.index for n in cluster.nodes}
+        self.serving = 0  # the node the client talks to; never a kill target
 
     def serving_index(self) -> int:
         """A node no planned kill targets: the stage nodes named, and the current coordinator."""
@@ -89,14 +90,13 @@ class Killer:
 
         if fault.target == "coordinator":
             async with aiohttp.ClientSession() as http:
-                serving = self.serving_index()
-                view = await self.cluster.status(serving, http) or self.view
+                view = await self.cluster.status(self.serving, http) or self.view
             node = view.get("coordinator")
         else:
             stages = (self.view.get("plan") or {}).get("stages", [])
             if self.done:  # the plan changed since start: ask for the current one
                 async with aiohttp.ClientSession() as http:
-                    view = await self.cluster.status(self.serving_index(), http) or self.view
+                    view = await self.cluster.status(self.serving, http) or self.view
                 stages = (view.get("plan") or {}).get("stages", [])
             node = stages[fault.stage]["node"] if fault.stage < len(stages) else None
         if node is None or node not in self._index:
@@ -120,13 +120,14 @@ class Killer:
 
 
 async def stream_with_faults(cluster: LocalCluster, view: dict, prompt: str, kills: list[KillFault], *,
-                             quiet: bool = True, on_text=None, **params):
-    """Stream one answer from a node no fault targets while the faults happen.
-    Returns (StreamResult, failover records)."""
+                             quiet: bool = True, on_text=None, serving: int | None = None, **params):
+    """Stream one answer from a node no fault targets (or node ``serving``) while the
+    faults happen. Returns (StreamResult, failover records, serving node index)."""
     from mesh.client import stream_chat
 
     killer = Killer(cluster, view, kills, quiet=quiet)
-    serving = cluster.nodes[killer.serving_index()]
+    killer.serving = killer.serving_index() if serving is None else serving
+    serving = cluster.nodes[killer.serving]
 
     def text(piece: str) -> None:
         killer.on_text()

@@ -29,7 +29,7 @@ from mesh import models
 from mesh.api import Api, Unavailable
 from mesh.cluster.election import ElectionConfig
 from mesh.cluster.fence import Fence
-from mesh.cluster.service import ClusterService, LocalFacts
+from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
 from mesh.errors import MeshError
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
@@ -171,6 +171,7 @@ class Node:
             device=_device(self.backend),
             free_memory=cfg.memory_limit or int(psutil.virtual_memory().available * 0.8),
             speed=await self.runner.run(_measure_speed),
+            roles=[] if cfg.campaign else [NO_CAMPAIGN],
         )
         if cfg.api_port is not None:
             self.api = Api(self, api_key=cfg.api_key)
@@ -217,26 +218,36 @@ class Node:
     # -- cluster ----------------------------------------------------------------------
 
     async def _follow_cluster(self) -> None:
-        """React to the election and to membership: take or leave office, re-plan, refresh."""
+        """React to the election and to membership: take or leave office, re-plan, refresh.
+        Woken by every cluster event, and twice a second regardless."""
+        wake = asyncio.Event()
+        self.cluster.on_change(lambda event: wake.set())
         last_refresh = 0.0
-        events = self.cluster.events().__aiter__()
         while True:
             try:
-                await asyncio.wait_for(events.__anext__(), 0.5)
+                await asyncio.wait_for(wake.wait(), 0.5)
             except asyncio.TimeoutError:
                 pass
-            self.fence.observe(self.cluster.term)
-            leading = self.cluster.coordinator == self.node_id
-            if leading and (not self.coordinator.active or self.coordinator.term != self.cluster.term):
-                self.coordinator.take_office(self.cluster.term, self.plan)
-            elif not leading and self.coordinator.active:
-                self.coordinator.step_down()
-            if self.coordinator.active:
-                self.coordinator.set_members(self._capacities())
-                now = time.monotonic()
-                if now - last_refresh > 2.0:
-                    last_refresh = now
-                    self.coordinator.refresh()
+            wake.clear()
+            try:
+                last_refresh = self._apply_cluster_view(last_refresh)
+            except Exception:  # never let one bad view stop the node from following the cluster
+                log.exception("cluster.follow_failed")
+
+    def _apply_cluster_view(self, last_refresh: float) -> float:
+        self.fence.observe(self.cluster.term)
+        leading = self.cluster.coordinator == self.node_id
+        if leading and (not self.coordinator.active or self.coordinator.term != self.cluster.term):
+            self.coordinator.take_office(self.cluster.term, self.plan)
+        elif not leading and self.coordinator.active:
+            self.coordinator.step_down()
+        if self.coordinator.active:
+            self.coordinator.set_members(self._capacities())
+            now = time.monotonic()
+            if now - last_refresh > 2.0:
+                self.coordinator.refresh()
+                return now
+        return last_refresh
 
     async def _watch_sessions(self) -> None:
         while True:

@@ -51,6 +51,7 @@ from mesh.cluster.wire import Heartbeat, RaftWire, from_wire, to_wire
 log = structlog.get_logger("mesh.cluster.service")
 
 ACTOR_NAME = "cluster"
+NO_CAMPAIGN = "no-campaign"  # a role in heartbeats: this node votes but never leads or founds
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,10 @@ class ClusterService:
         now = time.monotonic()
         if any(n not in self._info and now - t < self.bootstrap_after for n, t in self._hinted.items()):
             return  # a discovered node we have not heard from yet may already be a cluster
-        if all(self.node_id < hb.node_id for hb in alive):
+        if not e.cfg.campaign:
+            return  # a node that never leads never founds: it waits to be added
+        founders = [hb for hb in alive if NO_CAMPAIGN not in hb.roles]
+        if all(self.node_id < hb.node_id for hb in founders):
             log.info("cluster_founded", node=self.node_id)
             e.bootstrap((self.node_id,))
 

@@ -74,7 +74,8 @@ def config_from_args(args: argparse.Namespace):
                       api_host=args.api_host, api_port=args.api_port, api_key=args.api_key,
                       interfaces=args.interfaces or [args.host], peers=args.peers, mdns=not args.no_mdns,
                       backend=args.backend, weight_mode=args.weight_mode, name=args.name, state_dir=args.state_dir,
-                      memory_limit=memory, threads=args.threads, audit_rate=args.audit_rate, fault=args.fault)
+                      memory_limit=memory, threads=args.threads, audit_rate=args.audit_rate, fault=args.fault,
+                      campaign=not args.no_campaign)
 
 
 def run(args: argparse.Namespace) -> int:
