@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import structlog
@@ -144,8 +145,10 @@ def attach(node, *, audit_rate: float, fault_spec: str | None) -> VerifyService:
     fault = parse_fault(fault_spec) if fault_spec else None
     service = VerifyService(node, audit_rate=audit_rate, fault=fault)
     host = node.stage_host
+    node.system.spawn(node._inbox(service.handlers()), name=VERIFY_ACTOR, mailbox_size=10_000)
+    if os.environ.get("MESH_VERIFY") == "off":  # bench/verify.py's baseline: no commitments, no audits
+        return service
     host.verifier = service.recorder
     if fault is not None and fault.kind == "corrupt-wire":
         host.wire_fault = lambda tensor: service.recorder.wire(host, tensor)
-    node.system.spawn(node._inbox(service.handlers()), name=VERIFY_ACTOR, mailbox_size=10_000)
     return service

@@ -1,0 +1,221 @@
+"""Verification: what it costs and what it catches, measured in one run.
+
+Prints one JSON object:
+
+- ``mesh``: decode tokens/s of a 3-node mesh of real `mesh join` processes with
+  verification on (audit rate 0.2) and off (MESH_VERIFY=off: no commitments, no
+  audits), runs alternated, and the ratio on/off;
+- ``commitment_us``: commitment cost per token per stage (digest of the output where
+  the stage did not already compute it, the Merkle leaf, the amortized signature);
+- ``honest``: per honest cross-backend pair, audited stage-steps, our audit's false
+  positive rate and the canonical-grid hash mismatch rate, and the largest honest
+  per-row relative L2 error;
+- ``detection``: per fault mode at stage 1, the share of its steps whose audit fails
+  and, over 20 seeded audit schedules at rate 0.2, how many flag the node within 50
+  generated tokens (first failing selected step + one commitment chunk + escalation).
+
+    python bench/verify.py [--prompts 8] [--tokens 48] [--mesh-tokens 64] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import blake3
+import numpy as np
+
+from actors import NodeIdentity
+from kernels.digest import tensor_digest
+from kernels.sampling import SamplingParams
+from kernels.tokenizer import Tokenizer
+from mesh import models
+from mesh.verify.faults import parse_fault
+from mesh.verify.harness import Audit, StageCache, run_pipeline, selected
+
+PROMPTS = [
+    "Write a haiku about the sea.",
+    "List three uses of a paperclip.",
+    "Explain recursion to a child.",
+    "Why is the sky blue?",
+    "Give me a short story about a robot.",
+    "Name the planets of the solar system.",
+    "What is the difference between a virus and a bacterium?",
+    "Describe a sunrise over the mountains.",
+]
+PAIRS = {  # producer (backend, mode) per stage, auditor backend (None: the other one)
+    "torch-f32 <- mlx": ([("torch", "float32")] * 3, "mlx"),
+    "mlx-f32 <- torch-f32": ([("mlx", "float32")] * 3, "torch"),
+    "mlx-quant <- torch-f32": ([("mlx", "quant")] * 3, "torch"),
+    "mixed torch/mlx f32+quant <- other backend": ([("torch", "float32"), ("mlx", "quant"), ("torch", "float32")],
+                                                   None),
+    "torch-quant <- torch-quant": ([("torch", "quant")] * 3, "mlx"),
+}
+FAULTS = ["tamper:scale=0.01", "noise:sigma=0.01", "stale", "skip-layer:0", "skip-layer:4", "skip-layer:9",
+          "corrupt-wire"]
+
+
+def encode(tok: Tokenizer, prompt: str) -> list[int]:
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tok.encode(text, add_special_tokens=False)
+
+
+def honest_table(cache: StageCache, prompts: list[list[int]], tokens: int) -> dict:
+    sampling = SamplingParams(temperature=0.8, seed=11)
+    table = {}
+    for name, (configs, auditor) in PAIRS.items():
+        audited = fails = grid_miss = 0
+        worst = 0.0
+        for i, ids in enumerate(prompts):
+            _, traces = run_pipeline(cache, ids, configs, max_tokens=tokens, sampling=sampling, session=f"h{i}")
+            for trace in traces:
+                other = auditor or ("mlx" if trace.backend == "torch" else "torch")
+                audit = Audit(cache, trace, other, sampling)
+                try:
+                    for step in sorted(trace.records):
+                        v = audit.check(step)
+                        audited += 1
+                        fails += not v.ok
+                        grid_miss += not v.grid_match
+                        worst = max(worst, v.max_row_rel_l2)
+                finally:
+                    audit.close()
+        table[name] = {"audited_stage_steps": audited, "audit_false_positive_rate": fails / audited,
+                       "grid_hash_mismatch_rate": grid_miss / audited, "max_row_rel_l2": worst}
+    return table
+
+
+def detection(cache: StageCache, prompts: list[list[int]], tokens: int = 50, runs: int = 20,
+              rate: float = 0.2, chunk: int = 8) -> dict:
+    greedy = SamplingParams()
+    out = {}
+    for spec in FAULTS:
+        fault = parse_fault("stage=1:" + spec)
+        if fault.kind == "corrupt-wire":  # the next stage's digest check: every corrupted step, at once
+            out[spec] = {"caught_on_same_step": True, "runs_flagged_within_50": runs, "runs": runs,
+                         "how": "receiver digest check + 2 signed reports (tests/verify/test_ledger.py)"}
+            continue
+        per_prompt = []
+        step_fail = step_total = 0
+        for i, ids in enumerate(prompts):
+            _, traces = run_pipeline(cache, ids, [("torch", "float32")] * 3, max_tokens=tokens, sampling=greedy,
+                                     fault=fault, session=f"d{i}")
+            cheater = traces[1]
+            first, second = Audit(cache, cheater, "mlx", greedy), Audit(cache, cheater, "torch", greedy, key="2nd")
+            try:
+                verdicts = {s: first.check(s) for s in sorted(cheater.records)}
+                failing = [s for s, v in verdicts.items() if not v.ok]
+                # the escalation re-checks the same step on another auditor
+                confirmed = [s for s in failing[:12] if not second.check(s).ok]
+            finally:
+                first.close()
+                second.close()
+            step_fail += len(failing)
+            step_total += len(verdicts)
+            per_prompt.append((cheater, failing, set(confirmed)))
+        flagged_at = []
+        for seed in range(runs):
+            cheater, failing, confirmed = per_prompt[seed % len(per_prompt)]
+            secret = blake3.blake3(f"bench beacon {seed}".encode()).digest()
+            picks = [s for s in failing if selected(secret, cheater.records[s], rate)]
+            hit = next((s for s in picks if s in confirmed or s > max(confirmed, default=-1)), None)
+            flagged_at.append(None if hit is None else hit + chunk)
+        within = [t for t in flagged_at if t is not None and t <= tokens]
+        out[spec] = {"failing_audit_share": step_fail / step_total, "runs": runs,
+                     "runs_flagged_within_50": len(within),
+                     "median_flag_token": statistics.median(within) if within else None}
+    return out
+
+
+def commitment_cost(n: int = 2000) -> dict:
+    from mesh.pipeline.messages import Forward, StageEntry
+    from mesh.verify.recorder import StageRecorder
+
+    class Host:
+        epoch = (1, 1)
+        backend, weight_mode = "torch", "float32"
+
+        def __init__(self, index):
+            self.entry = StageEntry(index, "x", 0, 10, "torch")
+            self.stage = type("S", (), {"weights_digest": b"w" * 32})()
+
+    out = {}
+    for name, width, index in (("hidden_stage", 576, 1), ("head_stage", 49152, 2)):
+        rec = StageRecorder(NodeIdentity.generate(), lambda *a: None, lambda: "c", max_sessions=4)
+        host = Host(index)
+        x = np.ones((1, 576), np.float32)
+        y = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
+        srcs = [Forward(1, 1, "s", s, 40 + s, "p", tensor_digest(x), hidden=x) for s in range(n)]
+        started = time.perf_counter()
+        for src in srcs:
+            # the hidden stage hands over the digest it already computed for the wire; the head digests logits
+            rec.commit(host, src, y, tensor_digest(y) if index == 1 else None, token=3 if index == 2 else -1)
+        out[name] = round((time.perf_counter() - started) / n * 1e6, 1)
+    return out
+
+
+async def mesh_speed(tokens: int, rounds: int, prompts: list[str]) -> dict:
+    from mesh.client import stream_chat
+    from mesh.launcher import LocalCluster
+
+    speeds: dict[str, list[float]] = {"on": [], "off": []}
+    verification = {}
+    for r in range(rounds):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            os.environ["MESH_VERIFY"] = mode
+            cluster = LocalCluster(n=3, extra_args=["--audit-rate", "0.2"], log_level="warning")
+            with cluster:
+                await cluster.wait_ready(timeout=300, stages=3)
+                api = cluster.nodes[0].api
+                await stream_chat(api, "Hello", max_tokens=8)  # warm-up
+                for p in prompts:
+                    res = await stream_chat(api, p, max_tokens=tokens, temperature=0.0)
+                    speeds[mode].append(res.decode_tokens_per_s)
+                if mode == "on":
+                    await asyncio.sleep(3)
+                    async with __import__("aiohttp").ClientSession() as http:
+                        verification = (await cluster.status(0, http) or {}).get("verification", {})
+    os.environ.pop("MESH_VERIFY", None)
+    on, off = statistics.median(speeds["on"]), statistics.median(speeds["off"])
+    return {"decode_tokens_per_s_on": on, "decode_tokens_per_s_off": off, "ratio_on_off": on / off,
+            "slowdown_pct": round((1 - on / off) * 100, 2), "samples": speeds,
+            "verification_view": {k: v for k, v in verification.items() if k != "flagged_nodes"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=48, help="tokens per prompt in the honest table")
+    ap.add_argument("--detect-prompts", type=int, default=4)
+    ap.add_argument("--mesh-tokens", type=int, default=64)
+    ap.add_argument("--mesh-rounds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--skip-mesh", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.tokens, args.detect_prompts, args.mesh_tokens, args.mesh_rounds = 1, 8, 1, 24, 1
+    path = models.resolve(models.DEFAULT_MODEL, fetch=True)
+    tok = Tokenizer.from_model(path)
+    cache = StageCache(path)
+    started = time.perf_counter()
+    result = {"commitment_us_per_token_per_stage": commitment_cost()}
+    if not args.skip_mesh:
+        result["mesh"] = asyncio.run(mesh_speed(args.mesh_tokens, args.mesh_rounds, PROMPTS[:3]))
+    ids = [encode(tok, p) for p in PROMPTS[:args.prompts]]
+    result["honest"] = honest_table(cache, ids, args.tokens)
+    result["honest_audited_stage_steps_total"] = sum(v["audited_stage_steps"] for v in result["honest"].values())
+    result["detection"] = detection(cache, [encode(tok, p) for p in PROMPTS[:args.detect_prompts]])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""End to end: `mesh demo --fault stage=1:... --json` — real join processes (LocalCluster),
+the cheating node is flagged with evidence and evicted, and the answer still completes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_flags_and_evicts_a_tampering_stage(model_path):
+    out = subprocess.run([sys.executable, "-m", "mesh", "demo", "--json", "--max-tokens", "50", "--fault",
+                          "stage=1:tamper:scale=0.01", "--audit-rate", "0.2", "--timeout", "240"],
+                         capture_output=True, text=True, timeout=560)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    v = result["verification"]
+    assert result["finish_reason"] in ("length", "stop") and result["token_ids"]
+    assert v["commitments"] > 0 and v["verified_links"] > 0 and v["audit_failures"] >= 2
+    (flag,) = v["flagged_nodes"]
+    assert flag["reason"].startswith("two audits failed")
+    assert len(flag["evidence"]["audits"]) == 2 and flag["evidence"]["batch"]["stage"] == 1
+    assert flag["node"] not in [s["node"] for s in result["pipeline"]]  # evicted: re-planned without it
