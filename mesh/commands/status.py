@@ -87,3 +87,9 @@ def print_view(view: dict, api: str) -> None:
     failovers = view.get("failovers") or []
     if failovers:
         console.print(f"failovers: {len(failovers)} (last: {failovers[-1]})")
+    v = view.get("verification") or {}
+    if v:
+        console.print(f"verification: {v.get('commitments', 0)} commitments, {v.get('verified_links', 0)} verified "
+                      f"links, {v.get('audits', 0)} audits, {v.get('audit_failures', 0)} failed")
+    for f in v.get("flagged_nodes") or []:
+        console.print(f"[red]flagged[/red] {names.get(f['node'], f['node'][:8])} ({f['node'][:16]}): {f['reason']}")
