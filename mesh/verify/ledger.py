@@ -44,7 +44,7 @@ class Flag:
 
 class Ledger:
     def __init__(self, node_id: str, send: Send, flag: Callable[[Flag], None], *, audit_rate: float = 0.2,
-                 max_sessions: int = 256, wire_strikes: int = 2, actor: str = "verify"):
+                 max_sessions: int = 256, wire_strikes: int = 2, actor: str = "verify", audit_timeout_s: float = 120.0):
         self.node_id = node_id
         self.send = send
         self.flag = flag
@@ -52,6 +52,7 @@ class Ledger:
         self.max_sessions = max_sessions
         self.wire_strikes = wire_strikes
         self.actor = actor
+        self.audit_timeout_s = audit_timeout_s
         self.term = -1
         self.secret = b""
         # (term, version, session) -> stage -> step -> (record, batch)
@@ -61,7 +62,7 @@ class Ledger:
         self.strikes: dict[str, list[WireFault]] = {}
         self.flagged: dict[str, Flag] = {}
         self.commitments = self.verified_links = self.broken_links = 0
-        self.audits = self.audit_failures = self.rejected = 0
+        self.audits = self.audit_failures = self.rejected = self.expired = 0
 
     def take_office(self, term: int) -> None:
         if term != self.term:
@@ -85,9 +86,10 @@ class Ledger:
             self.rejected += 1
             log.warning("commitment.rejected", node=b.node, error=str(exc))
             return
-        key = (b.term, b.version, b.records[0].session if b.records else "")
+        self._expire()
         if not b.records:
             return
+        key = (b.term, b.version, b.records[0].session)
         by_stage = self.log.setdefault(key, {})
         self.log.move_to_end(key)
         while len(self.log) > self.max_sessions:
@@ -124,7 +126,7 @@ class Ledger:
                 return
             req = AuditRequest(p.request.audit_id, 2, p.request.session, p.request.step, b, p.request.records,
                                p.request.n_stages)
-            p.request, p.auditors = req, p.auditors + [second]
+            p.request, p.auditors, p.sent_at = req, p.auditors + [second], time.monotonic()
             log.warning("audit.escalated", node=b.node, first=res.auditor, second=second, reason=res.reason)
             self.send(second, self.actor, req)
             return
@@ -146,6 +148,13 @@ class Ledger:
                                      "claimed": s.claimed.hex(), "actual": s.actual.hex()} for s in strikes]})
 
     # -- internals ------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        """Forget audits nobody answered (the auditor died or was cut off): no judgement."""
+        now = time.monotonic()
+        for aid in [a for a, p in self.pending.items() if now - p.sent_at > self.audit_timeout_s]:
+            del self.pending[aid]
+            self.expired += 1
 
     def _selected(self, r: StepRecord) -> bool:
         u = int.from_bytes(blake3.blake3(self.secret + leaf_hash(r)).digest(8), "little") / 2.0 ** 64

@@ -42,7 +42,7 @@ class _SessionLog:
 
 class StageRecorder:
     def __init__(self, identity: NodeIdentity, send: Send, coordinator: Callable[[], str | None], *,
-                 fault: Fault | None = None, chunk: int = 8, max_sessions: int = 32, keep_outputs: int = 64):
+                 fault: Fault | None = None, chunk: int = 8, max_sessions: int = 64, keep_outputs: int = 64):
         self.identity = identity
         self.send = send
         self.coordinator = coordinator
@@ -50,7 +50,8 @@ class StageRecorder:
         self.chunk = chunk
         self.max_sessions = max_sessions
         self.keep_outputs = keep_outputs
-        self.sessions: OrderedDict[str, _SessionLog] = OrderedDict()
+        # (session, (term, version)) -> log: a replay on a new plan keeps the old plan's steps auditable
+        self.sessions: OrderedDict[tuple[str, tuple[int, int]], _SessionLog] = OrderedDict()
         self.commitments = 0
         self.batches = 0
         self.wire_faults_seen = 0
@@ -102,7 +103,7 @@ class StageRecorder:
         self.commit_s += time.perf_counter() - started
 
     def on_end(self, host, session: str) -> None:
-        s = self.sessions.get(session)
+        s = self.sessions.get((session, host.epoch))
         if s is not None and s.pending:
             self._flush(host, s)
 
@@ -116,8 +117,8 @@ class StageRecorder:
     # -- what auditors fetch ------------------------------------------------------------
 
     def fetch(self, req: AuditFetch) -> AuditData:
-        s = self.sessions.get(req.session)
-        if s is None or s.epoch != (req.term, req.version):
+        s = self.sessions.get((req.session, (req.term, req.version)))
+        if s is None:
             return AuditData(False, "session not held (evicted from the retention window, or another plan)")
         steps = sorted(k for k in s.inputs if req.from_step <= k <= req.step)
         if not steps or steps[-1] != req.step or req.step not in s.outputs:
@@ -131,10 +132,11 @@ class StageRecorder:
     # -- internals ----------------------------------------------------------------------
 
     def _session(self, session: str, epoch: tuple[int, int]) -> _SessionLog:
-        s = self.sessions.get(session)
-        if s is None or s.epoch != epoch:
-            s = self.sessions[session] = _SessionLog(epoch)
-        self.sessions.move_to_end(session)
+        key = (session, epoch)
+        s = self.sessions.get(key)
+        if s is None:
+            s = self.sessions[key] = _SessionLog(epoch)
+        self.sessions.move_to_end(key)
         while len(self.sessions) > self.max_sessions:
             self.sessions.popitem(last=False)
         return s
