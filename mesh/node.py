@@ -57,6 +57,10 @@ class InsecureBind(MeshError):
     pass
 
 
+_LEADERLESS = ("this node has no coordinator: it cannot reach a majority of the cluster's voters "
+               "(cut off from the others, or too few nodes online); retry on another node or when they return")
+
+
 @dataclass
 class NodeConfig:
     model: str = models.DEFAULT_MODEL
@@ -78,6 +82,7 @@ class NodeConfig:
     threads: int | None = None
     max_batch: int = 16
     campaign: bool = True  # False: vote, but never become coordinator (e.g. a node that serves clients)
+    leaderless_grace_s: float = 3.0  # without a coordinator this long, stop serving (cut off from the majority)
     audit_rate: float = 0.2  # share of stage steps audited (mesh.verify)
     fault: str | None = None  # test-only misbehaviour, mesh.verify.faults spec
 
@@ -122,6 +127,7 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self.started_at = time.time()
         self.failovers: list[dict] = []
+        self._leaderless_since: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -250,9 +256,25 @@ class Node:
         return last_refresh
 
     async def _watch_sessions(self) -> None:
+        """Replay stalled sessions; stop serving when cut off from the majority."""
         while True:
             await asyncio.sleep(0.5)
+            if self._leaderless_for() > self.config.leaderless_grace_s and self.plan_ready:
+                # A minority side must not keep serving on its last plan: it cannot fence,
+                # re-plan or heal. It serves again when a coordinator re-sends the plan.
+                log.warning("node.cut_off", seconds=round(self._leaderless_for(), 1))
+                self.plan_ready = False
+                self._notify_plan()
+                self.serving.fail_all(Unavailable(_LEADERLESS))
             self.serving.check_stalls()
+
+    def _leaderless_for(self) -> float:
+        if self.cluster is None or self.cluster.coordinator is not None:
+            self._leaderless_since = None
+            return 0.0
+        if self._leaderless_since is None:
+            self._leaderless_since = time.monotonic()
+        return time.monotonic() - self._leaderless_since
 
     def _capacities(self) -> list[NodeCapacity]:
         # A suspect node keeps its place until it is declared dead: no re-plan on a hiccup.
@@ -358,6 +380,11 @@ class Node:
         params.validate(prompt_len=len(prompt_ids), context_length=self.model_config.context_length)
         if self.plan is not None and self.plan.error:
             raise Unavailable(self.plan.error)
+        deadline = time.monotonic() + self.config.leaderless_grace_s
+        while self.cluster.coordinator is None:  # an election takes about a second; a cut-off lasts
+            if time.monotonic() > deadline:
+                raise Unavailable(_LEADERLESS)
+            await asyncio.sleep(0.1)
         await self.wait_ready(timeout=wait_s)
         async for event in self.serving.generate(prompt_ids, params):
             yield event

@@ -34,6 +34,10 @@ class DetectorConfig:
     acceptable_pause: float = 0.0
     suspect_phi: float = 3.0
     dead_phi: float = 8.0
+    # A closed connection that stays closed this long, with no heartbeat since, is a
+    # dead node: a crashed process's sockets are reset by its kernel at once. A cut
+    # cable or a frozen machine sends nothing, and heartbeats decide as before.
+    link_grace: float = 0.3
 
 
 class PhiAccrual:
@@ -43,8 +47,10 @@ class PhiAccrual:
         self.cfg = config
         self.intervals: deque[float] = deque(maxlen=config.window)
         self.last: float | None = None
+        self.link_lost: float | None = None
 
     def heartbeat(self, now: float) -> None:
+        self.link_lost = None
         if self.last is not None:
             gap = now - self.last
             if gap < 0:
@@ -70,6 +76,8 @@ class PhiAccrual:
         return -math.log10(p_later) if p_later > 0 else math.inf
 
     def state(self, now: float) -> Liveness:
+        if self.link_lost is not None and now - self.link_lost >= self.cfg.link_grace:
+            return Liveness.DEAD
         phi = self.phi(now)
         if phi >= self.cfg.dead_phi:
             return Liveness.DEAD
@@ -87,6 +95,17 @@ class FailureDetector:
 
     def heartbeat(self, node: str, now: float) -> None:
         self.peers.setdefault(node, PhiAccrual(self.cfg)).heartbeat(now)
+
+    def link_down(self, node: str, now: float) -> None:
+        """The transport lost its connection to ``node`` (it redials on its own)."""
+        peer = self.peers.get(node)
+        if peer is not None and peer.link_lost is None:
+            peer.link_lost = now
+
+    def link_up(self, node: str) -> None:
+        peer = self.peers.get(node)
+        if peer is not None:
+            peer.link_lost = None
 
     def forget(self, node: str) -> None:
         self.peers.pop(node, None)

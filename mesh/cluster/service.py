@@ -314,6 +314,9 @@ class ClusterService:
     def _on_peer_event(self, event: PeerEvent) -> None:
         if event.up:
             self.election.add_peer(event.node_id)
+            self.detector.link_up(event.node_id)
+        else:
+            self.detector.link_down(event.node_id, time.monotonic())
 
     def _on_raft(self, wire: RaftWire) -> None:
         msg = from_wire(wire)

@@ -45,10 +45,6 @@ def plan_ready(lab: JoinLab, stages: int) -> bool:
                for v in views)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline side, observed 2026-11-22: the majority finishes with identical tokens (re-plan [1,2] + replay "
-    "of 6 tokens), but the cut-off node accepts a new request with its old ready plan and logs "
-    "session.stalled every 5.5 s instead of failing it (no coordinator -> Unavailable); remove when fixed"))
 def test_majority_finishes_identically_minority_serves_nothing_and_heals() -> None:
     reason = netns_skip_reason()
     if reason:
