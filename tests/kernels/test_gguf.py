@@ -62,6 +62,7 @@ def test_dequantize_matches_gguf_package(synthetic):
         np.testing.assert_array_equal(got, expected, err_msg=name)
 
 
+@pytest.mark.slow
 def test_real_model_tensors_match_gguf_package(model_path: Path):
     f = GGUFFile(model_path)
     r = gguf.GGUFReader(str(model_path))

@@ -46,7 +46,8 @@ async def test_loop_stays_responsive_during_long_prefill(full_stage):
     assert seen == [runner.thread_id] and seen[0] != threading.get_ident()
     assert elapsed > 0.1  # the prefill was long enough to matter
     assert len(gaps) >= elapsed / 0.01 / 4  # the timer kept firing throughout
-    assert max(gaps) < 0.1, max(gaps)
+    # a stalled loop would show one gap as long as the prefill; allow scheduler noise
+    assert max(gaps) < min(0.25, elapsed / 2), (max(gaps), elapsed)
 
 
 def test_greedy_generate_stops_and_times(full_stage, chat_ids):

@@ -63,6 +63,7 @@ def test_quant_mode_keeps_blocks(model_path: Path):
     assert q.source_digest == f32.source_digest
 
 
+@pytest.mark.slow
 def test_qk_rows_are_in_hf_layout(model_path: Path, hf_reference):
     model, _ = hf_reference
     sd = model.state_dict()
