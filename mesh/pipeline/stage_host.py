@@ -80,6 +80,7 @@ class StageHost:
         self.stage: Stage | None = None
         self.meta: dict[str, SessionMeta] = {}
         self.last_sent: dict[str, tuple[str, Forward]] = {}
+        self.front: dict[str, int] = {}  # first stage: the furthest step of each session it started
         self.queue: asyncio.Queue[_Work] = asyncio.Queue()
         self.stats = StageStats()
         self._task: asyncio.Task | None = None
@@ -182,6 +183,7 @@ class StageHost:
             return  # the session's EndSession overtook this step: caching it would leak
         if msg.meta is not None:
             self.meta[msg.session] = msg.meta
+            self.front[msg.session] = max(self.front.get(msg.session, -1), msg.step)
         elif msg.session not in self.meta:
             log.debug("forward.unknown_session", session=msg.session)
             return
@@ -192,8 +194,9 @@ class StageHost:
         if (msg.term, msg.version) != self.epoch or not self.is_first or msg.finish_reason:
             return
         meta = self.meta.get(msg.session)
-        if meta is None:
-            return
+        if meta is None or msg.seq + 1 <= self.front.get(msg.session, -1):
+            return  # a second chain of the session (a replay while its step was slow): keep one
+        self.front[msg.session] = msg.seq + 1
         tokens = np.array([msg.token], dtype=np.int32)
         fwd = Forward(msg.term, msg.version, msg.session, step=msg.seq + 1, start_pos=meta.prompt_len + msg.seq,
                       sender=self.node_id, digest=tensor_digest(tokens), tokens=tokens)
@@ -222,6 +225,7 @@ class StageHost:
     def _free(self, session: str) -> None:
         self.meta.pop(session, None)
         self.last_sent.pop(session, None)
+        self.front.pop(session, None)
         self._to_free.append(session)  # the KV cache belongs to the compute thread: freed there
 
     # -- the batching loop --------------------------------------------------------------
