@@ -127,3 +127,26 @@ async def test_client_going_away_during_prefill_frees_kv_on_every_stage(pipeline
     await _wait_for(lambda: _no_caches(pipeline), timeout=10)
     assert await pipeline.cache_lens() == {n: {} for n in pipeline.nodes}
     assert all(not h.meta for h in pipeline.hosts.values())
+
+
+async def test_replays_of_a_slow_session_do_not_multiply_its_work(pipeline, reference):
+    """The serving node replays a session it thinks stalled (check_stalls) while its step
+    is only slow; the replay and the old step then both come back around the ring. The
+    first stage must keep one chain: else every replay doubles the session's work for
+    good, and under load (steps slower than the stall timeout) the mesh collapses."""
+    prompt = PROMPTS[4]
+    want = reference.tokens(Request(prompt, 0.0, max_tokens=TOKENS))
+    first = pipeline.hosts[pipeline.nodes[0]]
+    steps_before = first.stats.steps
+    events = pipeline.serving.generate(pipeline.encode_chat(prompt), GenerationParams(max_tokens=TOKENS))
+    got, replays = [], 0
+    async for event in events:
+        if not event.stop_token:
+            got.append(event.token_id)
+        if len(got) in (2, 4, 6) and replays < len(got) // 2:
+            replays += pipeline.serving.check_stalls(now=time.monotonic() + 3600)  # "stalled": replay it
+    assert replays == 3
+    assert got == want
+    await asyncio.sleep(0.5)  # anything still in flight
+    steps = first.stats.steps - steps_before
+    assert steps <= len(want) + 2 * replays, f"{steps} steps at stage 0 for {len(want)} tokens"
