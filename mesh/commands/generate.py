@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from kernels.stage import StageSpec, load_stage
     from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 
-    path = models.resolve(args.model, fetch=True)
+    path = models.resolve(args.model, fetch=True, progress=sys.stderr.isatty())
     try:
         config = load_config(path)
         tokenizer = Tokenizer.from_model(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from mesh import models
 
@@ -28,6 +29,6 @@ def run(args: argparse.Namespace) -> int:
                 state = "cached" if row["cached"] else "not cached"
                 print(f"{row['name']:<16} {state:<11} {row['description']}")
         return 0
-    path = models.pull(args.name)
+    path = models.pull(args.name, progress=sys.stderr.isatty())
     print(path)
     return 0

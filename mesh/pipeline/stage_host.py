@@ -146,6 +146,8 @@ class StageHost:
         spec = StageSpec(mine.start, mine.end, embed=mine.index == 0, head=mine.index == n - 1)
         try:
             if self.stage is None or self.stage.spec != spec:
+                log.info("stage.loading", index=mine.index, layers=[mine.start, mine.end], embed=spec.embed,
+                         head=spec.head, backend=self.backend, weight_mode=self.weight_mode)
                 self.entry, self.stage = None, None  # release the old layers before loading the new ones
                 self.stage = await self.runner.run(load_stage, self.model_path, spec, self.backend,
                                                    self.weight_mode)
