@@ -13,9 +13,9 @@ import asyncio
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import structlog
@@ -27,8 +27,19 @@ from kernels.runner import ComputeRunner
 from kernels.sampling import SamplingParams, sample
 from kernels.stage import Stage, StageSpec, StepInput, load_stage
 from mesh.verify.commitment import CommitmentRejected, result_bytes, verify_batch
-from mesh.verify.messages import AuditData, AuditFetch, AuditRequest, AuditResult, StepRecord
-from mesh.verify.tolerance import audit_backend, audit_weight_mode, grid_hash, tolerance_for
+from mesh.verify.messages import (
+    AuditData,
+    AuditFetch,
+    AuditRequest,
+    AuditResult,
+    StepRecord,
+)
+from mesh.verify.tolerance import (
+    audit_backend,
+    audit_weight_mode,
+    grid_hash,
+    tolerance_for,
+)
 
 log = structlog.get_logger("mesh.verify.auditor")
 AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "10"))  # CPU share of audits vs stages (0..19)
@@ -107,7 +118,7 @@ class Auditor:
     """Audits asked of this node. ``fetch(node, AuditFetch)`` asks the audited node."""
 
     def __init__(self, identity: NodeIdentity, model_path: Path, backend: str,
-                 fetch: Callable[[str, AuditFetch], "asyncio.Future[AuditData]"],
+                 fetch: Callable[[str, AuditFetch], asyncio.Future[AuditData]],
                  report: Callable[[str, AuditResult], None], *, max_tracks: int = 16):
         self.identity = identity
         self.model_path = model_path
@@ -142,7 +153,7 @@ class Auditor:
             verdict = Verdict(False, f"commitment rejected: {exc}")
         except asyncio.CancelledError:
             raise
-        except (ActorsError, asyncio.TimeoutError) as exc:  # unreachable (dead, or we are cut off)
+        except (TimeoutError, ActorsError) as exc:  # unreachable (dead, or we are cut off)
             verdict = Verdict(False, f"{type(exc).__name__}: {exc}", inconclusive=True)
         self.audits += 1
         result = AuditResult(req.audit_id, req.round, self.identity.node_id, b.node, req.session, req.step,

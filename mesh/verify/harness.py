@@ -25,6 +25,8 @@ from mesh.verify.faults import Fault
 from mesh.verify.messages import AuditData, StepRecord
 from mesh.verify.tolerance import audit_backend, audit_weight_mode
 
+GREEDY = SamplingParams()
+
 
 @dataclass
 class StageTrace:
@@ -61,7 +63,7 @@ class StageCache:
 
 
 def run_pipeline(cache: StageCache, prompt_ids: list[int], configs: list[tuple[str, str]], *, max_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), fault: Fault | None = None, session: str = "s",
+                 sampling: SamplingParams = GREEDY, fault: Fault | None = None, session: str = "s",
                  eos_ids: tuple[int, ...] = ()) -> tuple[list[int], list[StageTrace]]:
     """Generate ``max_tokens`` through len(configs) stages; ``fault.stage`` cheats."""
     specs = split(cache.config.n_layers, len(configs))

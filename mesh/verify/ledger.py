@@ -13,14 +13,20 @@ import json
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import blake3
 import structlog
 
 from mesh.verify.commitment import CommitmentRejected, leaf_hash, verify_batch
-from mesh.verify.messages import AuditRequest, AuditResult, CommitBatch, StepRecord, WireFault
+from mesh.verify.messages import (
+    AuditRequest,
+    AuditResult,
+    CommitBatch,
+    StepRecord,
+    WireFault,
+)
 
 log = structlog.get_logger("mesh.verify.ledger")
 

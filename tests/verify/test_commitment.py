@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from actors import NodeIdentity
-from actors import codec
+from actors import NodeIdentity, codec
 from mesh.verify.commitment import (
     CommitmentRejected,
     leaf_hash,

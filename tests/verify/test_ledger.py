@@ -94,9 +94,9 @@ def test_a_failed_audit_that_the_second_auditor_clears_does_not_flag():
     members = {i.node_id: "torch" for i in ids}
     ledger.on_batch(_batches(ids[1], 1, [0]), EPOCH, _plan(ids), members)
     req = net.of(AuditRequest)[0]
-    first = [n for n, _, m in net.sent if m is req][0]
+    first = next(n for n, _, m in net.sent if m is req)
     ledger.on_result(AuditResult(req.audit_id, 1, first, ids[1].node_id, "s", 0, False, "x", 1, 1, "torch"), members)
-    second = [n for n, _, m in net.sent if isinstance(m, AuditRequest) and m.round == 2][0]
+    second = next(n for n, _, m in net.sent if isinstance(m, AuditRequest) and m.round == 2)
     ledger.on_result(AuditResult(req.audit_id, 2, second, ids[1].node_id, "s", 0, True, "ok", 0, 0, "torch"), members)
     assert not flags and ledger.audits == 2 and ledger.audit_failures == 1
 
