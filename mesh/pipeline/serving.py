@@ -186,7 +186,10 @@ class Serving:
             if session.done or session.epoch != (plan.term, plan.version):
                 continue
             length = len(session.prompt_ids) + session.sequencer.next_seq
-            if now - session.last_progress > self.stall_s + self.stall_s_per_token * length:
+            # Back off per replay: on a loaded machine a step can outlast the timeout, and
+            # replaying every few seconds would only add prefills to the queue it waits in.
+            backoff = 2 ** min(session.replays, 6)
+            if now - session.last_progress > (self.stall_s + self.stall_s_per_token * length) * backoff:
                 self.stalls += 1
                 session.replays += 1
                 replayed += 1
