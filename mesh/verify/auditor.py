@@ -155,6 +155,9 @@ class Auditor:
             raise
         except (TimeoutError, ActorsError) as exc:  # unreachable (dead, or we are cut off)
             verdict = Verdict(False, f"{type(exc).__name__}: {exc}", inconclusive=True)
+        except Exception as exc:  # what the node supplied cannot be run (wrong shapes, ...): it fails
+            log.exception("audit.error", node=b.node, session=req.session, step=req.step)
+            verdict = Verdict(False, f"{type(exc).__name__}: {exc}")
         self.audits += 1
         result = AuditResult(req.audit_id, req.round, self.identity.node_id, b.node, req.session, req.step,
                              verdict.ok, verdict.reason, float(verdict.max_row_rel_l2), float(verdict.outside_share),
