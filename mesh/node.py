@@ -435,7 +435,7 @@ class Node:
         s = self.stage_host.stats
         return {"steps": s.steps, "batches": s.batches, "tokens_sampled": s.tokens_sampled,
                 "digest_mismatches": s.digest_mismatches, "retransmits": s.retransmits_sent,
-                "busy_s": round(s.busy_s, 3)}
+                "busy_s": round(s.busy_s, 3), "sessions": len(self.stage_host.meta)}
 
     def mesh_info(self) -> dict:
         pipeline = [] if self.plan is None else [
