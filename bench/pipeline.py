@@ -10,6 +10,10 @@ measured in one run on the same backend, model and prompt; prints one JSON objec
 
 Every figure is the best of ``--repeat`` runs (less sensitive to other load on the
 machine). Usage: ``python bench/pipeline.py [--nodes 3] [--max-tokens 64] [--threads N]``.
+
+``--agreement mixed`` measures something else: how often and where the tokens of a
+mesh of that backend (mixed: torch and MLX nodes alternate) differ from single-device
+torch, for greedy and seeded sampling on the pipeline tests' prompts (48 tokens).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 
@@ -104,6 +109,38 @@ async def _view(api: str) -> dict | None:
             return await resp.json() if resp.status == 200 else None
 
 
+def agreement(args: argparse.Namespace) -> dict:
+    """Per request: the first token where the mesh differs from single-device torch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "pipeline"))
+    from meshtest import MODES, PROMPTS, Reference, Request, ask_all, cluster_view, run, running_cluster
+
+    from mesh import models
+
+    reference = Reference(models.resolve(args.model, fetch=True))
+    requests = [Request(p, t) for t in MODES.values() for p in PROMPTS[:args.prompts]]
+    for req in requests:
+        reference.tokens(req)
+    with running_cluster(args.nodes, backend=args.agreement, ready_timeout=300) as cluster:
+        view = run(cluster_view(cluster.nodes[0].api))
+        results = []
+        for i in range(0, len(requests), args.concurrency):  # a few at a time: MLX on CPU is slow to prefill
+            results += run(ask_all(cluster.nodes[0].api, requests[i:i + args.concurrency]))
+    rows = []
+    for req, res in zip(requests, results):
+        want, got = reference.tokens(req), res.token_ids
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if first is None and len(got) != len(want):
+            first = min(len(got), len(want))
+        rows.append({"prompt": req.prompt, "temperature": req.temperature, "first_difference": first,
+                     "tokens": [len(got), len(want)]})
+    same = sum(r["first_difference"] is None for r in rows)
+    return {"bench": "pipeline-agreement", "backend": args.agreement, "nodes": args.nodes,
+            "pipeline": [{"layers": s["layers"], "backend": s["backend"]} for s in view["plan"]["stages"]],
+            "requests": len(rows), "identical": same,
+            "first_16_equal": sum(r["first_difference"] is None or r["first_difference"] >= 16 for r in rows),
+            "rows": rows}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=3)
@@ -112,7 +149,14 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeat", type=int, default=2, help="runs per figure; the best is kept (default 2)")
     p.add_argument("--threads", type=int, help="pass --threads N to every node (default: the node's choice)")
+    p.add_argument("--agreement", choices=["torch", "mlx", "mixed"],
+                   help="instead: compare a mesh of this backend with single-device torch, token by token")
+    p.add_argument("--prompts", type=int, default=5, help="prompts for --agreement (default 5)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests at once for --agreement (default 2)")
     args = p.parse_args()
+    if args.agreement:
+        print(json.dumps(agreement(args), indent=1))
+        return 0
     single = single_device(args.model, args.backend, args.max_tokens, args.repeat)
     mesh = asyncio.run(mesh_figures(args))
     c = mesh["concurrent"]
