@@ -6,7 +6,7 @@ ratios, greedy agreement of quant vs float32 on the first 16 tokens of 5 chat
 prompts, and the weight bytes/s our decode achieves as a share of the memory
 copy bandwidth measured here.
 
-    python bench/decode.py [--max-tokens 64] [--reps 3] [--quick] [--model PATH]
+    python bench/decode.py [--max-tokens 32] [--reps 5] [--quick] [--model PATH]
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def greedy(stage, ids: np.ndarray, n: int) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: smollm2-135m)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="decode tokens per timed run")
-    ap.add_argument("--reps", type=int, default=3, help="timed runs per engine (best is kept)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="decode tokens per timed run")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per engine (best is kept)")
     ap.add_argument("--quick", action="store_true", help="16 tokens, 1 rep, 2 agreement prompts")
     args = ap.parse_args()
     n, reps, n_agree = args.max_tokens, args.reps, len(PROMPTS)

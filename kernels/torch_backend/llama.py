@@ -40,6 +40,11 @@ class Layer:
     down: Linear
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm, op for op (float32 throughout)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
 def rope_tables(config: ModelConfig, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin, ``(n_positions, head_dim)`` float32, computed as HF does."""
     d = config.head_dim
@@ -235,7 +240,7 @@ class TorchLlamaStage(Stage):
             return x.numpy().copy()
         if not all_logits:
             x = x[-1:]
-        x = F.rms_norm(x, (x.shape[-1],), self._norm, self.config.rms_eps)
+        x = rms_norm(x, self._norm, self.config.rms_eps)
         return self._lm_head(x).numpy()
 
     def _run(self, x: torch.Tensor, pos: torch.Tensor, ctx: _Prefill | _Decode) -> torch.Tensor:
@@ -243,15 +248,14 @@ class TorchLlamaStage(Stage):
         n, hd, eps = x.shape[0], c.head_dim, c.rms_eps
         qk_dim = self._q_dim + self._kv_dim
         cos, sin = self._cos[pos][:, None, :], self._sin[pos][:, None, :]
-        shape = (x.shape[-1],)
         for li, layer in enumerate(self.layers):
-            qkv = layer.qkv(F.rms_norm(x, shape, layer.attn_norm, eps))
+            qkv = layer.qkv(rms_norm(x, layer.attn_norm, eps))
             qk = qkv[:, :qk_dim].view(n, -1, hd)
             qk = qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin
             q, k = qk[:, :c.n_heads], qk[:, c.n_heads:]
             v = qkv[:, qk_dim:].view(n, c.n_kv_heads, hd)
             x = x + layer.o(ctx.attend(li, q, k, v))
-            gu = layer.gate_up(F.rms_norm(x, shape, layer.mlp_norm, eps))
+            gu = layer.gate_up(rms_norm(x, layer.mlp_norm, eps))
             g, u = gu.split(gu.shape[-1] // 2, dim=-1)
             x = x + layer.down(F.silu(g) * u)
         return x
