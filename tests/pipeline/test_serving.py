@@ -56,8 +56,9 @@ async def _metric(api: str, name: str) -> float:
 
 
 def test_client_that_goes_away_ends_its_session(cluster3):
-    """The serving node ends the session when the client's connection drops (the stages
-    then free its KV caches: test_stage_integrity checks that part from inside)."""
+    """The serving node ends the session when the client's connection drops, every stage
+    drops it and the pipeline stops computing it (that the KV caches are freed at once is
+    checked from inside the stages in test_stage_integrity)."""
     api = cluster3.nodes[2].api
     apis = [n.api for n in cluster3.nodes]
 
@@ -75,6 +76,8 @@ def test_client_that_goes_away_ends_its_session(cluster3):
                         if chunks == 5:
                             break
                 assert await _metric(api, "mesh_sessions_active") == 1
+                held = [(await cluster_view(a))["stage"]["sessions"] for a in apis]
+                assert held == [1, 1, 1]
             # leaving the blocks closes the connection: the client went away mid-stream
         deadline = time.monotonic() + 15
         while await _metric(api, "mesh_sessions_active") != 0:
@@ -83,10 +86,12 @@ def test_client_that_goes_away_ends_its_session(cluster3):
         await asyncio.sleep(1.0)
         steps_quiet = [(await cluster_view(a))["stage"]["steps"] for a in apis]
         await asyncio.sleep(1.0)
-        steps_later = [(await cluster_view(a))["stage"]["steps"] for a in apis]
-        return steps_at, steps_quiet, steps_later
+        views = [await cluster_view(a) for a in apis]
+        steps_later = [v["stage"]["steps"] for v in views]
+        return steps_at, steps_quiet, steps_later, [v["stage"]["sessions"] for v in views]
 
-    steps_at, steps_quiet, steps_later = run(scenario())
+    steps_at, steps_quiet, steps_later, held = run(scenario())
+    assert held == [0, 0, 0]
     assert steps_quiet == steps_later, "the pipeline kept computing a session nobody reads"
     assert all(q - a < 400 for a, q in zip(steps_at, steps_quiet))
 
