@@ -68,7 +68,7 @@ class Ledger:
         self.strikes: dict[str, list[WireFault]] = {}
         self.flagged: dict[str, Flag] = {}
         self.commitments = self.verified_links = self.broken_links = 0
-        self.audits = self.audit_failures = self.rejected = self.expired = 0
+        self.audits = self.audit_failures = self.rejected = self.expired = self.unauditable = 0
 
     def take_office(self, term: int) -> None:
         if term != self.term:
@@ -193,6 +193,9 @@ class Ledger:
             return
         steps = self.log[key][b.stage]
         records = [steps[s][0] for s in sorted(steps) if s <= r.step]
+        if not _complete(records):
+            self.unauditable += 1  # this log started mid-session (a new coordinator): inputs unverifiable
+            return
         req = AuditRequest(self.next_id, 1, r.session, r.step, b, records, n_stages)
         self.pending[self.next_id] = _Pending(req, [auditor])
         self.next_id += 1
@@ -207,6 +210,16 @@ class Ledger:
             del self.pending[aid]
         log.error("node.flagged", node=node, reason=reason)
         self.flag(flag)
+
+
+def _complete(records: list[StepRecord]) -> bool:
+    """Records from position 0 with no hole: every input the re-run needs is committed."""
+    end = 0
+    for i, r in enumerate(records):
+        if r.start_pos > end or (i > 0 and r.step != records[i - 1].step + 1):
+            return False
+        end = r.start_pos + r.length
+    return bool(records)
 
 
 def _batch_json(b: CommitBatch) -> dict:

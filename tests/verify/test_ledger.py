@@ -37,7 +37,7 @@ def _d(tag: str, step: int) -> bytes:
 
 
 def _batches(ident, stage, steps, out_of=lambda s: _d("out", s), in_of=lambda s: _d("in", s)):
-    records = [StepRecord("s", s, s, 1, in_of(s), out_of(s)) for s in steps]
+    records = [StepRecord("s", s, s, 1, in_of(s), out_of(s)) for s in steps]  # step s at position s
     return sign_batch(ident, term=1, version=1, stage=stage, start=10 * stage, end=10 * stage + 10,
                       backend="torch", weight_mode="float32", weights_digest=b"w" * 32, records=records)
 
@@ -122,3 +122,15 @@ def test_corrupt_wire_is_caught_on_the_same_step_and_flags_the_sender():
     for report in net.of(WireFault):
         ledger.on_wire_fault(report)
     assert [f.node for f in flags] == [sender.node_id]
+
+
+def test_a_log_that_starts_mid_session_is_not_audited():
+    """A coordinator that took office mid-session lacks the early commitments: it cannot
+    check the inputs an auditor would fetch, so it must not ask (nor accuse)."""
+    ids = [NodeIdentity.generate() for _ in range(3)]
+    net, flags = Net(), []
+    ledger = Ledger("c", net, flags.append, audit_rate=1.0)
+    ledger.take_office(2)
+    members = {i.node_id: "torch" for i in ids}
+    ledger.on_batch(_batches(ids[1], 1, range(8, 16)), EPOCH, _plan(ids), members)
+    assert not net.of(AuditRequest) and ledger.unauditable == 8
