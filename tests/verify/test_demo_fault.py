@@ -10,14 +10,18 @@ import sys
 import pytest
 
 
+def _demo(spec: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "mesh", "demo", "--json", "--max-tokens", "50", "--fault",
+                          f"stage=1:{spec}", "--audit-rate", "0.2", "--timeout", "240"],
+                         capture_output=True, text=True, timeout=560, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_demo_flags_and_evicts_a_tampering_stage(model_path):
-    out = subprocess.run([sys.executable, "-m", "mesh", "demo", "--json", "--max-tokens", "50", "--fault",
-                          "stage=1:tamper:scale=0.01", "--audit-rate", "0.2", "--timeout", "240"],
-                         capture_output=True, text=True, timeout=560, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout)
+    result = _demo("tamper:scale=0.01")
     v = result["verification"]
     assert result["finish_reason"] in ("length", "stop") and result["token_ids"]
     assert v["commitments"] > 0 and v["verified_links"] > 0 and v["audit_failures"] >= 2
@@ -25,3 +29,14 @@ def test_demo_flags_and_evicts_a_tampering_stage(model_path):
     assert flag["reason"].startswith("two audits failed")
     assert len(flag["evidence"]["audits"]) == 2 and flag["evidence"]["batch"]["stage"] == 1
     assert flag["node"] not in [s["node"] for s in result["pipeline"]]  # evicted: re-planned without it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_flags_a_stage_that_corrupts_the_wire(model_path):
+    result = _demo("corrupt-wire")
+    assert result["finish_reason"] in ("length", "stop") and len(result["token_ids"]) > 0
+    (flag,) = result["verification"]["flagged_nodes"]
+    reports = flag["evidence"]["reports"]
+    assert len(reports) == 2 and all(r["claimed"] != r["actual"] for r in reports)
+    assert flag["node"] not in [s["node"] for s in result["pipeline"]]
