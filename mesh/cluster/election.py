@@ -435,16 +435,21 @@ class Election:
     def _on_membership_request(self, m: JoinRequest | LeaveRequest) -> None:
         if self.role is not Role.COORDINATOR:
             return
+        if m.src != self.id:
+            # The requester learns from the log whether it is (still) a voter. A coordinator
+            # that leaves itself has nobody to tell: an Append to itself would make it step
+            # down with itself as leader, and as the last voter it would never campaign again.
+            if isinstance(m, JoinRequest):
+                self._learners.add(m.src)
+            else:
+                self._learners.discard(m.src)
+            self._send_append(m.src)
         voters = set(self.voters)
         if isinstance(m, JoinRequest):
-            self._learners.add(m.src)
-            self._send_append(m.src)
             if m.src in voters or not self._can_change_config():
                 return
             voters.add(m.src)
         else:
-            self._learners.discard(m.src)
-            self._send_append(m.src)  # it learns from the log whether it is still a voter
             if m.src not in voters or len(voters) == 1 or not self._can_change_config():
                 return
             voters.discard(m.src)
@@ -545,6 +550,7 @@ class Election:
     # ---- output --------------------------------------------------------------------
 
     def _send(self, to: str, m: Message) -> None:
+        assert to != self.id, f"{self.id} addressed {type(m).__name__} to itself"
         self._outbox.append((to, m))
 
     def _persist(self) -> None:

@@ -6,6 +6,8 @@ After every delivery and tick the invariants are checked:
 - committed log prefixes never disagree (configurations only change through commits);
 - no node accepts a command from a term lower than one it has seen (fencing), even
   across a restart (an accepted command's term is handed to the election, which saves it).
+- only a coordinator names itself as the coordinator (a follower that followed itself
+  would never campaign: with it as the last voter, the cluster never elected again).
 
 With `config.remove_dead_ticks` set, every node also heartbeats every peer each tick and
 runs a toy failure detector (dead after `DETECT_TICKS` of silence) that feeds
@@ -14,6 +16,9 @@ runs a toy failure detector (dead after `DETECT_TICKS` of silence) that feeds
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import heapq
 import random
@@ -28,7 +33,18 @@ from mesh.cluster.persistence import MemoryStorage
 
 DETECT_TICKS = 5
 
-structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))  # silence the sim
+
+
+@contextlib.contextmanager
+def silenced_logs() -> Iterator[None]:
+    """The simulator drives thousands of elections: keep their log lines out, then
+    restore whatever logging the process had (other tests capture logs)."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 @dataclass(frozen=True)
@@ -206,6 +222,8 @@ class Sim:
                 raise InvariantViolation(
                     f"seed={self.seed}: two coordinators in term {e.term}: {holder} and {node.id}"
                 )
+        if e.leader == node.id and not e.is_coordinator:
+            raise InvariantViolation(f"seed={self.seed}: {node.id} is a {e.role.value} that follows itself")
         prefix = e.log[: e.commit]
         common = min(len(prefix), len(self.committed))
         if prefix[:common] != self.committed[:common]:

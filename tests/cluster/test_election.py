@@ -158,3 +158,51 @@ def test_set_dead_counts_only_while_dead_and_a_message_resets_it() -> None:
     assert e._dead_ticks == {"b": 0}
     e.set_dead(set())
     assert e._dead_ticks == {}
+
+
+def test_a_last_voter_that_wants_to_leave_stays_coordinator() -> None:
+    """Its own LeaveRequest must not reach itself as an Append: that made it a follower whose
+    leader was itself, and as the only voter nobody could ever be elected again."""
+    a = node("a", ("a",))
+    for _ in range(20):
+        a.tick()
+    assert a.is_coordinator
+    out = a.leave()
+    for _ in range(50):
+        out += a.tick()
+    assert all(dst != "a" for dst, _ in out), out
+    assert a.is_coordinator and a.leader == "a" and a.voters == ("a",) and a.term == 1
+
+
+def test_founders_that_all_leave_hand_over_to_the_nodes_that_joined() -> None:
+    """The hypothesis case (n=3, seed=0): two nodes join, then all three founders leave at once.
+    The last founder must not stop campaigning: the joiners end up as the only voters."""
+    sim = Sim(0)
+    sim.bootstrap(3)
+    joiners = {sim.add_node(), sim.add_node()}
+    for founder in ("n0", "n1", "n2"):
+        sim._send(founder, sim.nodes[founder].election.leave())
+    sim.converge(300)
+    coordinator = next(n.election for n in sim.nodes.values() if n.election.is_coordinator)
+    assert coordinator.id in joiners and set(coordinator.voters) == joiners
+    for n in sim.nodes.values():
+        assert n.election.is_voter == (n.id in joiners)
+        assert (n.election.leader == n.id) == n.election.is_coordinator
+
+
+def test_a_leaving_coordinator_commits_its_own_removal() -> None:
+    for seed in range(10):
+        sim = Sim(seed)
+        sim.bootstrap(3)
+        sim.converge(200)
+        leader = next(n for n in sim.nodes.values() if n.election.is_coordinator).election
+        term = leader.term
+        sim._send(leader.id, leader.leave())
+        for _ in range(50):
+            if not leader.is_voter:
+                break
+            assert leader.is_coordinator and leader.term == term, f"seed={seed}: stepped down before its removal"
+            sim.tick()
+        assert leader.voters == tuple(sorted(set(sim.nodes) - {leader.id}))
+        assert not leader.is_coordinator and leader.leader != leader.id
+        sim.converge(200)

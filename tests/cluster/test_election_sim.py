@@ -192,6 +192,7 @@ ElectionMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("MESH_SIM_EXAMPLES", "60")),
     stateful_step_count=40,
     deadline=None,
+    print_blob=True,  # with the printed steps (they carry the Sim seed) a failure replays exactly
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_election_machine = ElectionMachine.TestCase
