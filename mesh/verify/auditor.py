@@ -38,6 +38,7 @@ from mesh.verify.tolerance import (
     audit_backend,
     audit_weight_mode,
     grid_hash,
+    numeric_class,
     tolerance_for,
 )
 
@@ -73,10 +74,13 @@ def check_step(stage: Stage, key: str, records: dict[int, StepRecord], data: Aud
                *, producer_backend: str, weight_mode: str, last: bool) -> Verdict:
     """Extend ``stage``'s cache for ``key`` with the fetched steps and judge ``step``.
 
-    Runs on a compute thread. ``records`` are the signed records by step."""
+    Runs on a compute thread. ``records`` are the signed records by step. The f32 class
+    re-runs the fetched steps as one chunk (prefill and decode agree to ~1e-6 there);
+    the bf16 class replays them in the stage's own step shapes, the only way it reproduces."""
     offset = 0
-    produced = None
-    for s, pos, n in zip(data.steps, data.start_pos, data.lengths):
+    chunks = []
+    end = stage.cache_len(key)
+    for s, pos, n in zip(data.steps, data.start_pos, data.lengths, strict=True):
         x = data.inputs[offset:offset + n]
         offset += n
         rec = records.get(s)
@@ -84,10 +88,19 @@ def check_step(stage: Stage, key: str, records: dict[int, StepRecord], data: Aud
             return Verdict(False, f"no commitment for step {s} in the log", inconclusive=True)
         if tensor_digest(x) != rec.input_digest or rec.start_pos != pos:
             return Verdict(False, f"input of step {s} does not match its commitment")
-        if pos > stage.cache_len(key):  # below is a replay from an earlier position: the cache truncates
+        if pos > end:  # below is a replay from an earlier position: the cache truncates
             return Verdict(False, f"inputs are not contiguous at step {s} (position {pos})")
+        if chunks and pos == end and numeric_class(producer_backend, weight_mode) == "f32":
+            chunks[-1] = (chunks[-1][0], np.concatenate([chunks[-1][1], x]))
+        else:
+            chunks.append((pos, x))
+        end = pos + n
+    produced = None
+    for pos, x in chunks:
         item = StepInput(key, pos, tokens=x if stage.spec.embed else None, hidden=None if stage.spec.embed else x)
         produced = stage.forward([item])[0]
+    if produced is not None and not last:
+        produced = produced[-records[step].length:]
     rec = records[step]
     if data.output is None or tensor_digest(data.output) != rec.output_digest:
         return Verdict(False, "the fetched output does not match the committed output digest")
