@@ -3,7 +3,7 @@ measured in one run on the same backend, model and prompt; prints one JSON objec
 
 - decode tokens/s and time to first token of one session on the mesh, and of the
   single-device loop (``kernels.generate``, what `mesh generate` runs) in this process,
-  measured before the cluster starts so the two do not share the CPU; their ratio
+  run alternately with the mesh's (idle meanwhile), so both see the same outside load; their ratio
   (goal >= 0.9: the network costs less than 10%);
 - total tokens/s with 1, 4 and 8 sessions started together on the mesh, and the
   8-vs-1 ratio (goal >= 3: the stages batch concurrent sessions).
@@ -30,32 +30,42 @@ from pathlib import Path
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 
 
-def single_device(model: str, backend: str, max_tokens: int, repeat: int) -> dict:
-    from kernels.config import load_config
-    from kernels.generate import GenerationStats, generate
-    from kernels.stage import StageSpec, load_stage
-    from kernels.tokenizer import Tokenizer
-    from mesh import models
+class SingleDevice:
+    """The whole model in this process; ``run()`` is one `mesh generate`-style generation."""
 
-    path = models.resolve(model, fetch=True)
-    tok = Tokenizer.from_model(path)
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True),
-                     add_special_tokens=False)
-    stage = load_stage(path, StageSpec.full(load_config(path).n_layers), backend=backend)
-    list(generate(stage, ids, max_tokens=4, stop_ids=tok.eos_token_ids))  # warm-up
-    runs = []
-    for _ in range(repeat):
-        stats = GenerationStats()
-        tokens = list(generate(stage, ids, max_tokens=max_tokens, stop_ids=tok.eos_token_ids, stats=stats))
-        runs.append({"tokens": len(tokens), "ttft_s": stats.ttft_s, "decode_tokens_per_s": stats.decode_tokens_per_s})
-    import torch
+    def __init__(self, model: str, backend: str, max_tokens: int):
+        from kernels.config import load_config
+        from kernels.generate import GenerationStats, generate
+        from kernels.stage import StageSpec, load_stage
+        from kernels.tokenizer import Tokenizer
+        from mesh import models
 
-    return {"decode_tokens_per_s": max(r["decode_tokens_per_s"] for r in runs),
-            "ttft_s": min(r["ttft_s"] for r in runs), "tokens": runs[0]["tokens"],
-            "torch_threads": torch.get_num_threads(), "prompt_tokens": len(ids)}
+        path = models.resolve(model, fetch=True)
+        self.tok = Tokenizer.from_model(path)
+        self.ids = self.tok.encode(self.tok.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                                                add_generation_prompt=True), add_special_tokens=False)
+        self.stage = load_stage(path, StageSpec.full(load_config(path).n_layers), backend=backend)
+        self.max_tokens = max_tokens
+        self._generate, self._stats = generate, GenerationStats
+        self.runs: list[dict] = []
+        list(generate(self.stage, self.ids, max_tokens=4, stop_ids=self.tok.eos_token_ids))  # warm-up
+
+    def run(self) -> None:
+        stats = self._stats()
+        tokens = list(self._generate(self.stage, self.ids, max_tokens=self.max_tokens,
+                                     stop_ids=self.tok.eos_token_ids, stats=stats))
+        self.runs.append({"tokens": len(tokens), "ttft_s": stats.ttft_s,
+                          "decode_tokens_per_s": stats.decode_tokens_per_s})
+
+    def figures(self) -> dict:
+        import torch
+
+        return {"decode_tokens_per_s": max(r["decode_tokens_per_s"] for r in self.runs),
+                "ttft_s": min(r["ttft_s"] for r in self.runs), "tokens": self.runs[0]["tokens"],
+                "runs": len(self.runs), "torch_threads": torch.get_num_threads(), "prompt_tokens": len(self.ids)}
 
 
-async def mesh_figures(args: argparse.Namespace) -> dict:
+async def mesh_figures(args: argparse.Namespace, single: SingleDevice) -> dict:
     from mesh.client import stream_chat
     from mesh.launcher import LocalCluster
 
@@ -71,7 +81,10 @@ async def mesh_figures(args: argparse.Namespace) -> dict:
             return await stream_chat(api, PROMPT, max_tokens=args.max_tokens, timeout=600)
 
         await stream_chat(api, PROMPT, max_tokens=4)  # warm-up
-        singles = [await one() for _ in range(args.repeat)]
+        singles = []
+        for _ in range(args.repeat):  # interleaved, so both see the same load from elsewhere
+            single.run()
+            singles.append(await one())
         out: dict = {
             "decode_tokens_per_s": max(r.decode_tokens_per_s for r in singles),
             "ttft_s": min(r.ttft_s for r in singles),
@@ -80,15 +93,23 @@ async def mesh_figures(args: argparse.Namespace) -> dict:
             "pipeline": [{"layers": s["layers"], "backend": s["backend"]} for s in view["plan"]["stages"]],
             "concurrent": {},
         }
+        async def counters() -> list[dict]:
+            return [(await _view(node.api) or {}).get("stage", {}) for node in cluster.nodes]
+
         for n in (1, 4, 8):
             best = None
             for _ in range(args.repeat):
+                before = await counters()
                 t0 = time.perf_counter()
                 results = await asyncio.gather(*(one() for _ in range(n)))
                 wall = time.perf_counter() - t0
+                after = await counters()
                 total = sum(len(r.token_ids) for r in results)
+                # steps per forward pass on each node's stage: how well the stages batched
+                per_batch = [round((a["steps"] - b["steps"]) / max(1, a["batches"] - b["batches"]), 2)
+                             for b, a in zip(before, after) if "steps" in a and "steps" in b]
                 fig = {"sessions": n, "tokens": total, "wall_s": round(wall, 3),
-                       "total_tokens_per_s": round(total / wall, 2)}
+                       "total_tokens_per_s": round(total / wall, 2), "steps_per_batch": per_batch}
                 if best is None or fig["total_tokens_per_s"] > best["total_tokens_per_s"]:
                     best = fig
             out["concurrent"][str(n)] = best
@@ -157,8 +178,9 @@ def main() -> int:
     if args.agreement:
         print(json.dumps(agreement(args), indent=1))
         return 0
-    single = single_device(args.model, args.backend, args.max_tokens, args.repeat)
-    mesh = asyncio.run(mesh_figures(args))
+    single_device = SingleDevice(args.model, args.backend, args.max_tokens)
+    mesh = asyncio.run(mesh_figures(args, single_device))
+    single = single_device.figures()
     c = mesh["concurrent"]
     print(json.dumps({
         "bench": "pipeline",
