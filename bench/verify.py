@@ -14,7 +14,7 @@ Prints one JSON object:
   and, over 20 seeded audit schedules at rate 0.2, how many flag the node within 50
   generated tokens (first failing selected step + one commitment chunk + escalation).
 
-    python bench/verify.py [--prompts 8] [--tokens 48] [--mesh-tokens 64] [--quick]
+    python bench/verify.py [--prompts 8] [--tokens 42] [--mesh-tokens 64] [--quick] [--mesh-only]
 """
 
 from __future__ import annotations
@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--mesh-rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--skip-mesh", action="store_true")
+    ap.add_argument("--mesh-only", action="store_true", help="only the on/off decode speed of the mesh")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.tokens, args.detect_prompts, args.mesh_tokens, args.mesh_rounds = 1, 8, 1, 24, 1
@@ -209,6 +210,9 @@ def main() -> None:
     result = {"commitment_us_per_token_per_stage": commitment_cost()}
     if not args.skip_mesh:
         result["mesh"] = asyncio.run(mesh_speed(args.mesh_tokens, args.mesh_rounds, PROMPTS[:3]))
+    if args.mesh_only:
+        print(json.dumps(result, indent=2))
+        return
     ids = [encode(tok, p) for p in PROMPTS[:args.prompts]]
     result["honest"] = honest_table(cache, ids, args.tokens)
     result["honest_audited_stage_steps_total"] = sum(v["audited_stage_steps"] for v in result["honest"].values())
