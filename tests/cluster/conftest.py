@@ -20,3 +20,15 @@ def lab3() -> Iterator[NetnsLab]:
         pytest.skip(reason)
     with NetnsLab(3) as lab:
         yield lab
+
+
+@pytest.fixture(autouse=True)
+def _quiet_simulator(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Silence structlog only while the election simulator runs, and restore it after."""
+    if "sim" not in request.module.__name__:
+        yield
+        return
+    from cluster_sim import silenced_logs
+
+    with silenced_logs():
+        yield
