@@ -51,37 +51,59 @@ def _setup(stage: Stage, prompt_ids: Iterable[int], stop_ids: Iterable[int] | No
     return prompt, stops
 
 
+class _Run:
+    """One generation's state; the sync and async loops differ only in where ``compute`` runs."""
+
+    def __init__(self, stage: Stage, prompt_ids: Iterable[int], max_tokens: int, sampling: SamplingParams,
+                 stop_ids: Iterable[int] | None, stats: GenerationStats | None, session: str | None):
+        prompt, self.stops = _setup(stage, prompt_ids, stop_ids)
+        self.stage, self.sampling, self.max_tokens = stage, sampling, max_tokens
+        self.stats = stats if stats is not None else GenerationStats()
+        self.stats.prompt_tokens = int(prompt.size)
+        self.session = session or f"gen-{uuid.uuid4().hex[:8]}"
+        self.step = StepInput(self.session, 0, tokens=prompt)
+        self.pos = int(prompt.size)  # the position of the token being sampled
+        self.generated = 0
+        self.done = max_tokens <= 0
+        self.t0 = time.perf_counter()
+        self.t_first = self.t0
+
+    def compute(self) -> int:
+        """Forward pass and sampling of the next token (on whichever thread runs compute)."""
+        return sample(self.stage.forward([self.step])[0][-1], self.sampling, self.pos)
+
+    def take(self, token: int) -> bool:
+        """Record ``token``; True if it is part of the answer (not a stop id)."""
+        now = time.perf_counter()
+        if self.generated == 0 and self.stats.ttft_s == 0.0:
+            self.stats.ttft_s, self.t_first = now - self.t0, now
+        else:
+            self.stats.decode_s = now - self.t_first
+        if token in self.stops:
+            self.stats.finish_reason, self.done = "stop", True
+            return False
+        self.generated += 1
+        self.stats.generated_tokens = self.generated
+        self.step = StepInput(self.session, self.pos, tokens=np.array([token], dtype=np.int64))
+        self.pos += 1
+        if self.generated >= self.max_tokens:
+            self.stats.finish_reason, self.done = "length", True
+        return True
+
+
 def generate(stage: Stage, prompt_ids: Iterable[int], *, max_tokens: int = 256,
              sampling: SamplingParams = GREEDY, stop_ids: Iterable[int] | None = None,
              stats: GenerationStats | None = None, session: str | None = None) -> Iterator[int]:
     """Yield generated token ids; stops before yielding a stop id (default: the
     model's eos ids) or after ``max_tokens``. The session's cache is freed at the end."""
-    prompt, stops = _setup(stage, prompt_ids, stop_ids)
-    stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = int(prompt.size)
-    session = session or f"gen-{uuid.uuid4().hex[:8]}"
-    t0 = time.perf_counter()
-    step = StepInput(session, 0, tokens=prompt)
+    run = _Run(stage, prompt_ids, max_tokens, sampling, stop_ids, stats, session)
     try:
-        for i in range(max_tokens):
-            logits = stage.forward([step])[0]
-            pos = int(prompt.size) + i
-            token = sample(logits[-1], sampling, pos)
-            now = time.perf_counter()
-            if i == 0:
-                stats.ttft_s = now - t0
-                t_first = now
-            else:
-                stats.decode_s = now - t_first
-            if token in stops:
-                stats.finish_reason = "stop"
-                return
-            stats.generated_tokens = i + 1
-            yield token
-            step = StepInput(session, pos, tokens=np.array([token], dtype=np.int64))
-        stats.finish_reason = "length"
+        while not run.done:
+            token = run.compute()
+            if run.take(token):
+                yield token
     finally:
-        stage.free(session)
+        stage.free(run.session)
 
 
 async def agenerate(stage: Stage, prompt_ids: Iterable[int], runner: ComputeRunner, *,
@@ -89,32 +111,11 @@ async def agenerate(stage: Stage, prompt_ids: Iterable[int], runner: ComputeRunn
                     stop_ids: Iterable[int] | None = None, stats: GenerationStats | None = None,
                     session: str | None = None) -> AsyncIterator[int]:
     """``generate`` with every step (forward + sampling) on the runner's compute thread."""
-    prompt, stops = _setup(stage, prompt_ids, stop_ids)
-    stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = int(prompt.size)
-    session = session or f"gen-{uuid.uuid4().hex[:8]}"
-
-    def step_fn(step: StepInput, pos: int) -> int:
-        return sample(stage.forward([step])[0][-1], sampling, pos)
-
-    t0 = time.perf_counter()
-    step = StepInput(session, 0, tokens=prompt)
+    run = _Run(stage, prompt_ids, max_tokens, sampling, stop_ids, stats, session)
     try:
-        for i in range(max_tokens):
-            pos = int(prompt.size) + i
-            token = await runner.run(step_fn, step, pos)
-            now = time.perf_counter()
-            if i == 0:
-                stats.ttft_s = now - t0
-                t_first = now
-            else:
-                stats.decode_s = now - t_first
-            if token in stops:
-                stats.finish_reason = "stop"
-                return
-            stats.generated_tokens = i + 1
-            yield token
-            step = StepInput(session, pos, tokens=np.array([token], dtype=np.int64))
-        stats.finish_reason = "length"
+        while not run.done:
+            token = await runner.run(run.compute)
+            if run.take(token):
+                yield token
     finally:
-        await runner.run(stage.free, session)
+        await runner.run(stage.free, run.session)
