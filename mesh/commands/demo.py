@@ -8,6 +8,7 @@ import json
 import sys
 
 from mesh import models
+from mesh.commands import add_sampling_arguments
 from mesh.faults import parse_kill, stream_with_faults
 from mesh.launcher import LocalCluster
 from mesh.verify.faults import verify_args
@@ -24,10 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compute backend of the nodes; mixed alternates torch and mlx (default torch)")
     p.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, .gguf path or HF directory")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message to send")
-    p.add_argument("--max-tokens", type=int, default=96, help="tokens to generate at most (default 96)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling randomness (default 0)")
+    add_sampling_arguments(p, max_tokens=96)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--weight-mode", choices=["float32", "quant"], default="float32",
                    help="float32 weights or the faster quantized mode (default float32)")

@@ -8,6 +8,7 @@ import json
 import sys
 
 from mesh import models
+from mesh.commands import add_sampling_arguments
 from mesh.errors import BadRequest, MeshError
 from mesh.generation import GenerationParams
 
@@ -24,11 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["torch", "mlx"], default="torch", help="compute backend (default torch)")
     p.add_argument("--weight-mode", choices=["float32", "quant"], default="float32",
                    help="float32 weights, or the faster quantized mode")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all (default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling randomness (default 0)")
+    add_sampling_arguments(p, max_tokens=128, top_k=True)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.set_defaults(func=run)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from mesh.commands import add_sampling_arguments
 from mesh.errors import MeshError
 
 
@@ -58,10 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "OpenAI-compatible API and stream the answer to stdout.")
     p.add_argument("prompt", help="the user message (or raw text with --raw)")
     add_api_arguments(p)
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling randomness (default 0)")
+    add_sampling_arguments(p, max_tokens=128)
     p.add_argument("--raw", action="store_true", help="send the prompt as is (/v1/completions), no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.set_defaults(func=run)
