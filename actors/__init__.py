@@ -35,7 +35,9 @@ Public API
 ----------
 - `ActorSystem(identity, cluster_secret: bytes, transport=None, *, limits=Limits(),
   mailbox_size=1000, heartbeat_interval=1.0, heartbeat_timeout=5.0,
-  handshake_timeout=5.0, reconnect=True, backoff=(0.05, 5.0), max_send_buffer=64 MiB)`
+  handshake_timeout=5.0, reconnect=True, backoff=(0.05, 5.0), max_send_buffer=64 MiB,
+  ciphers=None)` (record ciphers offered, most preferred first; default
+  `ciphers.supported()`: AES-256-GCM when the CPU has AES instructions, then ChaCha20-Poly1305)
   - `await start(host="127.0.0.1", port=0) -> (host, port)`; `address`; `node_id`;
     `await stop()`.
   - `spawn(actor_or_factory, name=None, *, mailbox_size=None, max_restarts=3,
@@ -43,7 +45,8 @@ Public API
     `max_restarts` times in `within` s, then stopped for good);
     `await stop_actor(ref)`; `ref(node_id, name) -> ActorRef`.
   - `await connect(host, port) -> peer node id` (redialed with exponential backoff
-    whenever the link drops); `disconnect(node_id)`; `peers() -> {node_id: (host, port)}`.
+    whenever the link drops); `disconnect(node_id)`; `peers() -> {node_id: (host, port)}`;
+    `cipher_of(node_id)` (the record cipher negotiated with that peer).
   - Peer up/down: `on_peer(callback)` with `PeerEvent(node_id, address, up, reason)`,
     or `async for event in system.peer_events(): ...`.
   - `watch(ref, callback)`: `callback(Terminated(node_id, name, reason))` once when
@@ -78,7 +81,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Coroutine, TypeVar
 
-from . import codec, errors, log
+from . import ciphers, codec, errors, log
 from .actor import Actor, ActorRef, Context
 from .codec import Limits
 from .envelopes import Terminated

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import msgpack
@@ -30,6 +31,7 @@ EXT_TENSOR = 2
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_NO_TENSORS = _U16.pack(0)
 
 
 @dataclass(frozen=True)
@@ -48,34 +50,68 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def encode(msg: Any, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
-    """Encode a message into parts: [prefix bytes, tensor view, ...]. Tensors are not copied."""
-    buffers: list[memoryview] = []
+class _Encoder:
+    """Packs one message at a time, reusing one msgpack Packer per nesting level.
 
-    def default(obj: Any) -> Any:
+    `msgpack.packb` builds a Packer (with a 256 KiB buffer) per call, and a message
+    nests a packb per registered message and per tensor, which was most of the cost
+    of a small message. Encoders come from a pool, so concurrent or nested encodes
+    (another thread, a `default` that encodes) each get their own.
+    """
+
+    __slots__ = ("buffers", "depth", "packers")
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+        self.depth = 0
+        self.packers: list[msgpack.Packer] = []
+
+    def pack(self, obj: Any) -> bytes:
+        depth = self.depth
+        if depth == len(self.packers):
+            self.packers.append(msgpack.Packer(default=self.default, use_bin_type=True))
+        self.depth = depth + 1
+        try:
+            return self.packers[depth].pack(obj)
+        finally:
+            self.depth = depth
+
+    def default(self, obj: Any) -> Any:
         name = messages.type_name(obj)
         if name is not None:
-            return msgpack.ExtType(
-                EXT_MESSAGE, msgpack.packb([name, messages.field_values(obj)], default=default, use_bin_type=True)
-            )
+            return msgpack.ExtType(EXT_MESSAGE, self.pack([name, messages.field_values(obj)]))
         if tensors.is_tensor(obj):
             header, view = tensors.to_wire(obj)
-            buffers.append(view)
-            return msgpack.ExtType(EXT_TENSOR, msgpack.packb([len(buffers) - 1, *header], use_bin_type=True))
+            self.buffers.append(view)
+            return msgpack.ExtType(EXT_TENSOR, self.pack([len(self.buffers) - 1, *header]))
         if isinstance(obj, tuple):
             return list(obj)
         raise CodecError(f"cannot encode {type(obj).__name__}: register it with @message or use plain types")
 
+
+_ENCODERS: list[_Encoder] = []
+
+
+def encode(msg: Any, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
+    """Encode a message into parts: [prefix bytes, tensor view, ...]. Tensors are not copied."""
+    encoder = _ENCODERS.pop() if _ENCODERS else _Encoder()
     try:
-        header = msgpack.packb(msg, default=default, use_bin_type=True)
+        header = encoder.pack(msg)
     except CodecError:
-        raise
+        raise  # the encoder is dropped: a failed pack may leave a packer half-filled
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode message: {exc}") from None
+    buffers, encoder.buffers = encoder.buffers, []
+    _ENCODERS.append(encoder)
     if len(header) > limits.max_header_size:
         raise LimitExceeded(f"message header of {len(header)} bytes exceeds {limits.max_header_size}")
     if len(buffers) > limits.max_tensors:
         raise LimitExceeded(f"{len(buffers)} tensors exceed the limit of {limits.max_tensors}")
+    if not buffers:
+        prefix = _NO_TENSORS + header
+        if len(prefix) > limits.max_frame_size:
+            raise FrameTooLarge(f"message of {len(prefix)} bytes exceeds the frame limit {limits.max_frame_size}")
+        return [prefix]
     total = 2 + 8 * len(buffers) + len(header) + sum(b.nbytes for b in buffers)
     if total > limits.max_frame_size:
         raise FrameTooLarge(f"message of {total} bytes exceeds the frame limit {limits.max_frame_size}")
@@ -109,13 +145,14 @@ def decode(prefix: Any, buffers: Sequence[Any], limits: Limits = DEFAULT_LIMITS)
         raise CodecError("tensor buffers do not match the frame prefix")
     used = [False] * len(buffers)
     depth = [0]
+    options = _unpack_options(limits)
 
     def ext_hook(code: int, data: bytes) -> Any:
         depth[0] += 1
         try:
             if depth[0] > limits.max_depth:
                 raise LimitExceeded(f"message nesting deeper than {limits.max_depth}")
-            body = _unpack(data, ext_hook, limits)
+            body = _unpack(data, ext_hook, options)
             if code == EXT_MESSAGE:
                 if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], str)):
                     raise CodecError("malformed message record")
@@ -132,7 +169,7 @@ def decode(prefix: Any, buffers: Sequence[Any], limits: Limits = DEFAULT_LIMITS)
         finally:
             depth[0] -= 1
 
-    msg = _unpack(header, ext_hook, limits)
+    msg = _unpack(header, ext_hook, options)
     if not all(used):
         raise CodecError("frame carries tensors that the message does not reference")
     if isinstance(msg, (list, dict)):
@@ -140,26 +177,29 @@ def decode(prefix: Any, buffers: Sequence[Any], limits: Limits = DEFAULT_LIMITS)
     return msg
 
 
-def _unpack(data: Any, ext_hook: Any, limits: Limits) -> Any:
+def _unpack(data: Any, ext_hook: Any, options: dict[str, Any]) -> Any:
     try:
-        return msgpack.unpackb(
-            data,
-            ext_hook=ext_hook,
-            raw=False,
-            strict_map_key=False,
-            use_list=True,
-            max_str_len=limits.max_str_len,
-            max_bin_len=limits.max_bin_len,
-            max_array_len=limits.max_items,
-            max_map_len=limits.max_items,
-            max_ext_len=limits.max_header_size,
-        )
+        return msgpack.unpackb(data, ext_hook=ext_hook, **options)
     except CodecError:
         raise
     except RecursionError:
         raise LimitExceeded("message nesting too deep") from None
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData, UnicodeDecodeError) as exc:
         raise CodecError(f"malformed message: {type(exc).__name__}: {exc}") from None
+
+
+@lru_cache(maxsize=64)
+def _unpack_options(limits: Limits) -> dict[str, Any]:
+    return {
+        "raw": False,
+        "strict_map_key": False,
+        "use_list": True,
+        "max_str_len": limits.max_str_len,
+        "max_bin_len": limits.max_bin_len,
+        "max_array_len": limits.max_items,
+        "max_map_len": limits.max_items,
+        "max_ext_len": limits.max_header_size,
+    }
 
 
 def encode_frame(msg: Any, limits: Limits = DEFAULT_LIMITS) -> list[Any]:

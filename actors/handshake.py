@@ -1,13 +1,18 @@
 """Sans-IO connection handshake: cluster secret, Ed25519 identities, session keys.
 
-    I -> R  hello   {eph_i, nonce_i, pub_i, listen_i}
-    R -> I  accept  {eph_r, nonce_r, pub_r, sig_r}        sig_r = Sign_r("R" | th)
+    I -> R  hello   {eph_i, nonce_i, pub_i, listen_i, ciphers_i}
+    R -> I  accept  {eph_r, nonce_r, pub_r, cipher, sig_r}    sig_r = Sign_r("R" | th)
     I -> R  prove   {proof_i, sig_i}                      sig_i = Sign_i("I" | th | proof_i)
     R -> I  welcome {proof_r}          (or `refuse` when proof_i is wrong)
 
-    th  = BLAKE3(hello bytes | eph_r | nonce_r | pub_r)     binds both keys and nonces
+    th  = BLAKE3(hello bytes | eph_r | nonce_r | pub_r | cipher)   binds keys, nonces, cipher
     K   = BLAKE3-keyed(psk, X25519(eph_i, eph_r) | th)      psk = BLAKE3-derive(secret)
-    proof_i, proof_r, key_i2r, key_r2i = BLAKE3-keyed(K, label)
+    proof_i, proof_r, key_i2r, key_r2i = BLAKE3-keyed(K, label)   key labels name the cipher
+
+The record cipher is negotiated: the initiator offers its list (`ciphers.supported()`:
+AES-256-GCM first when the CPU has AES instructions, ChaCha20-Poly1305 always) and the
+responder picks its most preferred one that was offered. The offer is inside the hello
+bytes and the pick inside th, both signed, so a man in the middle cannot change either.
 
 The responder proves nothing before it has checked the initiator's proof, so a peer
 that dials in without the secret receives no value computed from it. Each proof is a
@@ -30,12 +35,13 @@ import msgpack
 from nacl.bindings import crypto_scalarmult
 from nacl.public import PrivateKey
 
+from . import ciphers
 from .errors import ClusterSecretMismatch, HandshakeError
 from .identity import NodeIdentity, node_id_of
 
 MAX_FRAME = 4096
 _U32 = struct.Struct("<I")
-VERSION = 1
+VERSION = 2  # 2: the record cipher is negotiated
 DIR_I2R = b"I2R\x00"
 DIR_R2I = b"R2I\x00"
 
@@ -49,6 +55,7 @@ class HandshakeResult:
     recv_key: bytes
     send_direction: bytes  # 4-byte nonce prefix of our frames
     recv_direction: bytes
+    cipher: str  # record cipher both sides agreed on (`actors.ciphers`)
     leftover: bytes  # bytes that followed the handshake (already encrypted frames)
 
 
@@ -78,8 +85,11 @@ class Handshake:
         cluster_secret: bytes,
         initiator: bool,
         listen: tuple[str, int] | None = None,
+        ciphers_offered: tuple[str, ...] | None = None,
     ) -> None:
         self.identity = identity
+        self._ciphers = ciphers.check_names(ciphers_offered) if ciphers_offered else ciphers.supported()
+        self._cipher = ""
         self.initiator = initiator
         self.result: HandshakeResult | None = None
         self.farewell = b""
@@ -106,6 +116,7 @@ class Handshake:
                 "nonce": self._nonce,
                 "pub": self.identity.public_key,
                 "listen": list(self._listen) if self._listen else None,
+                "ciphers": list(self._ciphers),
             }
         )
         self._hello = frame
@@ -185,21 +196,37 @@ class Handshake:
                 isinstance(listen, list) and len(listen) == 2 and isinstance(listen[0], str) and type(listen[1]) is int
             ):
                 raise HandshakeError("handshake field 'listen' must be [host, port]")
+            offered = msg.get("ciphers")
+            if not (isinstance(offered, list) and all(isinstance(c, str) for c in offered)):
+                raise HandshakeError("handshake field 'ciphers' must be a list of cipher names")
             self._peer_pub, self._peer_listen, self._eph_i = pub_i, listen, eph_i
             self.peer_node_id = node_id_of(pub_i)
+            chosen = ciphers.choose(self._ciphers, offered)
+            if chosen is None:
+                self.farewell = _frame({"t": "refuse", "reason": f"no common cipher; we run {list(self._ciphers)}"})
+                raise HandshakeError(
+                    f"peer {self.peer_node_id} offers ciphers {offered[:4]!r}, we run {list(self._ciphers)}; "
+                    "allow chacha20poly1305 on both nodes"
+                )
+            self._cipher = chosen
             eph_r = bytes(self._eph.public_key)
-            self._th = blake3.blake3(raw + eph_r + self._nonce + self.identity.public_key).digest()
+            self._th = blake3.blake3(raw + eph_r + self._nonce + self.identity.public_key + chosen.encode()).digest()
             self._derive(eph_i, eph_r)
             self._state = "wait_prove"
             sig = self.identity.sign(b"R" + self._th)
-            return [_frame({"t": "accept", "eph": eph_r, "nonce": self._nonce, "pub": self.identity.public_key, "sig": sig})]
+            return [_frame({"t": "accept", "eph": eph_r, "nonce": self._nonce, "pub": self.identity.public_key,
+                            "cipher": chosen, "sig": sig})]
         if self._state == "wait_accept" and kind == "accept":
             eph_r = self._bytes(msg, "eph", 32)
             nonce_r = self._bytes(msg, "nonce", 32)
             pub_r = self._bytes(msg, "pub", 32)
             sig_r = self._bytes(msg, "sig", 64)
+            chosen = msg.get("cipher")
             self.peer_node_id = node_id_of(pub_r)
-            self._th = blake3.blake3(self._hello + eph_r + nonce_r + pub_r).digest()
+            if chosen not in self._ciphers:
+                raise HandshakeError(f"peer {self.peer_node_id} picked cipher {str(chosen)[:40]!r}, which we did not offer")
+            self._cipher = chosen
+            self._th = blake3.blake3(self._hello + eph_r + nonce_r + pub_r + chosen.encode()).digest()
             if not NodeIdentity.verify(pub_r, b"R" + self._th, sig_r):
                 raise HandshakeError(f"peer {self.peer_node_id} sent a bad signature")
             self._peer_pub, self._peer_listen = pub_r, None
@@ -233,7 +260,8 @@ class Handshake:
         raise HandshakeError(f"unexpected handshake frame {kind!r} in state {self._state}")
 
     def _finish(self) -> None:
-        i2r, r2i = _kdf(self._k, b"key i2r"), _kdf(self._k, b"key r2i")
+        suite = self._cipher.encode()
+        i2r, r2i = _kdf(self._k, b"key i2r " + suite), _kdf(self._k, b"key r2i " + suite)
         listen = tuple(self._peer_listen) if self._peer_listen else None
         self.result = HandshakeResult(
             peer_public_key=self._peer_pub,
@@ -243,6 +271,7 @@ class Handshake:
             recv_key=r2i if self.initiator else i2r,
             send_direction=DIR_I2R if self.initiator else DIR_R2I,
             recv_direction=DIR_R2I if self.initiator else DIR_I2R,
+            cipher=self._cipher,
             leftover=bytes(self._buf),
         )
         self._buf = bytearray()

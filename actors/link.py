@@ -46,6 +46,7 @@ class Link:
         limits: Limits,
         on_message: Callable[["Link", Any], Any],
         on_closed: Callable[["Link", str], None],
+        ciphers: tuple[str, ...] | None = None,
     ) -> None:
         self.stream = stream
         self.identity = identity
@@ -60,9 +61,10 @@ class Link:
         self.closed = False
         self.last_received = time.monotonic()
         self.last_sent = time.monotonic()
-        self._hs = Handshake(identity, cluster_secret, initiator, listen)
+        self._hs = Handshake(identity, cluster_secret, initiator, listen, ciphers)
         self._hs_done: asyncio.Future[HandshakeResult] = asyncio.get_running_loop().create_future()
         self._channel: SecureChannel | None = None
+        self.cipher = ""  # negotiated by the handshake
         self._backlog: list[Any] = []  # messages held while reading is paused
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -78,10 +80,11 @@ class Link:
             raise HandshakeError(f"handshake with {self._where()} timed out after {timeout}s") from None
         self.peer_id = result.peer_node_id
         self.peer_listen = result.peer_listen
+        self.cipher = result.cipher
         self.dialer_id = self.identity.node_id if self.initiator else self.peer_id
         self._channel = SecureChannel(
             result.send_key, result.recv_key, result.send_direction, result.recv_direction,
-            self.limits, allow_gaps=self.stream.lossy,
+            self.limits, allow_gaps=self.stream.lossy, cipher=result.cipher,
         )
         self.stream.set_handler(self)
         if result.leftover:

@@ -75,6 +75,7 @@ def fields_of(cls: type) -> list[tuple[str, Any, bool]]:
     for f in dataclasses.fields(cls):
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         out.append((f.name, hints.get(f.name, Any), has_default))
+    cls.__message_required__ = sum(1 for _, _, d in out if not d)  # type: ignore[attr-defined]
     cls.__message_fields__ = out  # type: ignore[attr-defined]
     return out
 
@@ -89,7 +90,7 @@ def build(name: str, values: Any, max_depth: int, depth: int) -> Any:
     if not isinstance(values, list):
         raise MessageFieldError(f"{name}: fields must be a list")
     spec = fields_of(cls)
-    if len(values) > len(spec) or len(values) < sum(1 for _, _, d in spec if not d):
+    if len(values) > len(spec) or len(values) < cls.__message_required__:
         raise MessageFieldError(f"{name}: expected {len(spec)} fields, got {len(values)}")
     kwargs = {}
     for (fname, hint, _), value in zip(spec, values):
@@ -120,22 +121,24 @@ def check_value(value: Any, hint: Any, max_depth: int, depth: int) -> bool:
     if hint is Any or hint is object:
         check_depth(value, max_depth, depth)
         return True
+    if hint is int:
+        return type(value) is int
+    if hint is str:
+        return type(value) is str
+    if hint is float:
+        return type(value) in (float, int)
+    if hint is bool:
+        return type(value) is bool
+    if hint is bytes:
+        return type(value) is bytes
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is np.ndarray:
+        return is_tensor(value)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(check_value(value, h, max_depth, depth) for h in typing.get_args(hint))
-    if hint is None or hint is type(None):
-        return value is None
-    if hint is bool:
-        return type(value) is bool
-    if hint is int:
-        return type(value) is int
-    if hint is float:
-        return type(value) in (float, int)
-    if hint is str:
-        return type(value) is str
-    if hint is bytes:
-        return type(value) is bytes
-    if hint is np.ndarray or origin is np.ndarray:
+    if origin is np.ndarray:
         return is_tensor(value)
     if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
         if not isinstance(value, list):

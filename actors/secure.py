@@ -1,4 +1,4 @@
-"""Sans-IO encrypted channel: ChaCha20-Poly1305 (IETF) records with counters.
+"""Sans-IO encrypted channel: AEAD records (AES-256-GCM or ChaCha20-Poly1305) with counters.
 
     record = u32 ciphertext_len | u64 counter | ciphertext (plaintext + 16-byte tag)
     nonce  = direction (4 bytes) | counter (u64 LE); the 12-byte record header is the AAD
@@ -9,8 +9,10 @@ into one buffer that `np.frombuffer` then views. A counter that is not above the
 one accepted is a replay (or reorder) and raises `ReplayError`; on a reliable stream
 the counter must be exactly the next one. Any tampering raises `DecryptError`.
 
-Uses libsodium through PyNaCl's cffi bindings (`nacl._sodium`) so that no buffer is
-copied on the way in or out (the high-level wrappers accept only `bytes`).
+The cipher is the one the handshake negotiated (`actors.ciphers`); both seal into
+and open into our own buffers, so no record is copied on the way in or out. Each
+direction has its own key and its own 4-byte direction tag in the nonce, and a counter
+is never reused within a direction, so no (key, nonce) pair ever repeats.
 """
 
 from __future__ import annotations
@@ -18,19 +20,15 @@ from __future__ import annotations
 import struct
 from typing import Any, Sequence
 
-from nacl._sodium import ffi, lib
-
-from . import codec
+from . import ciphers, codec
 from .codec import Limits
 from .errors import CodecError, DecryptError, FrameTooLarge, ReplayError
 
-TAG = 16
+TAG = ciphers.TAG
 HEADER = struct.Struct("<IQ")
 _COUNTER = struct.Struct("<Q")
 SMALL = 64 * 1024  # records up to this size are sent as one joined buffer
 SCRATCH = 256 * 1024
-_encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
-_decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
 
 
 class SecureChannel:
@@ -44,12 +42,15 @@ class SecureChannel:
         recv_direction: bytes,
         limits: Limits = codec.DEFAULT_LIMITS,
         allow_gaps: bool = False,
+        cipher: str = ciphers.CHACHA,
     ) -> None:
         if len(send_key) != 32 or len(recv_key) != 32 or len(send_direction) != 4 or len(recv_direction) != 4:
             raise ValueError("keys are 32 bytes, directions 4 bytes")
         self.limits = limits
         self.allow_gaps = allow_gaps
-        self._send_key, self._recv_key = send_key, recv_key
+        self.cipher = cipher
+        self._sealer = ciphers.make(cipher, send_key)
+        self._opener = ciphers.make(cipher, recv_key)
         self._send_dir, self._recv_dir = send_direction, recv_direction
         self._send_counter = 0
         self._recv_counter = 0  # last accepted; the first record is 1
@@ -72,6 +73,7 @@ class SecureChannel:
     def seal(self, parts: Sequence[Any]) -> list[Any]:
         """Encrypt message parts (from `codec.encode`) into buffers to write, in order."""
         out: list[Any] = []
+        seal = self._sealer.seal_into
         for part in parts:
             view = memoryview(part)
             n = view.nbytes
@@ -83,14 +85,13 @@ class SecureChannel:
             if n + TAG <= SMALL:
                 record = bytearray(12 + n + TAG)
                 record[:12] = header
-                cipher = ffi.from_buffer(record)
-                _encrypt(cipher + 12, ffi.NULL, ffi.from_buffer(view), n, header, 12, ffi.NULL, nonce, self._send_key)
+                seal(memoryview(record)[12:], view, header, nonce)
                 out.append(record)
             else:
-                cipher_buf = bytearray(n + TAG)
-                _encrypt(ffi.from_buffer(cipher_buf), ffi.NULL, ffi.from_buffer(view), n, header, 12, ffi.NULL, nonce, self._send_key)
+                sealed = bytearray(n + TAG)
+                seal(sealed, view, header, nonce)
                 out.append(header)
-                out.append(cipher_buf)
+                out.append(sealed)
         return out
 
     def send(self, msg: Any) -> list[Any]:
@@ -178,14 +179,12 @@ class SecureChannel:
         header = HEADER.pack(length, counter)
         nonce = self._recv_dir + _COUNTER.pack(counter)
         n = length - TAG
-        target = owned if owned is not None else bytearray(n)  # big records decrypt in place
-        rc = _decrypt(ffi.from_buffer(target), ffi.NULL, ffi.NULL, ffi.from_buffer(cipher), length, header, 12, nonce, self._recv_key)
-        if rc != 0:
+        target = memoryview(owned)[:n] if owned is not None else bytearray(n)  # big records decrypt in place
+        if not self._opener.open_into(target, cipher, header, nonce):
             raise DecryptError(f"record {counter} failed authentication: altered in transit or wrong key")
         self._recv_counter = counter
         self.records_received += 1
-        plain = memoryview(target)[:n]
-        self._on_record(plain)
+        self._on_record(memoryview(target))
 
     def _on_record(self, plain: memoryview) -> None:
         if self._prefix is None:

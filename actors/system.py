@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, Callable
 
 from . import envelopes as env
 from .actor import ActorRef, Cell
+from .ciphers import check_names as check_ciphers
 from .codec import DEFAULT_LIMITS, Limits
 from .errors import (
     ActorDead, ActorsError, AskTimeout, ClusterSecretMismatch, CodecError, HandlerError,
@@ -53,6 +54,7 @@ class ActorSystem:
         reconnect: bool = True,
         backoff: tuple[float, float] = (0.05, 5.0),
         max_send_buffer: int = 64 * 1024 * 1024,
+        ciphers: tuple[str, ...] | None = None,
     ) -> None:
         if not cluster_secret:
             raise ValueError("the cluster secret must not be empty")
@@ -67,6 +69,7 @@ class ActorSystem:
         self.handshake_timeout = handshake_timeout
         self.reconnect, self.backoff = reconnect, backoff
         self.max_send_buffer = max_send_buffer
+        self.ciphers = check_ciphers(ciphers) if ciphers else None  # None: `ciphers.supported()`
         self.address: Address | None = None
         self._secret = cluster_secret
         self._listener: Listener | None = None
@@ -256,6 +259,10 @@ class ActorSystem:
         """Connected peers: node id -> address."""
         return {nid: _peer_address(link) for nid, link in self._links.items()}
 
+    def cipher_of(self, node_id: str) -> str:
+        """The record cipher negotiated with a connected peer (`actors.ciphers`)."""
+        return self._link_or_raise(node_id).cipher
+
     def on_peer(self, callback: Callable[[PeerEvent], Any]) -> None:
         """Call `callback(PeerEvent)` on every peer up/down (coroutine results are scheduled)."""
         self._peer_callbacks.append(callback)
@@ -322,7 +329,7 @@ class ActorSystem:
 
     async def _establish(self, stream: Stream, initiator: bool) -> Link:
         link = Link(stream, self.identity, self._secret, initiator, self.address, self.limits,
-                    self._on_message, self._on_link_closed)
+                    self._on_message, self._on_link_closed, self.ciphers)
         where = f"{stream.peer_address[0]}:{stream.peer_address[1]}"
         try:
             await link.handshake(self.handshake_timeout)

@@ -12,6 +12,7 @@ torch and mlx are imported lazily, only when such a tensor is met.
 from __future__ import annotations
 
 import sys
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -50,20 +51,34 @@ def is_tensor(value: Any) -> bool:
 
 
 def _flat_bytes(arr: np.ndarray) -> memoryview:
+    if arr.flags.c_contiguous and arr.size:  # the common case, without three numpy calls
+        return memoryview(arr).cast("B")
     arr = np.ascontiguousarray(arr)  # no copy when already contiguous
     return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+_NP_WIRE: dict[np.dtype, tuple[str, str]] = {}  # numpy dtype -> (wire dtype name, byte order)
+
+
+def _np_wire(dtype: np.dtype) -> tuple[str, str]:
+    cached = _NP_WIRE.get(dtype)
+    if cached is not None:
+        return cached
+    name = dtype.name
+    if name not in DTYPES or dtype.kind == "V":
+        raise CodecError(f"numpy dtype {dtype} cannot travel; use one of {sorted(DTYPES)}")
+    order = dtype.byteorder
+    order = _NATIVE if order in ("=", "|") else order
+    if dtype.itemsize == 1:
+        order = "|"
+    _NP_WIRE[dtype] = (name, order)
+    return name, order
 
 
 def to_wire(value: Any) -> tuple[list[Any], memoryview]:
     """Return ([kind, dtype, shape, byteorder], raw bytes view) for a tensor."""
     if isinstance(value, np.ndarray):
-        name = value.dtype.name
-        if name not in DTYPES or value.dtype.kind == "V":
-            raise CodecError(f"numpy dtype {value.dtype} cannot travel; use one of {sorted(DTYPES)}")
-        order = value.dtype.byteorder
-        order = _NATIVE if order in ("=", "|") else order
-        if value.dtype.itemsize == 1:
-            order = "|"
+        name, order = _np_wire(value.dtype)
         return ["np", name, list(value.shape), order], _flat_bytes(value)
     mod = type(value).__module__
     if mod.startswith("torch"):
@@ -123,11 +138,7 @@ def from_wire(header: Any, buf: Any) -> Any:
     kind, name, shape, order, nbytes = check_header(header)
     if len(buf) != nbytes:
         raise CodecError(f"tensor buffer holds {len(buf)} bytes, header says {nbytes}")
-    np_code, _ = DTYPES[name]
-    dtype = np.dtype(np_code if order == "|" or name == "bool" else order + np_code)
-    if name == "bfloat16":
-        dtype = np.dtype(order + "u2")
-    arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    arr = np.frombuffer(buf, dtype=_wire_dtype(name, order)).reshape(shape)
     if kind == "np":
         if name == "bfloat16":
             return _np_bfloat16(arr, shape)
@@ -137,6 +148,12 @@ def from_wire(header: Any, buf: Any) -> Any:
     if kind == "torch":
         return _to_torch(arr, name)
     return _to_mlx(arr, name)
+
+
+@lru_cache(maxsize=None)  # at most len(DTYPES) x 3 byte orders, checked by check_header
+def _wire_dtype(name: str, order: str) -> np.dtype:
+    np_code, _ = DTYPES[name]
+    return np.dtype(np_code if order == "|" or name == "bool" else order + np_code)
 
 
 def _np_bfloat16(arr: np.ndarray, shape: tuple[int, ...]) -> Any:

@@ -9,7 +9,7 @@ import stat
 import pytest
 from structlog.testing import capture_logs
 
-from actors import Actor, ActorSystem, NodeIdentity
+from actors import Actor, ActorSystem, NodeIdentity, ciphers
 from actors.errors import ClusterSecretMismatch, DecryptError, HandshakeError, ReplayError
 from actors.handshake import Handshake
 from actors.secure import SecureChannel
@@ -17,9 +17,9 @@ from actors.secure import SecureChannel
 from conftest import SECRET
 
 
-def _pair(secret_a: bytes = SECRET, secret_b: bytes = SECRET) -> tuple[Handshake, Handshake]:
-    i = Handshake(NodeIdentity.generate(), secret_a, True, ("127.0.0.1", 1))
-    r = Handshake(NodeIdentity.generate(), secret_b, False)
+def _pair(secret_a: bytes = SECRET, secret_b: bytes = SECRET, offer: tuple[str, ...] | None = None) -> tuple[Handshake, Handshake]:
+    i = Handshake(NodeIdentity.generate(), secret_a, True, ("127.0.0.1", 1), offer)
+    r = Handshake(NodeIdentity.generate(), secret_b, False, None, offer)
     return i, r
 
 
@@ -32,14 +32,14 @@ def _run(i: Handshake, r: Handshake) -> None:
         side = i if side is r else r
 
 
-def _channels() -> tuple[SecureChannel, SecureChannel]:
-    i, r = _pair()
+def _channels(cipher: str) -> tuple[SecureChannel, SecureChannel]:
+    i, r = _pair(offer=(cipher,))
     _run(i, r)
     a, b = i.result, r.result
-    assert a and b
+    assert a and b and a.cipher == b.cipher == cipher
     return (
-        SecureChannel(a.send_key, a.recv_key, a.send_direction, a.recv_direction),
-        SecureChannel(b.send_key, b.recv_key, b.send_direction, b.recv_direction),
+        SecureChannel(a.send_key, a.recv_key, a.send_direction, a.recv_direction, cipher=a.cipher),
+        SecureChannel(b.send_key, b.recv_key, b.send_direction, b.recv_direction, cipher=b.cipher),
     )
 
 
@@ -68,8 +68,8 @@ def test_handshake_binds_keys_and_derives_directional_keys() -> None:
 def test_wrong_secret_refused_and_responder_reveals_nothing_first() -> None:
     i, r = _pair(SECRET, b"another secret entirely")
     accept = r.receive_data(i.start())
-    # the responder's first answer holds only public values: keys, nonce, signature
-    assert set(__import__("msgpack").unpackb(accept[0][4:])) == {"t", "eph", "nonce", "pub", "sig"}
+    # the responder's first answer holds only public values: keys, nonce, cipher name, signature
+    assert set(__import__("msgpack").unpackb(accept[0][4:])) == {"t", "eph", "nonce", "pub", "cipher", "sig"}
     prove = i.receive_data(b"".join(accept))
     with pytest.raises(ClusterSecretMismatch):
         r.receive_data(b"".join(prove))
@@ -85,19 +85,20 @@ def test_tampered_handshake_signature_is_rejected() -> None:
         i.receive_data(bytes(accept))
 
 
-def test_channel_rejects_flipped_bit_replay_and_reorder() -> None:
-    a, b = _channels()
+@pytest.mark.parametrize("cipher", ciphers.KNOWN)
+def test_channel_rejects_flipped_bit_replay_and_reorder(cipher: str) -> None:
+    a, b = _channels(cipher)
     first = _wire(a.send("one"))
     second = _wire(a.send("two"))
     b.receive_data(first)
     assert b.next_message() == "one"
     with pytest.raises(ReplayError):
         b.receive_data(first)  # replay
-    a2, b2 = _channels()
+    a2, b2 = _channels(cipher)
     one, two = _wire(a2.send("one")), _wire(a2.send("two"))
     with pytest.raises(ReplayError):
         b2.receive_data(two + one)  # reordered: counter 2 before 1
-    a3, b3 = _channels()
+    a3, b3 = _channels(cipher)
     data = bytearray(_wire(a3.send({"x": b"payload" * 10})))
     data[20] ^= 0x10
     with pytest.raises(DecryptError):
@@ -113,9 +114,9 @@ class Echo(Actor):
         return msg
 
 
-async def _tcp_pair(secret_b: bytes = SECRET) -> tuple[ActorSystem, ActorSystem]:
-    a = ActorSystem(NodeIdentity.generate(), SECRET)
-    b = ActorSystem(NodeIdentity.generate(), secret_b)
+async def _tcp_pair(secret_b: bytes = SECRET, offer: tuple[str, ...] | None = None) -> tuple[ActorSystem, ActorSystem]:
+    a = ActorSystem(NodeIdentity.generate(), SECRET, ciphers=offer)
+    b = ActorSystem(NodeIdentity.generate(), secret_b, ciphers=offer)
     await a.start("127.0.0.1", 0)
     await b.start("127.0.0.1", 0)
     a.spawn(Echo(), name="echo")
@@ -144,11 +145,13 @@ async def _inject(link, records: list) -> None:
     await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("cipher", ciphers.KNOWN)
 @pytest.mark.parametrize("attack", ["flip", "replay"])
-async def test_tcp_tampered_or_replayed_frame_is_rejected(attack: str) -> None:
-    a, b = await _tcp_pair()
+async def test_tcp_tampered_or_replayed_frame_is_rejected(attack: str, cipher: str) -> None:
+    a, b = await _tcp_pair(offer=(cipher,))
     try:
         peer = await b.connect(*a.address)
+        assert b.cipher_of(peer) == a.cipher_of(b.node_id) == cipher
         ref = b.ref(peer, "echo")
         link = b._links[peer]
         sent: list = []
