@@ -9,34 +9,48 @@ the tokens each gives alone — the single-device reference runs one at a time.
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import contextlib
 
-from meshtest import MODES, PROMPTS, Request, ask_all, cluster_view, run, running_cluster
+import pytest
+from meshtest import MODES, PROMPTS, Request, ask_all, cluster_view, run
+
+from mesh.launcher import LocalCluster
 
 REQUESTS = [Request(p, t) for t in MODES.values() for p in PROMPTS[:5]]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
+@pytest.fixture(scope="module")
+def small_clusters():
+    """The 1- and 2-node meshes, started together: start-up is mostly waiting."""
+    with contextlib.ExitStack() as stack:
+        clusters = {n: stack.enter_context(LocalCluster(n=n, backend="torch")) for n in (1, 2)}
+
+        async def ready() -> None:
+            await asyncio.gather(*(c.wait_ready(timeout=180, stages=n) for n, c in clusters.items()))
+
+        run(ready())
+        yield clusters
+
+
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"{n}-node")
 def mesh_run(request, reference):
     """(n, {request: token ids from the mesh}, [(stage counters before, after) per node],
-    cluster view) for one cluster size."""
+    cluster view before the requests) for one cluster size."""
     n = request.param
     warming = reference.warm(REQUESTS)  # overlaps the cluster's start-up
 
     def serve(cluster):
         apis = [node.api for node in cluster.nodes]
-        before = [run(cluster_view(api))["stage"] for api in apis]
+        views = [run(cluster_view(api)) for api in apis]  # the plan the sessions start on
         results = run(ask_all(apis[-1], REQUESTS))
-        views = [run(cluster_view(api)) for api in apis]
-        return results, list(zip(before, [v["stage"] for v in views])), views[-1]
+        after = [run(cluster_view(api))["stage"] for api in apis]
+        return results, list(zip([v["stage"] for v in views], after)), views[-1]
 
-    if n == 3:
-        results, counters, view = serve(request.getfixturevalue("cluster3"))
-    else:
-        with running_cluster(n) as cluster:
-            results, counters, view = serve(cluster)
+    cluster = request.getfixturevalue("cluster3") if n == 3 else request.getfixturevalue("small_clusters")[n]
+    results, counters, view = serve(cluster)
     warming.join()
     return n, {req: res.token_ids for req, res in zip(REQUESTS, results)}, counters, view
 
