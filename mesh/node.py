@@ -189,6 +189,7 @@ class Node:
                                       election=ElectionConfig(campaign=cfg.campaign))
         self.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
         await self.cluster.start()
+        self.system.on_peer(self._on_peer)
         self._tasks.append(asyncio.get_running_loop().create_task(self._follow_cluster(), name="follow-cluster"))
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_sessions(), name="watch-sessions"))
         log.info("node.started", node=self.node_id, name=self.info.name, address=self.system.address,
@@ -267,6 +268,10 @@ class Node:
                 self._notify_plan()
                 self.serving.fail_all(Unavailable(_LEADERLESS))
             self.serving.check_stalls()
+
+    def _on_peer(self, event) -> None:
+        if not event.up:
+            self.serving.links_lost += 1
 
     def _leaderless_for(self) -> float:
         if self.cluster is None or self.cluster.coordinator is not None:

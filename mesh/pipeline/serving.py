@@ -46,6 +46,7 @@ class _Session:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_progress: float = field(default_factory=time.monotonic)
+    links_lost_mark: int = 0  # Serving.links_lost when the session last made progress
     replays: int = 0
     done: bool = False
 
@@ -74,6 +75,7 @@ class Serving:
         self.stall_s = stall_s
         self.stall_s_per_token = stall_s_per_token
         self.stalls = 0
+        self.links_lost = 0  # connections to peers that dropped: the only way a message is lost
 
     # -- client side --------------------------------------------------------------------
 
@@ -128,6 +130,7 @@ class Serving:
         ids = np.asarray(session.prompt_ids + session.sequencer.tokens, dtype=np.int32)
         session.epoch = (plan.term, plan.version)
         session.last_progress = time.monotonic()
+        session.links_lost_mark = self.links_lost
         fwd = Forward(plan.term, plan.version, session.id, step=session.sequencer.next_seq, start_pos=0,
                       sender=self.node_id, digest=tensor_digest(ids), tokens=ids, meta=session.meta)
         session.last_forward = fwd
@@ -153,6 +156,7 @@ class Serving:
         if verdict is Verdict.ACCEPTED:
             self.tokens_out += 1
             session.last_progress = time.monotonic()
+            session.links_lost_mark = self.links_lost
             session.events.put_nowait((msg.token, msg.finish_reason))
             if msg.finish_reason:
                 session.done = True
@@ -174,8 +178,9 @@ class Serving:
             self.send(plan.stage_nodes[0], "stage", session.last_forward)
 
     def check_stalls(self, now: float | None = None) -> int:
-        """Replay sessions that made no progress for too long on a ready plan: a message
-        lost with a dropped link would otherwise stall them forever. Replays are safe:
+        """Replay sessions that made no progress for too long on a ready plan after a
+        connection dropped: a message lost with it would otherwise stall them forever.
+        A session that is only slow (a loaded machine) is left alone. Replays are safe:
         tokens are deterministic and the sequencer drops duplicates."""
         plan = self.plan()
         if plan is None:
@@ -185,6 +190,8 @@ class Serving:
         for session in list(self.sessions.values()):
             if session.done or session.epoch != (plan.term, plan.version):
                 continue
+            if session.links_lost_mark == self.links_lost:
+                continue  # nothing can have been lost: it is only slow
             length = len(session.prompt_ids) + session.sequencer.next_seq
             # Back off per replay: on a loaded machine a step can outlast the timeout, and
             # replaying every few seconds would only add prefills to the queue it waits in.

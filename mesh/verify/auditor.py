@@ -87,7 +87,9 @@ def check_step(stage: Stage, key: str, records: dict[int, StepRecord], data: Aud
         if rec is None:  # the coordinator's log lacks it (it took office mid-session): no judgement
             return Verdict(False, f"no commitment for step {s} in the log", inconclusive=True)
         if tensor_digest(x) != rec.input_digest or rec.start_pos != pos:
-            return Verdict(False, f"input of step {s} does not match its commitment")
+            # A session replayed within one plan (a lost message) runs a step number twice;
+            # the stage keeps the newer input. No judgement: the outputs decide.
+            return Verdict(False, f"input of step {s} does not match its commitment", inconclusive=True)
         if pos > end:  # below is a replay from an earlier position: the cache truncates
             return Verdict(False, f"inputs are not contiguous at step {s} (position {pos})")
         if chunks and pos == end and numeric_class(producer_backend, weight_mode) == "f32":

@@ -36,6 +36,9 @@ async def test_a_stalled_session_is_replayed_from_what_it_holds():
     serving.on_token(TokenOut(1, 1, fwd.session, 0, 42))
     assert (await first).token_id == 42
     assert serving.check_stalls(time.monotonic()) == 0  # it just made progress
+    assert serving.check_stalls(time.monotonic() + 2.0) == 0  # slow, but nothing can have been lost
+    serving.links_lost += 1  # a connection dropped: a message may have gone with it
+    assert serving.check_stalls(time.monotonic()) == 0  # not idle long enough yet
     assert serving.check_stalls(time.monotonic() + 2.0) == 1  # then nothing for 2 s: replay
     replay = sent[-1][2]
     assert list(replay.tokens) == [5, 6, 7, 42] and replay.start_pos == 0 and replay.step == 1
