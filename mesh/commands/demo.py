@@ -78,9 +78,10 @@ async def _demo(args: argparse.Namespace) -> int:
             "decode_tokens_per_s": result.decode_tokens_per_s,
             "coordinator": final.get("coordinator"),
             "term": final.get("term"),
-            "pipeline": mesh.get("pipeline", [
-                {"node": s["node"], "layers": s["layers"], "backend": s["backend"]} for s in final["plan"]["stages"]]),
-            "verification": mesh.get("verification", {}),
+            # the plan at the end of the run: after an eviction, the one without the flagged node
+            "pipeline": [{"node": s["node"], "layers": s["layers"], "backend": s["backend"]}
+                         for s in (final.get("plan") or {}).get("stages", [])] or mesh.get("pipeline", []),
+            "verification": final.get("verification") or mesh.get("verification", {}),
             "failovers": failovers,
             "nodes": args.nodes,
             "backend": args.backend,
@@ -91,8 +92,16 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _final_view(cluster: LocalCluster, index: int) -> dict | None:
+async def _final_view(cluster: LocalCluster, index: int, settle_s: float = 15.0) -> dict | None:
+    """The serving node's view once the audits of this run have settled (they run off the
+    critical path, so the last ones may finish just after the answer)."""
     import aiohttp
 
+    deadline = asyncio.get_running_loop().time() + settle_s
     async with aiohttp.ClientSession() as http:
-        return await cluster.status(index, http)
+        while True:
+            view = await cluster.status(index, http)
+            pending = ((view or {}).get("verification") or {}).get("audits_pending", 0)
+            if not pending or asyncio.get_running_loop().time() > deadline:
+                return view
+            await asyncio.sleep(0.2)
