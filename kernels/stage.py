@@ -8,7 +8,8 @@ Everything crossing this boundary is numpy:
 - ``StepInput.hidden``: float32 ``(T, hidden)`` (every other stage);
 - ``forward`` returns, per item, float32 hidden ``(T, hidden)``, or on the head
   stage the logits ``(1, vocab)`` of the last position (``(T, vocab)`` with
-  ``all_logits=True``).
+  ``all_logits=True``; ``(len(rows), vocab)`` for the step rows an item names in
+  ``logit_rows`` — an auditor checking several steps in one pass).
 
 Cache semantics, which every backend must honour (tests/kernels/test_stage_conformance.py):
 
@@ -69,11 +70,19 @@ class StepInput:
     start_pos: int
     tokens: np.ndarray | None = None
     hidden: np.ndarray | None = None
+    logit_rows: tuple[int, ...] | None = None  # head stage: logits of these rows of the step (default: the last)
 
     @property
     def length(self) -> int:
         x = self.tokens if self.tokens is not None else self.hidden
         return 0 if x is None else int(x.shape[0])
+
+
+def output_rows(item: StepInput, all_logits: bool) -> list[int]:
+    """The rows of ``item`` whose logits a head stage returns."""
+    if item.logit_rows is not None:
+        return list(item.logit_rows)
+    return list(range(item.length)) if all_logits else [item.length - 1]
 
 
 class Stage(ABC):
@@ -120,6 +129,8 @@ class Stage(ABC):
                 raise StageInputError(f"stage {self.spec} does not embed: give hidden states")
             if it.length == 0:
                 raise StageInputError(f"session {it.session!r}: empty step")
+            if it.logit_rows is not None and not all(0 <= r < it.length for r in it.logit_rows):
+                raise StageInputError(f"session {it.session!r}: logit_rows outside the step's {it.length} rows")
             cached = self.cache_len(it.session)
             if not 0 <= it.start_pos <= cached:
                 raise StageInputError(f"session {it.session!r}: start_pos {it.start_pos} is past "

@@ -34,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from kernels.config import ModelConfig
-from kernels.stage import Stage, StageInputError, StageSpec, StepInput
+from kernels.stage import Stage, StageInputError, StageSpec, StepInput, output_rows
 from kernels.weights import QuantTensor, StageWeights, load_weights
 
 CACHE_STEP = 256
@@ -282,14 +282,14 @@ class MLXLlamaStage(Stage):
             mx.eval(x)
             out = np.array(x, dtype=np.float32, copy=False)
             return [np.ascontiguousarray(out[s.rows]) for s in steps]
-        rows = [s.rows if all_logits else slice(s.rows.stop - 1, s.rows.stop) for s in steps]
-        picked = mx.concatenate([x[r] for r in rows], axis=0)
+        rows = [[s.rows.start + r for r in output_rows(it, all_logits)] for s, it in zip(steps, items)]
+        picked = mx.take(x, mx.array([r for rs in rows for r in rs], dtype=mx.int32), axis=0)
         logits = self.lm_head(mx.fast.rms_norm(picked, self.norm, c.rms_eps))
         mx.eval(logits)
         logits_np = np.array(logits, dtype=np.float32, copy=False)
         out, start = [], 0
         for r in rows:
-            n = r.stop - r.start
+            n = len(r)
             out.append(np.ascontiguousarray(logits_np[start:start + n]))
             start += n
         return out

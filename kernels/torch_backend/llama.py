@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.config import ModelConfig
-from kernels.stage import Stage, StageSpec, StepInput
+from kernels.stage import Stage, StageSpec, StepInput, output_rows
 from kernels.torch_backend.cache import KVCache
 from kernels.torch_backend.linear import DenseLinear, Linear, make_head, make_linear
 from kernels.weights import QuantTensor, StageWeights, load_weights
@@ -212,7 +212,7 @@ class TorchLlamaStage(Stage):
                 ctx = _Prefill(self.cache, slot, it.start_pos, it.length)
                 pos = torch.arange(it.start_pos, it.start_pos + it.length)
                 x = self._run(self._input(it), pos, ctx)
-                out[i] = self._output(x, all_logits)
+                out[i] = self._output(x, output_rows(it, all_logits))
         if decode:
             batch = [items[i] for i in decode]
             slots = [self.cache.reserve(it.session, it.start_pos, 1) for it in batch]
@@ -221,7 +221,7 @@ class TorchLlamaStage(Stage):
             x = torch.cat([self._input(it) for it in batch]) if len(batch) > 1 else self._input(batch[0])
             y = self._run(x, ctx.pos, ctx)
             for row, i in enumerate(decode):
-                out[i] = self._output(y[row:row + 1], all_logits)
+                out[i] = self._output(y[row:row + 1], output_rows(items[i], all_logits))
         return out  # type: ignore[return-value]
 
     # -- model math ------------------------------------------------------------------
@@ -235,11 +235,11 @@ class TorchLlamaStage(Stage):
             return rows.float()
         return torch.from_numpy(np.ascontiguousarray(it.hidden, dtype=np.float32))
 
-    def _output(self, x: torch.Tensor, all_logits: bool) -> np.ndarray:
+    def _output(self, x: torch.Tensor, rows: list[int]) -> np.ndarray:
         if not self.spec.head:
             return x.numpy().copy()
-        if not all_logits:
-            x = x[-1:]
+        if rows != list(range(x.shape[0])):
+            x = x[rows[0]:rows[0] + 1] if len(rows) == 1 else x[torch.tensor(rows)]
         x = rms_norm(x, self._norm, self.config.rms_eps)
         return self._lm_head(x).numpy()
 

@@ -66,6 +66,20 @@ def test_full_stage_shapes_and_cache(stage_of, n_layers):
     assert st.param_bytes > 0 and len(st.weights_digest) == 32
 
 
+def test_logit_rows_pick_rows_of_all_logits(stage_of, n_layers):
+    st = stage_of(StageSpec.full(n_layers))
+    allx = st.forward([StepInput("lr-a", 0, tokens=_ids(6))], all_logits=True)[0]
+    picked, other = st.forward([StepInput("lr-b", 0, tokens=_ids(6), logit_rows=(1, 4, 5)),
+                                StepInput("lr-c", 0, tokens=_ids(3), logit_rows=(0,))])
+    assert picked.shape == (3, st.config.vocab_size) and other.shape == (1, st.config.vocab_size)
+    np.testing.assert_allclose(picked, allx[[1, 4, 5]], atol=1e-4)
+    np.testing.assert_allclose(other, allx[[0]], atol=1e-4)  # same first 3 ids, row 0
+    with pytest.raises(StageInputError):
+        st.forward([StepInput("lr-d", 0, tokens=_ids(2), logit_rows=(2,))])
+    for s in ("lr-a", "lr-b", "lr-c", "lr-d"):
+        st.free(s)
+
+
 def test_pipeline_of_three_stages_equals_full(stage_of, n_layers):
     a, b = n_layers // 3, 2 * n_layers // 3
     first = stage_of(StageSpec(0, a, embed=True))
