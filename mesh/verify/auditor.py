@@ -1,10 +1,16 @@
-"""The auditor: re-run a committed stage step on the committed inputs and compare.
+"""The auditor: re-run committed stage steps on the committed inputs and compare.
 
 Attention needs every earlier position, so the auditor keeps a KV cache per audited
-(plan, session, stage) and extends it step by step with the inputs it fetches — in
-the same step shapes the stage used (the prefill, then one position per step), so
-even the bfloat16 class reproduces. Each fetched input is checked against the digest
-its stage signed. Compute runs on a low-priority audit thread: generation never waits.
+(plan, session, stage) and extends it with the inputs it fetches: as one prefill over
+the new positions for the float32 class, in the stage's own step shapes (the prefill,
+then one position per step) for the bfloat16 class, the only way it reproduces. Each
+fetched input is checked against the digest its stage signed.
+
+Audit requests of one session and stage are gathered for ``MESH_AUDIT_GATHER_S``
+(default 1 s; escalations at once) and checked in one pass: the stage's weights are
+read once per pass instead of once per audited step, and a pass over many positions is
+compute-bound, so it takes little memory bandwidth from the stages decoding next to
+it. Compute runs on a low-priority audit thread: generation never waits.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +50,8 @@ from mesh.verify.tolerance import (
 )
 
 log = structlog.get_logger("mesh.verify.auditor")
-AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "10"))  # CPU share of audits vs stages (0..19)
+AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "19"))  # the audit thread's CPU priority (0..19)
+GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "1.0"))  # how long requests gather before a pass
 
 
 @dataclass
@@ -57,7 +65,8 @@ class Verdict:
 
 
 def low_priority_runner() -> ComputeRunner:
-    """A second compute thread at nice 19: audits use idle CPU, stages keep theirs."""
+    """A second compute thread at nice 19: audits use idle CPU, stages keep theirs.
+    (Not SCHED_IDLE: a starved thread holding the GIL would stall the node's loop.)"""
     runner = ComputeRunner(name="mesh-audit")
 
     def lower() -> None:
@@ -70,56 +79,90 @@ def low_priority_runner() -> ComputeRunner:
     return runner
 
 
-def check_step(stage: Stage, key: str, records: dict[int, StepRecord], data: AuditData, step: int,
-               *, producer_backend: str, weight_mode: str, last: bool) -> Verdict:
-    """Extend ``stage``'s cache for ``key`` with the fetched steps and judge ``step``.
+def _timed(fn, *args, **kwargs):
+    """Run ``fn`` and return (result, CPU seconds this thread spent in it)."""
+    started = time.thread_time()
+    out = fn(*args, **kwargs)
+    return out, time.thread_time() - started
 
-    Runs on a compute thread. ``records`` are the signed records by step. The f32 class
-    re-runs the fetched steps as one chunk (prefill and decode agree to ~1e-6 there);
-    the bf16 class replays them in the stage's own step shapes, the only way it reproduces."""
-    offset = 0
-    chunks = []
-    end = stage.cache_len(key)
+
+def check_steps(stage: Stage, key: str, records: dict[int, StepRecord], data: AuditData, steps: list[int],
+                *, producer_backend: str, weight_mode: str, last: bool) -> dict[int, Verdict]:
+    """Extend ``stage``'s cache for ``key`` with the fetched steps and judge each of ``steps``.
+
+    Runs on a compute thread. ``records`` are the signed records by step; ``data`` holds
+    the inputs of every step from the cache's end to max(steps) and the committed outputs
+    of ``steps``. The f32 class re-runs the fetched steps as one chunk (prefill and decode
+    agree to ~1e-6 there); the bf16 class replays them in the stage's own step shapes."""
+
+    def every(verdict: Verdict) -> dict[int, Verdict]:
+        return {s: verdict for s in steps}
+
+    merge = numeric_class(producer_backend, weight_mode) == "f32"
+    wanted = set(steps)
+    chunks: list[list[tuple[int, int, np.ndarray]]] = []  # runs of (step, start_pos, input)
+    offset, end = 0, stage.cache_len(key)
     for s, pos, n in zip(data.steps, data.start_pos, data.lengths, strict=True):
         x = data.inputs[offset:offset + n]
         offset += n
         rec = records.get(s)
         if rec is None:  # the coordinator's log lacks it (it took office mid-session): no judgement
-            return Verdict(False, f"no commitment for step {s} in the log", inconclusive=True)
+            return every(Verdict(False, f"no commitment for step {s} in the log", inconclusive=True))
         if tensor_digest(x) != rec.input_digest or rec.start_pos != pos:
             # A session replayed within one plan (a lost message) runs a step number twice;
             # the stage keeps the newer input. No judgement: the outputs decide.
-            return Verdict(False, f"input of step {s} does not match its commitment", inconclusive=True)
+            return every(Verdict(False, f"input of step {s} does not match its commitment", inconclusive=True))
         if pos > end:  # below is a replay from an earlier position: the cache truncates
-            return Verdict(False, f"inputs are not contiguous at step {s} (position {pos})")
-        if chunks and pos == end and numeric_class(producer_backend, weight_mode) == "f32":
-            chunks[-1] = (chunks[-1][0], np.concatenate([chunks[-1][1], x]))
+            return every(Verdict(False, f"inputs are not contiguous at step {s} (position {pos})"))
+        if chunks and merge and pos == end:
+            chunks[-1].append((s, pos, x))
         else:
-            chunks.append((pos, x))
+            chunks.append([(s, pos, x)])
         end = pos + n
-    produced = None
-    for pos, x in chunks:
-        item = StepInput(key, pos, tokens=x if stage.spec.embed else None, hidden=None if stage.spec.embed else x)
-        produced = stage.forward([item])[0]
-    if produced is not None and not last:
-        produced = produced[-records[step].length:]
-    rec = records[step]
-    if data.output is None or tensor_digest(data.output) != rec.output_digest:
-        return Verdict(False, "the fetched output does not match the committed output digest")
-    committed = np.asarray(data.output, dtype=np.float32)
-    if last:
-        committed = committed.reshape(1, -1)
-    cmp = compare(produced, committed, tolerance_for(producer_backend, weight_mode))
-    grid = produced.shape == committed.shape and grid_hash(produced) == grid_hash(committed)
-    if not cmp.ok:
-        return Verdict(False, "output outside tolerance", cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
-    if last:
-        params = SamplingParams(temperature=data.temperature, top_k=data.top_k, top_p=data.top_p, seed=data.seed)
-        position = rec.start_pos + rec.length
-        if sample(committed[-1], params, position) != rec.token:
-            return Verdict(False, f"token {rec.token} is not what the committed logits sample at {position}",
-                           cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
-    return Verdict(True, "ok", cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
+    produced: dict[int, np.ndarray] = {}
+    for chunk in chunks:
+        rows, at = {}, 0
+        for s, _, x in chunk:
+            rows[s] = (at, len(x))
+            at += len(x)
+        x = chunk[0][2] if len(chunk) == 1 else np.concatenate([c[2] for c in chunk])
+        mine = [s for s, _, _ in chunk if s in wanted]
+        logit_rows = tuple(rows[s][0] + rows[s][1] - 1 for s in mine) or (at - 1,) if last else None
+        item = StepInput(key, chunk[0][1], tokens=x if stage.spec.embed else None,
+                         hidden=None if stage.spec.embed else x, logit_rows=logit_rows)
+        out = stage.forward([item])[0]
+        for i, s in enumerate(mine):
+            produced[s] = out[i:i + 1] if last else out[rows[s][0]:rows[s][0] + rows[s][1]]
+    committed_by_step, at = {}, 0
+    for s, n in zip(data.output_steps, data.output_lengths, strict=True):
+        committed_by_step[s] = data.outputs[at:at + n]
+        at += n
+    tolerance = tolerance_for(producer_backend, weight_mode)
+    verdicts = {}
+    for step in steps:
+        rec, committed = records[step], committed_by_step.get(step)
+        if committed is None or tensor_digest(committed) != rec.output_digest:
+            verdicts[step] = Verdict(False, "the fetched output does not match the committed output digest")
+            continue
+        if step not in produced:
+            verdicts[step] = Verdict(False, f"step {step} was not among the fetched inputs")
+            continue
+        committed = np.asarray(committed, dtype=np.float32)
+        cmp = compare(produced[step], committed, tolerance)
+        grid = produced[step].shape == committed.shape and grid_hash(produced[step]) == grid_hash(committed)
+        verdict = Verdict(True, "ok", cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
+        if not cmp.ok:
+            verdict = Verdict(False, "output outside tolerance", cmp.max_row_rel_l2, cmp.outside_share,
+                              grid_match=grid)
+        elif last:
+            params = SamplingParams(temperature=data.temperature, top_k=data.top_k, top_p=data.top_p,
+                                    seed=data.seed)
+            position = rec.start_pos + rec.length
+            if sample(committed[-1], params, position) != rec.token:
+                verdict = Verdict(False, f"token {rec.token} is not what the committed logits sample at {position}",
+                                  cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
+        verdicts[step] = verdict
+    return verdicts
 
 
 class _Track:
@@ -136,45 +179,73 @@ class Auditor:
 
     def __init__(self, identity: NodeIdentity, model_path: Path, backend: str,
                  fetch: Callable[[str, AuditFetch], asyncio.Future[AuditData]],
-                 report: Callable[[str, AuditResult], None], *, max_tracks: int = 16):
+                 report: Callable[[str, AuditResult], None], *, max_tracks: int = 16, gather_s: float = GATHER_S):
         self.identity = identity
         self.model_path = model_path
         self.backend = backend
         self.fetch = fetch
         self.report = report
         self.max_tracks = max_tracks
+        self.gather_s = gather_s
         self.runner: ComputeRunner | None = None
         self.stages: dict[tuple, Stage] = {}
         self.tracks: OrderedDict[tuple, _Track] = OrderedDict()
+        self.waiting: dict[tuple, list[tuple[AuditRequest, str]]] = {}  # track key -> requests not yet run
         self.audits = 0
+        self.passes = 0
+        self.compute_s = 0.0  # CPU seconds of audit compute on the audit thread
+        self._timers: dict[tuple, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loading = asyncio.Lock()
 
     def on_request(self, req: AuditRequest, coordinator: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._audit(req, coordinator), name="audit")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        b = req.batch
+        try:
+            verify_batch(b)
+        except CommitmentRejected as exc:
+            self._finish(req, coordinator, Verdict(False, f"commitment rejected: {exc}"))
+            return
+        tkey = (b.term, b.version, req.session, b.stage, b.node, req.round)
+        self.waiting.setdefault(tkey, []).append((req, coordinator))
+        if tkey not in self._timers:  # the first of a gathering; an escalation is checked at once
+            delay = self.gather_s if req.round == 1 else 0.0
+            self._timers[tkey] = asyncio.get_running_loop().call_later(delay, self._start_pass, tkey)
 
     def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
         for task in self._tasks:
             task.cancel()
         if self.runner is not None:
             self.runner.close()
 
-    async def _audit(self, req: AuditRequest, coordinator: str) -> None:
-        b = req.batch
+    def _start_pass(self, tkey: tuple) -> None:
+        del self._timers[tkey]
+        task = asyncio.get_running_loop().create_task(self._pass(tkey), name="audit")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pass(self, tkey: tuple) -> None:
+        requests = self.waiting.pop(tkey, [])
+        if not requests:
+            return
+        first = requests[0][0]
+        steps = sorted({r.step for r, _ in requests})
         try:
-            verify_batch(b)
-            verdict = await self._check(req)
-        except CommitmentRejected as exc:
-            verdict = Verdict(False, f"commitment rejected: {exc}")
+            verdicts = await self._check(tkey, first, [r for r, _ in requests], steps)
         except asyncio.CancelledError:
             raise
         except (TimeoutError, ActorsError) as exc:  # unreachable (dead, or we are cut off)
-            verdict = Verdict(False, f"{type(exc).__name__}: {exc}", inconclusive=True)
+            verdicts = {s: Verdict(False, f"{type(exc).__name__}: {exc}", inconclusive=True) for s in steps}
         except Exception as exc:  # what the node supplied cannot be run (wrong shapes, ...): it fails
-            log.exception("audit.error", node=b.node, session=req.session, step=req.step)
-            verdict = Verdict(False, f"{type(exc).__name__}: {exc}")
+            log.exception("audit.error", node=first.batch.node, session=first.session, steps=steps)
+            verdicts = {s: Verdict(False, f"{type(exc).__name__}: {exc}") for s in steps}
+        self.passes += 1
+        for req, coordinator in requests:
+            self._finish(req, coordinator, verdicts[req.step])
+
+    def _finish(self, req: AuditRequest, coordinator: str, verdict: Verdict) -> None:
+        b = req.batch
         self.audits += 1
         result = AuditResult(req.audit_id, req.round, self.identity.node_id, b.node, req.session, req.step,
                              verdict.ok, verdict.reason, float(verdict.max_row_rel_l2), float(verdict.outside_share),
@@ -185,7 +256,8 @@ class Auditor:
                 rel=round(verdict.max_row_rel_l2, 6))
         self.report(coordinator, result)
 
-    async def _check(self, req: AuditRequest) -> Verdict:
+    async def _check(self, tkey: tuple, req: AuditRequest, requests: list[AuditRequest],
+                     steps: list[int]) -> dict[int, Verdict]:
         b = req.batch
         if self.runner is None:
             self.runner = low_priority_runner()
@@ -198,28 +270,32 @@ class Auditor:
                 self.stages[skey] = await self.runner.run(load_stage, self.model_path, spec, backend, mode)
         stage = self.stages[skey]
         if stage.weights_digest != b.weights_digest:
-            return Verdict(False, "committed weights digest differs from the model's")
-        tkey = (b.term, b.version, req.session, b.stage, b.node, req.round)
+            return {s: Verdict(False, "committed weights digest differs from the model's") for s in steps}
         track = self.tracks.get(tkey)
         if track is None:
             track = self.tracks[tkey] = _Track(f"audit/{req.round}/{b.term}.{b.version}/{b.stage}/{req.session}",
-                                                    stage)
+                                               stage)
             while len(self.tracks) > self.max_tracks:
                 old = self.tracks.popitem(last=False)[1]
                 await self.runner.run(old.stage.free, old.key)
         self.tracks.move_to_end(tkey)
         async with track.lock:
-            track.records.update({r.step: r for r in req.records})
-            if req.step < track.next_step:  # an earlier step than the cache holds: start over
+            for r in requests:
+                track.records.update({rec.step: rec for rec in r.records})
+            if steps[0] < track.next_step:  # an earlier step than the cache holds: start over
                 await self.runner.run(track.stage.free, track.key)
                 track.next_step = 0
-            data = await self.fetch(b.node, AuditFetch(b.term, b.version, req.session, track.next_step, req.step))
+            data = await self.fetch(b.node, AuditFetch(b.term, b.version, req.session, track.next_step, steps[-1],
+                                                       steps))
             if not data.ok:
-                return Verdict(False, f"the audited node could not supply the step: {data.error}")
-            verdict = await self.runner.run(check_step, track.stage, track.key, track.records, data, req.step,
-                                            producer_backend=b.backend, weight_mode=b.weight_mode,
-                                            last=spec.head)
-            track.next_step = req.step + 1 if verdict.ok else 0
-            if not verdict.ok:
+                return {s: Verdict(False, f"the audited node could not supply the step: {data.error}") for s in steps}
+            verdicts, cpu = await self.runner.run(_timed, check_steps, track.stage, track.key, track.records, data,
+                                                  steps, producer_backend=b.backend, weight_mode=b.weight_mode,
+                                                  last=spec.head)
+            self.compute_s += cpu
+            if all(v.ok for v in verdicts.values()):
+                track.next_step = steps[-1] + 1
+            else:
+                track.next_step = 0
                 await self.runner.run(track.stage.free, track.key)
-            return verdict
+            return verdicts

@@ -3,7 +3,7 @@
 ``run_pipeline`` generates like the mesh does (a prefill step, then one token per step,
 the last stage sampling with kernels.sampling) on stages of any backend and weight mode,
 optionally with one cheating stage, and keeps every stage's committed records, inputs
-and outputs. ``Audit`` replays a stage's trace with ``auditor.check_step`` — the code
+and outputs. ``Audit`` replays a stage's trace with ``auditor.check_steps`` — the code
 path the auditor role runs — so what is measured here is what the mesh enforces.
 """
 
@@ -19,7 +19,7 @@ from kernels.config import load_config
 from kernels.digest import tensor_digest
 from kernels.sampling import SamplingParams, sample
 from kernels.stage import Stage, StageSpec, StepInput, load_stage
-from mesh.verify.auditor import Verdict, check_step
+from mesh.verify.auditor import Verdict, check_steps
 from mesh.verify.commitment import leaf_hash
 from mesh.verify.faults import Fault
 from mesh.verify.messages import AuditData, StepRecord
@@ -117,16 +117,21 @@ class Audit:
         self.next_step = 0
 
     def check(self, step: int) -> Verdict:
+        return self.check_many([step])[step]
+
+    def check_many(self, audited: list[int]) -> dict[int, Verdict]:
+        """Judge ``audited`` (ascending, all past the last check) in one pass, as the auditor does."""
         t = self.trace
-        steps = list(range(self.next_step, step + 1))
+        steps = list(range(self.next_step, audited[-1] + 1))
+        outputs = [t.outputs[s].reshape(-1, t.outputs[s].shape[-1]) for s in audited]
         data = AuditData(True, "", steps, [t.inputs[s][0] for s in steps], [t.records[s].length for s in steps],
-                         np.concatenate([t.inputs[s][1] for s in steps]), t.outputs[step],
-                         temperature=self.sampling.temperature, top_k=self.sampling.top_k,
+                         np.concatenate([t.inputs[s][1] for s in steps]), list(audited), [len(o) for o in outputs],
+                         np.concatenate(outputs), temperature=self.sampling.temperature, top_k=self.sampling.top_k,
                          top_p=self.sampling.top_p, seed=self.sampling.seed)
-        verdict = check_step(self.stage, self.key, t.records, data, step, producer_backend=t.backend,
-                             weight_mode=t.weight_mode, last=t.spec.head)
-        self.next_step = step + 1
-        return verdict
+        verdicts = check_steps(self.stage, self.key, t.records, data, list(audited), producer_backend=t.backend,
+                               weight_mode=t.weight_mode, last=t.spec.head)
+        self.next_step = audited[-1] + 1
+        return verdicts
 
     def close(self) -> None:
         self.stage.free(self.key)

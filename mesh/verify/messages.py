@@ -71,13 +71,15 @@ class AuditRequest:
 @dataclass
 class AuditFetch:
     """An auditor -> the audited node: the committed inputs of steps >= from_step
-    up to ``step``, and the committed output of ``step``."""
+    up to ``step``, and the committed outputs of the steps in ``outputs_of`` (default:
+    ``step``) — an auditor checks several audited steps of a session in one pass."""
 
     term: int
     version: int
     session: str
     from_step: int
     step: int
+    outputs_of: list[int] = field(default_factory=list)
 
 
 @message("mesh.verify.AuditData")
@@ -89,7 +91,9 @@ class AuditData:
     start_pos: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     inputs: np.ndarray | None = None  # every step's input rows, concatenated
-    output: np.ndarray | None = None
+    output_steps: list[int] = field(default_factory=list)
+    output_lengths: list[int] = field(default_factory=list)
+    outputs: np.ndarray | None = None  # the committed outputs of output_steps, concatenated by rows
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0

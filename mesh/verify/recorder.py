@@ -121,13 +121,16 @@ class StageRecorder:
         if s is None:
             return AuditData(False, "session not held (evicted from the retention window, or another plan)")
         steps = sorted(k for k in s.inputs if req.from_step <= k <= req.step)
-        if not steps or steps[-1] != req.step or req.step not in s.outputs:
-            return AuditData(False, f"step {req.step} is not retained")
+        wanted = sorted(set(req.outputs_of or [req.step]))
+        missing = [k for k in wanted if k not in s.outputs]
+        if not steps or steps[-1] != req.step or missing:
+            return AuditData(False, f"step {missing[0] if missing else req.step} is not retained")
+        outputs = [np.asarray(s.outputs[k]).reshape(-1, np.asarray(s.outputs[k]).shape[-1]) for k in wanted]
         t, k, p, seed = s.sampling
         return AuditData(True, "", steps, [s.inputs[k][0] for k in steps],
                          [int(s.inputs[k][1].shape[0]) for k in steps],
-                         np.concatenate([s.inputs[k][1] for k in steps]), s.outputs[req.step],
-                         temperature=t, top_k=k, top_p=p, seed=seed)
+                         np.concatenate([s.inputs[k][1] for k in steps]), wanted, [len(o) for o in outputs],
+                         np.concatenate(outputs), temperature=t, top_k=k, top_p=p, seed=seed)
 
     # -- internals ----------------------------------------------------------------------
 

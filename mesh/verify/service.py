@@ -54,7 +54,8 @@ class VerifyService:
                 "audits": s.audits, "audit_failures": s.audit_failures, "audits_pending": s.audits_pending,
                 "flagged_nodes": list(self.flags.values()),
                 "local": {"commitments": self.recorder.commitments, "batches": self.recorder.batches,
-                          "audits_run": self.auditor.audits, "wire_faults_seen": self.recorder.wire_faults_seen,
+                          "audits_run": self.auditor.audits, "audit_passes": self.auditor.passes,
+                          "audit_compute_s": round(self.auditor.compute_s, 3), "wire_faults_seen": self.recorder.wire_faults_seen,
                           "commit_us": round(self.recorder.commit_s * 1e6, 1)}}
 
     # -- coordinator side -------------------------------------------------------------------
@@ -96,7 +97,6 @@ class VerifyService:
         for member in self._members():
             if member != self.node.node_id:
                 self.node._send(member, VERIFY_ACTOR, msg)
-        self.node.coordinator.schedule()  # re-plan without it, as after a failure
         self._publish()
 
     def _publish_soon(self) -> None:
@@ -123,8 +123,9 @@ class VerifyService:
             self.flags[msg.node] = {"node": msg.node, "reason": msg.reason, "term": msg.term, "at": time.time(),
                                     "evidence": json.loads(msg.evidence)}
             log.error("node.flagged", node=msg.node, reason=msg.reason)
-        # every node remembers, so whichever node coordinates next keeps it out of the plan
-        self.node.coordinator.load_failed[msg.node] = f"flagged by verification: {msg.reason}"
+        # every node remembers, so whichever node coordinates next keeps it out of the plan; the
+        # coordinator re-places its layers at once, as after a failure
+        self.node.coordinator.evict(msg.node, f"flagged by verification: {msg.reason}")
 
     def _on_request(self, req: AuditRequest) -> None:
         coordinator = self._coordinator()
