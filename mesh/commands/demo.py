@@ -82,7 +82,8 @@ async def _demo(args: argparse.Namespace) -> int:
             "pipeline": [{"node": s["node"], "layers": s["layers"], "backend": s["backend"]}
                          for s in (final.get("plan") or {}).get("stages", [])] or mesh.get("pipeline", []),
             "verification": final.get("verification") or mesh.get("verification", {}),
-            "failovers": failovers,
+            # the kills' records (with the token each came at), else the cluster's list once settled
+            "failovers": failovers if args.kills else final.get("failovers", failovers),
             "nodes": args.nodes,
             "backend": args.backend,
         }))

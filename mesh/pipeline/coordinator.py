@@ -101,6 +101,16 @@ class CoordinatorRole:
         # A lost stage stalls every session: re-plan at once. Joins wait for the burst to settle.
         self.schedule(self.failover_debounce_s if lost else self.debounce_s)
 
+    def evict(self, node: str, reason: str) -> None:
+        """Keep ``node`` out of every plan (verification flagged it); while coordinating,
+        re-place its layers at once and list the eviction with the failovers."""
+        self.load_failed[node] = reason
+        if not self.active:
+            return
+        if self.current is not None and node in self.current.nodes:
+            self._record("evicted", node)
+        self.schedule(self.failover_debounce_s)
+
     def _record(self, kind: str, node: str) -> None:
         if any(f["kind"] == kind and f["node"] == node and f["term"] == self.term for f in self.failovers):
             return

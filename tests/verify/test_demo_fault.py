@@ -29,6 +29,7 @@ def test_demo_flags_and_evicts_a_tampering_stage(model_path):
     assert flag["reason"].startswith("two audits failed")
     assert len(flag["evidence"]["audits"]) == 2 and flag["evidence"]["batch"]["stage"] == 1
     assert flag["node"] not in [s["node"] for s in result["pipeline"]]  # evicted: re-planned without it
+    assert any(f["kind"] == "evicted" and f["node"] == flag["node"] for f in result["failovers"])
 
 
 @pytest.mark.slow
