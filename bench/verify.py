@@ -162,32 +162,52 @@ def commitment_cost(n: int = 2000) -> dict:
     return out
 
 
-async def mesh_speed(tokens: int, rounds: int, prompts: list[str]) -> dict:
+async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float = 0.2) -> dict:
+    """Two 3-node clusters up at once, one with verification and one without; requests
+    alternate between them (on, off, off, on, ...) so drift in the machine's speed hits
+    both alike. The ratio is the median of the per-pair ratios."""
+    from contextlib import ExitStack
+
+    import aiohttp
+
     from mesh.client import stream_chat
     from mesh.launcher import LocalCluster
 
     speeds: dict[str, list[float]] = {"on": [], "off": []}
-    verification = {}
-    for r in range(rounds):
-        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+    pairs: list[float] = []
+    clusters = {}
+    with ExitStack() as stack:
+        for mode in ("on", "off"):
             os.environ["MESH_VERIFY"] = mode
-            cluster = LocalCluster(n=3, extra_args=["--audit-rate", "0.2"], log_level="warning")
-            with cluster:
-                await cluster.wait_ready(timeout=300, stages=3)
-                api = cluster.nodes[0].api
-                await stream_chat(api, "Hello", max_tokens=8)  # warm-up
-                for p in prompts:
-                    res = await stream_chat(api, p, max_tokens=tokens, temperature=0.0)
+            clusters[mode] = stack.enter_context(
+                LocalCluster(n=3, extra_args=["--audit-rate", str(rate)], log_level="warning"))
+        os.environ.pop("MESH_VERIFY", None)
+        for cluster in clusters.values():
+            await cluster.wait_ready(timeout=300, stages=3)
+            await stream_chat(cluster.nodes[0].api, "Hello", max_tokens=8)  # warm-up
+        for r in range(rounds):
+            for i, p in enumerate(prompts):
+                order = ("on", "off") if (r + i) % 2 == 0 else ("off", "on")
+                got = {}
+                for mode in order:
+                    res = await stream_chat(clusters[mode].nodes[0].api, p, max_tokens=tokens, temperature=0.0)
+                    got[mode] = res.decode_tokens_per_s
                     speeds[mode].append(res.decode_tokens_per_s)
-                if mode == "on":
-                    await asyncio.sleep(3)
-                    async with __import__("aiohttp").ClientSession() as http:
-                        verification = (await cluster.status(0, http) or {}).get("verification", {})
-    os.environ.pop("MESH_VERIFY", None)
+                    await asyncio.sleep(0.5)  # let the audits of that request drain, as between user turns
+                pairs.append(got["on"] / got["off"])
+        await asyncio.sleep(3)
+        async with aiohttp.ClientSession() as http:
+            views = [await clusters["on"].status(i, http) or {} for i in range(3)]
+    verification = views[0].get("verification", {})
+    audit_s = sum(v.get("verification", {}).get("local", {}).get("audit_compute_s", 0.0) for v in views)
+    stage_s = sum(v.get("stage", {}).get("busy_s", 0.0) for v in views)
+    passes = sum(v.get("verification", {}).get("local", {}).get("audit_passes", 0) for v in views)
     on, off = statistics.median(speeds["on"]), statistics.median(speeds["off"])
-    return {"decode_tokens_per_s_on": on, "decode_tokens_per_s_off": off, "ratio_on_off": on / off,
-            "slowdown_pct": round((1 - on / off) * 100, 2), "samples": speeds,
-            "verification_view": {k: v for k, v in verification.items() if k != "flagged_nodes"}}
+    ratio = statistics.median(pairs)
+    return {"decode_tokens_per_s_on": on, "decode_tokens_per_s_off": off, "ratio_on_off": ratio,
+            "slowdown_pct": round((1 - ratio) * 100, 2), "pairs": len(pairs), "pair_ratios": pairs,
+            "samples": speeds, "audit_cpu_s": round(audit_s, 2), "stage_busy_s": round(stage_s, 2), "audit_passes": passes,
+            "verification_view": {k: v for k, v in verification.items() if k not in ("flagged_nodes", "local")}}
 
 
 def main() -> None:
@@ -197,6 +217,7 @@ def main() -> None:
     ap.add_argument("--detect-prompts", type=int, default=4)
     ap.add_argument("--mesh-tokens", type=int, default=64)
     ap.add_argument("--mesh-rounds", type=int, default=2)
+    ap.add_argument("--audit-rate", type=float, default=0.2, help="audit rate of the mesh runs with verification on")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--skip-mesh", action="store_true")
     ap.add_argument("--mesh-only", action="store_true", help="only the on/off decode speed of the mesh")
@@ -209,7 +230,7 @@ def main() -> None:
     started = time.perf_counter()
     result = {"commitment_us_per_token_per_stage": commitment_cost()}
     if not args.skip_mesh:
-        result["mesh"] = asyncio.run(mesh_speed(args.mesh_tokens, args.mesh_rounds, PROMPTS[:3]))
+        result["mesh"] = asyncio.run(mesh_speed(args.mesh_tokens, args.mesh_rounds, PROMPTS[:3], args.audit_rate))
     if args.mesh_only:
         print(json.dumps(result, indent=2))
         return
