@@ -71,9 +71,16 @@ class Ledger:
         self.audits = self.audit_failures = self.rejected = self.expired = self.unauditable = 0
 
     def take_office(self, term: int) -> None:
+        """Start a term: a fresh log and a fresh beacon secret.
+
+        Tests and benches only (like ``--fault``): with MESH_AUDIT_SEED set, the secret is
+        BLAKE3("mesh audit seed" || seed || term) instead of 32 random bytes, so a seeded
+        run draws the same secret per term. It is never sent to a stage either way, but
+        whoever knows the seed can predict the schedule: never set it in a real mesh.
+        """
         if term != self.term:
             self.term = term
-            self.secret = os.urandom(32)
+            self.secret = _beacon_secret(term)
             self.log.clear()
             self.pending.clear()
 
@@ -210,6 +217,13 @@ class Ledger:
             del self.pending[aid]
         log.error("node.flagged", node=node, reason=reason)
         self.flag(flag)
+
+
+def _beacon_secret(term: int) -> bytes:
+    seed = os.environ.get("MESH_AUDIT_SEED")
+    if seed is None:
+        return os.urandom(32)
+    return blake3.blake3(b"mesh audit seed" + seed.encode() + term.to_bytes(8, "little", signed=True)).digest()
 
 
 def _complete(records: list[StepRecord]) -> bool:
