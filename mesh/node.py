@@ -342,6 +342,7 @@ class Node:
                  stages=[(s.node[:8], s.start, s.end) for s in self.plan.stages])
         self._notify_plan()
         self.serving.on_plan_ready()
+        self.verify.on_plan_ready(self.plan)
 
     def _on_retransmit(self, msg: Retransmit) -> None:
         self.stage_host.on_retransmit(msg)

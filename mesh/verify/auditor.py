@@ -7,7 +7,8 @@ then one position per step) for the bfloat16 class, the only way it reproduces. 
 fetched input is checked against the digest its stage signed.
 
 Audit requests of one session and stage are gathered for ``MESH_AUDIT_GATHER_S``
-(default 1 s; escalations at once) and checked in one pass: the stage's weights are
+(default 1 s; 0.25 s for a session's first pass on a stage, escalations at once) and
+checked in one pass: the stage's weights are
 read once per pass instead of once per audited step, and a pass over many positions is
 compute-bound, so it takes little memory bandwidth from the stages decoding next to
 it. Compute runs on a low-priority audit thread: generation never waits.
@@ -16,6 +17,8 @@ it. Compute runs on a low-priority audit thread: generation never waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import os
 import threading
 import time
@@ -52,6 +55,7 @@ from mesh.verify.tolerance import (
 log = structlog.get_logger("mesh.verify.auditor")
 AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "19"))  # the audit thread's CPU priority (0..19)
 GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "1.0"))  # how long requests gather before a pass
+FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at once, catch it early
 
 
 @dataclass
@@ -195,6 +199,9 @@ class Auditor:
         self.passes = 0
         self.compute_s = 0.0  # CPU seconds of audit compute on the audit thread
         self._timers: dict[tuple, asyncio.TimerHandle] = {}
+        self._busy = False
+        self._seq = 0
+        self._waiting_passes: list[tuple[int, int, asyncio.Future]] = []
         self._tasks: set[asyncio.Task] = set()
         self._loading = asyncio.Lock()
 
@@ -208,8 +215,59 @@ class Auditor:
         tkey = (b.term, b.version, req.session, b.stage, b.node, req.round)
         self.waiting.setdefault(tkey, []).append((req, coordinator))
         if tkey not in self._timers:  # the first of a gathering; an escalation is checked at once
-            delay = self.gather_s if req.round == 1 else 0.0
+            delay = 0.0 if req.round > 1 else self.gather_s if tkey in self.tracks else min(self.gather_s,
+                                                                                             FIRST_GATHER_S)
             self._timers[tkey] = asyncio.get_running_loop().call_later(delay, self._start_pass, tkey)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, priority: int):
+        """One pass on the audit thread at a time, the most urgent waiting pass next."""
+        if self._busy:
+            self._seq += 1
+            waiter = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting_passes, (priority, self._seq, waiter))
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._next()  # handed the turn as we were cancelled: pass it on
+                raise
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        while self._waiting_passes:
+            waiter = heapq.heappop(self._waiting_passes)[2]
+            if not waiter.done():
+                waiter.set_result(None)  # the turn moves on; _busy stays set
+                return
+        self._busy = False
+
+    def preload(self, spec: StageSpec, producer_backend: str, weight_mode: str) -> None:
+        """Load the copy of a stage this node will audit now, not at its first audit."""
+        task = asyncio.get_running_loop().create_task(self._stage(spec, producer_backend, weight_mode),
+                                                      name="audit-preload")
+        self._tasks.add(task)
+        task.add_done_callback(self._preloaded)
+
+    def _preloaded(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("audit.preload_failed", error=str(task.exception()))
+
+    async def _stage(self, spec: StageSpec, producer_backend: str, weight_mode: str) -> Stage:
+        if self.runner is None:
+            self.runner = low_priority_runner()
+        backend = audit_backend(producer_backend, weight_mode, self.backend)
+        mode = audit_weight_mode(producer_backend, weight_mode, self.backend)
+        skey = (spec, backend, mode)
+        async with self._loading:
+            if skey not in self.stages:
+                self.stages[skey] = await self.runner.run(load_stage, self.model_path, spec, backend, mode)
+        return self.stages[skey]
 
     def close(self) -> None:
         for timer in self._timers.values():
@@ -259,16 +317,8 @@ class Auditor:
     async def _check(self, tkey: tuple, req: AuditRequest, requests: list[AuditRequest],
                      steps: list[int]) -> dict[int, Verdict]:
         b = req.batch
-        if self.runner is None:
-            self.runner = low_priority_runner()
-        backend = audit_backend(b.backend, b.weight_mode, self.backend)
-        mode = audit_weight_mode(b.backend, b.weight_mode, self.backend)
         spec = StageSpec(b.start, b.end, embed=b.stage == 0, head=b.stage == req.n_stages - 1)
-        skey = (spec, backend, mode)
-        async with self._loading:
-            if skey not in self.stages:
-                self.stages[skey] = await self.runner.run(load_stage, self.model_path, spec, backend, mode)
-        stage = self.stages[skey]
+        stage = await self._stage(spec, b.backend, b.weight_mode)
         if stage.weights_digest != b.weights_digest:
             return {s: Verdict(False, "committed weights digest differs from the model's") for s in steps}
         track = self.tracks.get(tkey)
@@ -289,10 +339,19 @@ class Auditor:
                                                        steps))
             if not data.ok:
                 return {s: Verdict(False, f"the audited node could not supply the step: {data.error}") for s in steps}
-            verdicts, cpu = await self.runner.run(_timed, check_steps, track.stage, track.key, track.records, data,
-                                                  steps, producer_backend=b.backend, weight_mode=b.weight_mode,
-                                                  last=spec.head)
+            # escalations first, then a session's first pass on a stage (where a cheat shows
+            # first), then the rest in order of arrival
+            priority = 0 if req.round > 1 else 1 if track.next_step == 0 else 2
+            queued = time.perf_counter()
+            async with self._turn(priority):
+                started = time.perf_counter()
+                verdicts, cpu = await self.runner.run(_timed, check_steps, track.stage, track.key, track.records,
+                                                      data, steps, producer_backend=b.backend,
+                                                      weight_mode=b.weight_mode, last=spec.head)
             self.compute_s += cpu
+            log.info("audit.pass", node=b.node, stage=b.stage, steps=steps, round=req.round,
+                     waited_ms=round((started - queued) * 1e3, 1), pass_ms=round((time.perf_counter() - started) * 1e3, 1),
+                     cpu_ms=round(cpu * 1e3, 1))
             if all(v.ok for v in verdicts.values()):
                 track.next_step = steps[-1] + 1
             else:

@@ -186,12 +186,8 @@ class Ledger:
                 log.warning("chain.broken", session=r.session, step=r.step, stages=(a, b))
 
     def _pick_auditor(self, b: CommitBatch, members: dict[str, str], exclude: set[str]) -> str | None:
-        candidates = [n for n in members if n != b.node and n not in exclude and n not in self.flagged]
-        if not candidates:
-            return None
-        # another backend first; then a stable choice per (session-stage) so its audit cache is reused
-        return min(candidates, key=lambda n: (members[n] == b.backend,
-                                              blake3.blake3(f"{b.stage}|{n}".encode()).digest()))
+        order = auditor_order(b.stage, b.node, b.backend, members, exclude | set(self.flagged))
+        return order[0] if order else None
 
     def _start_audit(self, key: tuple, b: CommitBatch, r: StepRecord, n_stages: int,
                      members: dict[str, str]) -> None:
@@ -224,6 +220,17 @@ def _beacon_secret(term: int) -> bytes:
     if seed is None:
         return os.urandom(32)
     return blake3.blake3(b"mesh audit seed" + seed.encode() + term.to_bytes(8, "little", signed=True)).digest()
+
+
+def auditor_order(stage: int, producer: str, producer_backend: str, members: dict[str, str],
+                  exclude: set[str] | frozenset = frozenset()) -> list[str]:
+    """Who audits ``stage`` (held by ``producer``), first choice first: live nodes other than
+    the producer, another backend first, then an order stable per stage — so an auditor
+    keeps its loaded copy of the stage and its audit caches, and every node can tell
+    in advance which stages it will audit (it loads them when a plan is ready)."""
+    candidates = [n for n in members if n != producer and n not in exclude]
+    return sorted(candidates, key=lambda n: (members[n] == producer_backend,
+                                             blake3.blake3(f"{stage}|{n}".encode()).digest()))
 
 
 def _complete(records: list[StepRecord]) -> bool:

@@ -36,18 +36,21 @@ class _SessionLog:
     inputs: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # step -> (start_pos, tensor)
     outputs: OrderedDict = field(default_factory=OrderedDict)  # step -> committed output
     pending: list[StepRecord] = field(default_factory=list)
+    pending_since: float = 0.0
     last_honest: np.ndarray | None = None
     sampling: tuple[float, int, float, int] = (0.0, 0, 1.0, 0)
 
 
 class StageRecorder:
     def __init__(self, identity: NodeIdentity, send: Send, coordinator: Callable[[], str | None], *,
-                 fault: Fault | None = None, chunk: int = 8, max_sessions: int = 64, keep_outputs: int = 64):
+                 fault: Fault | None = None, chunk: int = 8, flush_s: float = 0.25, max_sessions: int = 64,
+                 keep_outputs: int = 64):
         self.identity = identity
         self.send = send
         self.coordinator = coordinator
         self.fault = fault
         self.chunk = chunk
+        self.flush_s = flush_s
         self.max_sessions = max_sessions
         self.keep_outputs = keep_outputs
         # (session, (term, version)) -> log: a replay on a new plan keeps the old plan's steps auditable
@@ -95,10 +98,15 @@ class StageRecorder:
             s.outputs.popitem(last=False)
         if src.meta is not None:
             s.sampling = (src.meta.temperature, src.meta.top_k, src.meta.top_p, src.meta.seed)
+        if not s.pending:
+            s.pending_since = started
         s.pending.append(StepRecord(src.session, src.step, src.start_pos, int(tensor.shape[0]), src.digest,
                                     digest, int(token)))
         self.commitments += 1
-        if len(s.pending) >= self.chunk or len(s.pending) == len(s.inputs):  # the prefill goes out at once
+        # a chunk goes out when full or 0.25 s old (the coordinator can only audit what it holds);
+        # the prefill goes out at once
+        if (len(s.pending) >= self.chunk or started - s.pending_since >= self.flush_s
+                or len(s.pending) == len(s.inputs)):
             self._flush(host, s)
         self.commit_s += time.perf_counter() - started
 

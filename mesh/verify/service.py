@@ -12,7 +12,8 @@ import structlog
 
 from mesh.verify.auditor import Auditor
 from mesh.verify.faults import Fault
-from mesh.verify.ledger import Flag, Ledger
+from kernels.stage import StageSpec
+from mesh.verify.ledger import Flag, Ledger, auditor_order
 from mesh.verify.messages import (
     AuditData,
     AuditFetch,
@@ -126,6 +127,18 @@ class VerifyService:
         # every node remembers, so whichever node coordinates next keeps it out of the plan; the
         # coordinator re-places its layers at once, as after a failure
         self.node.coordinator.evict(msg.node, f"flagged by verification: {msg.reason}")
+
+    def on_plan_ready(self, plan) -> None:
+        """Load the stages this node is first or second choice to audit, so an audit (and
+        its escalation) never waits for a load."""
+        if os.environ.get("MESH_VERIFY") == "off" or self.ledger.audit_rate <= 0:
+            return
+        members, me, n = self._members(), self.node.node_id, len(plan.stages)
+        for entry in plan.stages:
+            if entry.node != me and me in auditor_order(entry.index, entry.node, entry.backend, members,
+                                                        set(self.flags))[:2]:
+                spec = StageSpec(entry.start, entry.end, embed=entry.index == 0, head=entry.index == n - 1)
+                self.auditor.preload(spec, entry.backend, self.node.stage_host.weight_mode)
 
     def _on_request(self, req: AuditRequest) -> None:
         coordinator = self._coordinator()
