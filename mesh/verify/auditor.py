@@ -8,10 +8,10 @@ fetched input is checked against the digest its stage signed.
 
 Audit requests of one session and stage are gathered for ``MESH_AUDIT_GATHER_S``
 (default 1 s; 0.25 s for a session's first pass on a stage, escalations at once) and
-checked in one pass: the stage's weights are
-read once per pass instead of once per audited step, and a pass over many positions is
-compute-bound, so it takes little memory bandwidth from the stages decoding next to
-it. Compute runs on a low-priority audit thread: generation never waits.
+checked in one pass: the stage's weights are read once per pass instead of once per
+audited step, and a pass over many positions is compute-bound, so it takes little
+memory bandwidth from the stages decoding next to it. Compute runs in a low-priority child process (mesh/verify/worker.py): generation
+never waits for it, and it never holds the node's GIL.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import asyncio
 import contextlib
 import heapq
 import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +33,8 @@ import structlog
 from actors.errors import ActorsError
 from actors.identity import NodeIdentity
 from kernels.digest import compare, tensor_digest
-from kernels.runner import ComputeRunner
 from kernels.sampling import SamplingParams, sample
-from kernels.stage import Stage, StageSpec, StepInput, load_stage
+from kernels.stage import Stage, StageSpec, StepInput
 from mesh.verify.commitment import CommitmentRejected, result_bytes, verify_batch
 from mesh.verify.messages import (
     AuditData,
@@ -51,9 +50,9 @@ from mesh.verify.tolerance import (
     numeric_class,
     tolerance_for,
 )
+from mesh.verify.worker import AuditProcess
 
 log = structlog.get_logger("mesh.verify.auditor")
-AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "19"))  # the audit thread's CPU priority (0..19)
 GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "1.0"))  # how long requests gather before a pass
 FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at once, catch it early
 
@@ -66,28 +65,6 @@ class Verdict:
     outside_share: float = 0.0
     inconclusive: bool = False  # the audited node was unreachable: no judgement either way
     grid_match: bool | None = None  # would the canonical-grid hash baseline have agreed? (measured only)
-
-
-def low_priority_runner() -> ComputeRunner:
-    """A second compute thread at nice 19: audits use idle CPU, stages keep theirs.
-    (Not SCHED_IDLE: a starved thread holding the GIL would stall the node's loop.)"""
-    runner = ComputeRunner(name="mesh-audit")
-
-    def lower() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUDIT_NICE)
-        except (AttributeError, OSError):
-            pass
-
-    runner._executor.submit(lower).result()
-    return runner
-
-
-def _timed(fn, *args, **kwargs):
-    """Run ``fn`` and return (result, CPU seconds this thread spent in it)."""
-    started = time.thread_time()
-    out = fn(*args, **kwargs)
-    return out, time.thread_time() - started
 
 
 def check_steps(stage: Stage, key: str, records: dict[int, StepRecord], data: AuditData, steps: list[int],
@@ -170,9 +147,10 @@ def check_steps(stage: Stage, key: str, records: dict[int, StepRecord], data: Au
 
 
 class _Track:
-    def __init__(self, key: str, stage: Stage):
+    def __init__(self, key: str, skey: tuple, generation: int):
         self.key = key
-        self.stage = stage
+        self.skey = skey  # the stage copy in the audit process
+        self.generation = generation  # which audit process holds its cache
         self.next_step = 0
         self.records: dict[int, StepRecord] = {}
         self.lock = asyncio.Lock()
@@ -191,19 +169,20 @@ class Auditor:
         self.report = report
         self.max_tracks = max_tracks
         self.gather_s = gather_s
-        self.runner: ComputeRunner | None = None
-        self.stages: dict[tuple, Stage] = {}
+        self.compute = AuditProcess()
+        self.stages: dict[tuple, bytes] = {}  # (spec, backend, mode) loaded in the audit process -> weights digest
         self.tracks: OrderedDict[tuple, _Track] = OrderedDict()
         self.waiting: dict[tuple, list[tuple[AuditRequest, str]]] = {}  # track key -> requests not yet run
         self.audits = 0
         self.passes = 0
-        self.compute_s = 0.0  # CPU seconds of audit compute on the audit thread
+        self.compute_s = 0.0  # CPU seconds of audit compute in the audit process
         self._timers: dict[tuple, asyncio.TimerHandle] = {}
         self._busy = False
         self._seq = 0
         self._waiting_passes: list[tuple[int, int, asyncio.Future]] = []
         self._tasks: set[asyncio.Task] = set()
         self._loading = asyncio.Lock()
+        self._generation = 0
 
     def on_request(self, req: AuditRequest, coordinator: str) -> None:
         b = req.batch
@@ -221,7 +200,7 @@ class Auditor:
 
     @contextlib.asynccontextmanager
     async def _turn(self, priority: int):
-        """One pass on the audit thread at a time, the most urgent waiting pass next."""
+        """One pass in the audit process at a time, the most urgent waiting pass next."""
         if self._busy:
             self._seq += 1
             waiter = asyncio.get_running_loop().create_future()
@@ -258,24 +237,25 @@ class Auditor:
         if not task.cancelled() and task.exception() is not None:
             log.warning("audit.preload_failed", error=str(task.exception()))
 
-    async def _stage(self, spec: StageSpec, producer_backend: str, weight_mode: str) -> Stage:
-        if self.runner is None:
-            self.runner = low_priority_runner()
+    async def _stage(self, spec: StageSpec, producer_backend: str, weight_mode: str) -> tuple[tuple, bytes]:
+        """Load (once) the copy of a stage that reproduces the producer's numeric class."""
         backend = audit_backend(producer_backend, weight_mode, self.backend)
         mode = audit_weight_mode(producer_backend, weight_mode, self.backend)
         skey = (spec, backend, mode)
         async with self._loading:
-            if skey not in self.stages:
-                self.stages[skey] = await self.runner.run(load_stage, self.model_path, spec, backend, mode)
-        return self.stages[skey]
+            if skey not in self.stages or self._generation != self.compute.generation:
+                if self._generation != self.compute.generation:
+                    self.stages.clear()  # a new audit process holds nothing yet
+                self.stages[skey] = await self.compute.load(self.model_path, skey)
+                self._generation = self.compute.generation
+        return skey, self.stages[skey]
 
     def close(self) -> None:
         for timer in self._timers.values():
             timer.cancel()
         for task in self._tasks:
             task.cancel()
-        if self.runner is not None:
-            self.runner.close()
+        self.compute.close()
 
     def _start_pass(self, tkey: tuple) -> None:
         del self._timers[tkey]
@@ -295,6 +275,9 @@ class Auditor:
             raise
         except (TimeoutError, ActorsError) as exc:  # unreachable (dead, or we are cut off)
             verdicts = {s: Verdict(False, f"{type(exc).__name__}: {exc}", inconclusive=True) for s in steps}
+        except BrokenProcessPool as exc:  # our audit process died: our failure, not the node's
+            log.warning("audit.process_died", error=str(exc))
+            verdicts = {s: Verdict(False, "the audit process died", inconclusive=True) for s in steps}
         except Exception as exc:  # what the node supplied cannot be run (wrong shapes, ...): it fails
             log.exception("audit.error", node=first.batch.node, session=first.session, steps=steps)
             verdicts = {s: Verdict(False, f"{type(exc).__name__}: {exc}") for s in steps}
@@ -318,22 +301,23 @@ class Auditor:
                      steps: list[int]) -> dict[int, Verdict]:
         b = req.batch
         spec = StageSpec(b.start, b.end, embed=b.stage == 0, head=b.stage == req.n_stages - 1)
-        stage = await self._stage(spec, b.backend, b.weight_mode)
-        if stage.weights_digest != b.weights_digest:
+        skey, digest = await self._stage(spec, b.backend, b.weight_mode)
+        if digest != b.weights_digest:
             return {s: Verdict(False, "committed weights digest differs from the model's") for s in steps}
         track = self.tracks.get(tkey)
-        if track is None:
+        if track is None or track.generation != self.compute.generation:
             track = self.tracks[tkey] = _Track(f"audit/{req.round}/{b.term}.{b.version}/{b.stage}/{req.session}",
-                                               stage)
+                                               skey, self.compute.generation)
             while len(self.tracks) > self.max_tracks:
                 old = self.tracks.popitem(last=False)[1]
-                await self.runner.run(old.stage.free, old.key)
+                if old.generation == self.compute.generation:
+                    await self.compute.free(old.skey, old.key)
         self.tracks.move_to_end(tkey)
         async with track.lock:
             for r in requests:
                 track.records.update({rec.step: rec for rec in r.records})
             if steps[0] < track.next_step:  # an earlier step than the cache holds: start over
-                await self.runner.run(track.stage.free, track.key)
+                await self.compute.free(track.skey, track.key)
                 track.next_step = 0
             data = await self.fetch(b.node, AuditFetch(b.term, b.version, req.session, track.next_step, steps[-1],
                                                        steps))
@@ -345,9 +329,9 @@ class Auditor:
             queued = time.perf_counter()
             async with self._turn(priority):
                 started = time.perf_counter()
-                verdicts, cpu = await self.runner.run(_timed, check_steps, track.stage, track.key, track.records,
-                                                      data, steps, producer_backend=b.backend,
-                                                      weight_mode=b.weight_mode, last=spec.head)
+                verdicts, cpu = await self.compute.check(track.skey, track.key, track.records, data, steps,
+                                                         producer_backend=b.backend, weight_mode=b.weight_mode,
+                                                         last=spec.head)
             self.compute_s += cpu
             log.info("audit.pass", node=b.node, stage=b.stage, steps=steps, round=req.round,
                      waited_ms=round((started - queued) * 1e3, 1), pass_ms=round((time.perf_counter() - started) * 1e3, 1),
@@ -356,5 +340,5 @@ class Auditor:
                 track.next_step = steps[-1] + 1
             else:
                 track.next_step = 0
-                await self.runner.run(track.stage.free, track.key)
+                await self.compute.free(track.skey, track.key)
             return verdicts

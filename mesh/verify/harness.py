@@ -122,16 +122,20 @@ class Audit:
     def check_many(self, audited: list[int]) -> dict[int, Verdict]:
         """Judge ``audited`` (ascending, all past the last check) in one pass, as the auditor does."""
         t = self.trace
+        verdicts = check_steps(self.stage, self.key, t.records, self.data(audited), list(audited),
+                               producer_backend=t.backend, weight_mode=t.weight_mode, last=t.spec.head)
+        self.next_step = audited[-1] + 1
+        return verdicts
+
+    def data(self, audited: list[int]) -> AuditData:
+        """What the audited stage answers to an AuditFetch for ``audited`` after the last check."""
+        t = self.trace
         steps = list(range(self.next_step, audited[-1] + 1))
         outputs = [t.outputs[s].reshape(-1, t.outputs[s].shape[-1]) for s in audited]
-        data = AuditData(True, "", steps, [t.inputs[s][0] for s in steps], [t.records[s].length for s in steps],
+        return AuditData(True, "", steps, [t.inputs[s][0] for s in steps], [t.records[s].length for s in steps],
                          np.concatenate([t.inputs[s][1] for s in steps]), list(audited), [len(o) for o in outputs],
                          np.concatenate(outputs), temperature=self.sampling.temperature, top_k=self.sampling.top_k,
                          top_p=self.sampling.top_p, seed=self.sampling.seed)
-        verdicts = check_steps(self.stage, self.key, t.records, data, list(audited), producer_backend=t.backend,
-                               weight_mode=t.weight_mode, last=t.spec.head)
-        self.next_step = audited[-1] + 1
-        return verdicts
 
     def close(self) -> None:
         self.stage.free(self.key)

@@ -10,9 +10,9 @@ import time
 
 import structlog
 
+from kernels.stage import StageSpec
 from mesh.verify.auditor import Auditor
 from mesh.verify.faults import Fault
-from kernels.stage import StageSpec
 from mesh.verify.ledger import Flag, Ledger, auditor_order
 from mesh.verify.messages import (
     AuditData,

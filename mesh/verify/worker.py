@@ -1,0 +1,111 @@
+"""Audit compute in a child process at low CPU priority.
+
+A thread in the node's own process would share its GIL: each of the hundreds of small
+Python steps of a pass can make the event loop (which forwards the pipeline's
+activations) wait, and a low-priority thread preempted while holding the GIL stalls it
+longer still. A child process has its own interpreter, so the node's loop never waits
+on an audit; the OS gives the child only CPU that the stages leave (nice 19 by default,
+``MESH_AUDIT_NICE``). The child holds the auditor's copies of the stages it audits
+and their audit KV caches; the parent keeps only keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "19"))
+
+StageKey = tuple  # (StageSpec, backend, weight mode)
+
+_stages: dict = {}  # in the child: StageKey -> Stage
+
+
+def _init(nice: int, parent: int) -> None:
+    os.environ["MESH_TORCH_THREADS"] = "1"  # one core at most; the stages keep theirs
+    try:
+        os.nice(nice)
+    except (AttributeError, OSError):
+        pass
+    threading.Thread(target=_exit_with, args=(parent,), name="audit-parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A node killed with SIGKILL cannot stop its audit process: the child notices alone."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _load(model_path: str, skey: StageKey) -> bytes:
+    from kernels.stage import load_stage
+
+    if skey not in _stages:
+        spec, backend, mode = skey
+        _stages[skey] = load_stage(Path(model_path), spec, backend, mode)
+    return _stages[skey].weights_digest
+
+
+def _free(skey: StageKey, key: str) -> None:
+    stage = _stages.get(skey)
+    if stage is not None:
+        stage.free(key)
+
+
+def _check(skey: StageKey, key: str, records: dict, data, steps: list[int], producer_backend: str,
+           weight_mode: str, last: bool) -> tuple[dict, float]:
+    from mesh.verify.auditor import check_steps
+
+    started = time.thread_time()
+    verdicts = check_steps(_stages[skey], key, records, data, steps, producer_backend=producer_backend,
+                           weight_mode=weight_mode, last=last)
+    return verdicts, time.thread_time() - started
+
+
+class AuditProcess:
+    """The child process, started at the first use. A child that dies is replaced on the
+    next call (its loaded stages and caches are gone: the caller starts its tracks over)."""
+
+    def __init__(self, nice: int = AUDIT_NICE):
+        self.nice = nice
+        self._pool: ProcessPoolExecutor | None = None
+        self.generation = 0  # bumped on every (re)start: caches of an older child are gone
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init, initargs=(self.nice, os.getpid()))
+            self.generation += 1
+        return self._pool
+
+    async def _call(self, fn, *args):
+        pool = self._executor()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:
+            if self._pool is pool:
+                self._pool = None
+            raise
+
+    async def load(self, model_path: Path, skey: StageKey) -> bytes:
+        """Load the stage in the child; returns its weights digest."""
+        return await self._call(_load, str(model_path), skey)
+
+    async def free(self, skey: StageKey, key: str) -> None:
+        await self._call(_free, skey, key)
+
+    async def check(self, skey: StageKey, key: str, records: dict, data, steps: list[int], *,
+                    producer_backend: str, weight_mode: str, last: bool) -> tuple[dict, float]:
+        """``check_steps`` in the child: (verdicts by step, CPU seconds it took there)."""
+        return await self._call(_check, skey, key, records, data, steps, producer_backend, weight_mode, last)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

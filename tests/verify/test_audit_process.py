@@ -1,0 +1,91 @@
+"""The audit process: audits computed in a child give the in-process verdicts, and a
+child never outlives its node (even one killed with SIGKILL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from kernels.sampling import SamplingParams
+from mesh.verify.faults import parse_fault
+from mesh.verify.harness import Audit, run_pipeline
+from mesh.verify.worker import AuditProcess
+
+
+@pytest.mark.timeout(300)
+def test_child_verdicts_equal_in_process_verdicts(stages, prompt, model_path):
+    fault = parse_fault("stage=1:tamper:scale=0.01")
+    _, traces = run_pipeline(stages, prompt, [("torch", "float32")] * 3, max_tokens=6, sampling=SamplingParams(),
+                             fault=fault)
+    for trace, want_ok in ((traces[0], True), (traces[1], False)):
+        audit = Audit(stages, trace, "torch", SamplingParams())
+        steps = sorted(trace.records)
+        here = audit.check_many(steps)
+        audit.close()
+        audit.next_step = 0
+        data = audit.data(steps)
+
+        async def in_child():
+            proc = AuditProcess(nice=0)
+            try:
+                skey = (trace.spec, "torch", "float32")
+                digest = await proc.load(model_path, skey)
+                assert digest == audit.stage.weights_digest
+                return await proc.check(skey, "k", trace.records, data, steps, producer_backend=trace.backend,
+                                        weight_mode=trace.weight_mode, last=trace.spec.head)
+            finally:
+                proc.close()
+
+        there, cpu = asyncio.run(in_child())
+        assert cpu > 0
+        assert {s: v.ok for s, v in there.items()} == {s: v.ok for s, v in here.items()}
+        if want_ok:  # the honest stage passes every step; the tampering one fails every decode step
+            assert all(v.ok for v in there.values())
+        else:
+            assert not any(there[s].ok for s in steps[1:])
+        assert [round(v.max_row_rel_l2, 6) for v in there.values()] == [round(v.max_row_rel_l2, 6)
+                                                                         for v in here.values()]
+
+
+SCRIPT = textwrap.dedent("""
+    import asyncio, os, sys, time
+    from mesh.verify.worker import AuditProcess
+
+    async def main():
+        proc = AuditProcess()
+        pid = await asyncio.get_running_loop().run_in_executor(proc._executor(), os.getpid)
+        print(pid, flush=True)
+        time.sleep(60)
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.timeout(120)
+def test_the_audit_process_dies_with_a_killed_node():
+    node = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        child = int(node.stdout.readline())
+        os.kill(child, 0)  # alive
+        node.send_signal(signal.SIGKILL)
+        node.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the audit process outlived its node")
+    finally:
+        if node.poll() is None:
+            node.kill()
