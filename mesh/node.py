@@ -192,6 +192,7 @@ class Node:
         self.system.on_peer(self._on_peer)
         self._tasks.append(asyncio.get_running_loop().create_task(self._follow_cluster(), name="follow-cluster"))
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_sessions(), name="watch-sessions"))
+        self.verify.start()
         log.info("node.started", node=self.node_id, name=self.info.name, address=self.system.address,
                  api_port=self.info.api_port, backend=self.backend, model=str(self.model_path))
         return self

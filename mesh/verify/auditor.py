@@ -152,7 +152,6 @@ class _Track:
         self.skey = skey  # the stage copy in the audit process
         self.generation = generation  # which audit process holds its cache
         self.next_step = 0
-        self.records: dict[int, StepRecord] = {}
         self.lock = asyncio.Lock()
 
 
@@ -172,6 +171,9 @@ class Auditor:
         self.compute = AuditProcess()
         self.stages: dict[tuple, bytes] = {}  # (spec, backend, mode) loaded in the audit process -> weights digest
         self.tracks: OrderedDict[tuple, _Track] = OrderedDict()
+        # (term, version, session, stage, node) -> step -> record: the coordinator sends each once
+        self.records: OrderedDict[tuple, dict[int, StepRecord]] = OrderedDict()
+        self.max_records = 256
         self.waiting: dict[tuple, list[tuple[AuditRequest, str]]] = {}  # track key -> requests not yet run
         self.audits = 0
         self.passes = 0
@@ -224,6 +226,12 @@ class Auditor:
                 waiter.set_result(None)  # the turn moves on; _busy stays set
                 return
         self._busy = False
+
+    def warm(self) -> None:
+        """Start the audit process now: spawning it and importing torch takes seconds."""
+        task = asyncio.get_running_loop().create_task(self.compute.warm(self.backend), name="audit-warm")
+        self._tasks.add(task)
+        task.add_done_callback(self._preloaded)
 
     def preload(self, spec: StageSpec, producer_backend: str, weight_mode: str) -> None:
         """Load the copy of a stage this node will audit now, not at its first audit."""
@@ -313,9 +321,13 @@ class Auditor:
                 if old.generation == self.compute.generation:
                     await self.compute.free(old.skey, old.key)
         self.tracks.move_to_end(tkey)
+        records = self.records.setdefault(tkey[:5], {})
+        self.records.move_to_end(tkey[:5])
+        while len(self.records) > self.max_records:
+            self.records.popitem(last=False)
+        for r in requests:
+            records.update({rec.step: rec for rec in r.records})
         async with track.lock:
-            for r in requests:
-                track.records.update({rec.step: rec for rec in r.records})
             if steps[0] < track.next_step:  # an earlier step than the cache holds: start over
                 await self.compute.free(track.skey, track.key)
                 track.next_step = 0
@@ -329,7 +341,8 @@ class Auditor:
             queued = time.perf_counter()
             async with self._turn(priority):
                 started = time.perf_counter()
-                verdicts, cpu = await self.compute.check(track.skey, track.key, track.records, data, steps,
+                needed = {s: records[s] for s in data.steps if s in records}
+                verdicts, cpu = await self.compute.check(track.skey, track.key, needed, data, steps,
                                                          producer_backend=b.backend, weight_mode=b.weight_mode,
                                                          last=spec.head)
             self.compute_s += cpu

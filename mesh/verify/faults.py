@@ -6,8 +6,9 @@
     stale              send the previous step's activations instead of this step's
     corrupt-wire       flip a bit of what it sends, after digesting and signing it
 
-``stage=K:SPEC`` applies SPEC only while the node holds stage K (``mesh demo`` passes it
-to every node). A node that does not send activations (the last stage) has no wire to
+``stage=K:SPEC`` applies SPEC only if the first stage the node is given is stage K
+(``mesh demo`` passes it to every node: the node that first holds stage K cheats, and
+the node that takes stage K over after an eviction does not). A node that does not send activations (the last stage) has no wire to
 corrupt.
 """
 

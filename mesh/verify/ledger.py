@@ -64,6 +64,9 @@ class Ledger:
         # (term, version, session) -> stage -> step -> (record, batch)
         self.log: OrderedDict[tuple, dict[int, dict[int, tuple[StepRecord, CommitBatch]]]] = OrderedDict()
         self.pending: dict[int, _Pending] = {}
+        # (term, version, session, stage, auditor) -> the last step whose record it was sent:
+        # an auditor keeps the records, so each request carries only the new ones
+        self.sent: OrderedDict[tuple, int] = OrderedDict()
         self.next_id = 1
         self.strikes: dict[str, list[WireFault]] = {}
         self.flagged: dict[str, Flag] = {}
@@ -83,6 +86,7 @@ class Ledger:
             self.secret = _beacon_secret(term)
             self.log.clear()
             self.pending.clear()
+            self.sent.clear()
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -122,7 +126,9 @@ class Ledger:
         if p is None or res.auditor != p.auditors[-1] or res.round != p.request.round:
             return
         p.results.append(res)
-        if res.inconclusive:
+        if res.inconclusive:  # it may have lost what it was sent (restarted, evicted): send all next time
+            b = p.request.batch
+            self.sent.pop((b.term, b.version, res.session, b.stage, res.auditor), None)
             del self.pending[res.audit_id]
             return
         self.audits += 1
@@ -137,7 +143,9 @@ class Ledger:
                 log.warning("audit.no_second_auditor", node=b.node, session=res.session, step=res.step)
                 del self.pending[res.audit_id]
                 return
-            req = AuditRequest(p.request.audit_id, 2, p.request.session, p.request.step, b, p.request.records,
+            # the second auditor has nothing yet: every record up to the step
+            records = self._records((b.term, b.version, res.session), b.stage, res.step) or p.request.records
+            req = AuditRequest(p.request.audit_id, 2, p.request.session, p.request.step, b, records,
                                p.request.n_stages)
             p.request, p.auditors, p.sent_at = req, p.auditors + [second], time.monotonic()
             log.warning("audit.escalated", node=b.node, first=res.auditor, second=second, reason=res.reason)
@@ -194,15 +202,24 @@ class Ledger:
         auditor = self._pick_auditor(b, members, exclude=set())
         if auditor is None:
             return
-        steps = self.log[key][b.stage]
-        records = [steps[s][0] for s in sorted(steps) if s <= r.step]
+        records = self._records(key, b.stage, r.step)
         if not _complete(records):
             self.unauditable += 1  # this log started mid-session (a new coordinator): inputs unverifiable
             return
-        req = AuditRequest(self.next_id, 1, r.session, r.step, b, records, n_stages)
+        sent_key = (*key, b.stage, auditor)
+        last = self.sent.get(sent_key, -1)
+        self.sent[sent_key] = max(last, r.step)
+        self.sent.move_to_end(sent_key)
+        while len(self.sent) > 4 * self.max_sessions:
+            self.sent.popitem(last=False)
+        req = AuditRequest(self.next_id, 1, r.session, r.step, b, [x for x in records if x.step > last], n_stages)
         self.pending[self.next_id] = _Pending(req, [auditor])
         self.next_id += 1
         self.send(auditor, self.actor, req)
+
+    def _records(self, key: tuple, stage: int, step: int) -> list[StepRecord]:
+        steps = self.log.get(key, {}).get(stage, {})
+        return [steps[s][0] for s in sorted(steps) if s <= step]
 
     def _flag(self, node: str, reason: str, evidence: dict) -> None:
         if node in self.flagged:

@@ -53,8 +53,9 @@ class CommitBatch:
 class AuditRequest:
     """Coordinator -> an auditor: check ``step`` of ``session`` as committed by ``batch.node``.
 
-    ``records`` are the committed records of that stage for steps 0..step (input
-    digests to check the fetched inputs against); ``batch`` is the signed batch
+    ``records`` are the committed records of that stage up to ``step`` (input digests
+    to check the fetched inputs against) that this auditor was not sent before for
+    this session and stage — all of them for an escalation; ``batch`` is the signed batch
     holding ``step``. ``round`` is 1 for a first audit, 2 for the escalation.
     """
 

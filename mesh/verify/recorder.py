@@ -49,6 +49,7 @@ class StageRecorder:
         self.send = send
         self.coordinator = coordinator
         self.fault = fault
+        self._cheater: bool | None = None
         self.chunk = chunk
         self.flush_s = flush_s
         self.max_sessions = max_sessions
@@ -63,20 +64,18 @@ class StageRecorder:
     # -- hooks called by StageHost ------------------------------------------------------
 
     def on_loaded(self, host) -> None:
-        if self.fault is not None and self.fault.applies(host.entry.index if host.entry else None) \
-                and self.fault.kind in ("skip-layer", "noise") and host.stage is not None:
+        if self._cheats(host) and self.fault.kind in ("skip-layer", "noise") and host.stage is not None:
             self.fault.corrupt_stage(host.stage)
             log.warning("fault.active", kind=self.fault.kind, value=self.fault.value, stage=host.entry.index)
 
     def wire(self, host, tensor: np.ndarray) -> np.ndarray:
-        if self.fault is not None and self.fault.applies(host.entry.index if host.entry else None):
+        if self._cheats(host):
             return self.fault.wire(tensor)
         return tensor
 
     def outputs(self, host, results: list) -> list:
         """Apply output faults (tamper, stale) to a forward pass's results."""
-        if self.fault is None or not self.fault.applies(host.entry.index if host.entry else None) \
-                or self.fault.kind not in ("tamper", "stale"):
+        if not self._cheats(host) or self.fault.kind not in ("tamper", "stale"):
             return results
         out = []
         for work, value in results:
@@ -141,6 +140,16 @@ class StageRecorder:
                          np.concatenate(outputs), temperature=t, top_k=k, top_p=p, seed=seed)
 
     # -- internals ----------------------------------------------------------------------
+
+    def _cheats(self, host) -> bool:
+        """Whether this node misbehaves: decided by the first stage it is given, for good —
+        ``stage=K:SPEC`` picks the node that first holds stage K, and the node that takes
+        over stage K after it is evicted computes honestly."""
+        if self.fault is None or host.entry is None:
+            return False
+        if self._cheater is None:
+            self._cheater = self.fault.applies(host.entry.index)
+        return self._cheater
 
     def _session(self, session: str, epoch: tuple[int, int]) -> _SessionLog:
         key = (session, epoch)

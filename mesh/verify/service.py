@@ -128,6 +128,11 @@ class VerifyService:
         # coordinator re-places its layers at once, as after a failure
         self.node.coordinator.evict(msg.node, f"flagged by verification: {msg.reason}")
 
+    def start(self) -> None:
+        """Called once the node runs (after it measured its speed): start the audit process."""
+        if os.environ.get("MESH_VERIFY") != "off" and self.ledger.audit_rate > 0:
+            self.auditor.warm()
+
     def on_plan_ready(self, plan) -> None:
         """Load the stages this node is first or second choice to audit, so an audit (and
         its escalation) never waits for a load."""
@@ -162,6 +167,7 @@ def attach(node, *, audit_rate: float, fault_spec: str | None) -> VerifyService:
     node.system.spawn(node._inbox(service.handlers()), name=VERIFY_ACTOR, mailbox_size=10_000)
     if os.environ.get("MESH_VERIFY") == "off":  # bench/verify.py's baseline: no commitments, no audits
         return service
+
     host.verifier = service.recorder
     if fault is not None and fault.kind == "corrupt-wire":
         host.wire_fault = lambda tensor: service.recorder.wire(host, tensor)

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -25,10 +25,17 @@ AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "19"))
 StageKey = tuple  # (StageSpec, backend, weight mode)
 
 _stages: dict = {}  # in the child: StageKey -> Stage
+_loader: ThreadPoolExecutor | None = None  # in the child: loads at normal priority
 
 
 def _init(nice: int, parent: int) -> None:
+    global _loader
     os.environ["MESH_TORCH_THREADS"] = "1"  # one core at most; the stages keep theirs
+    # Loading a stage is brief and on the way to the first audits (the plan just became
+    # ready): it runs on a thread made before the compute thread lowers its priority
+    # (Linux sets nice per thread; elsewhere the whole child is lowered).
+    _loader = ThreadPoolExecutor(1, thread_name_prefix="audit-load")
+    _loader.submit(int).result()
     try:
         os.nice(nice)
     except (AttributeError, OSError):
@@ -43,13 +50,26 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
+def _warm(backend: str) -> int:
+    """Import at low priority: a node starting next to this one measures its speed now."""
+    import kernels.torch_backend  # noqa: F401  (torch also checks the bf16 class)
+    import mesh.verify.auditor  # noqa: F401
+
+    if backend == "mlx":
+        import kernels.mlx_backend  # noqa: F401
+    return os.getpid()
+
+
 def _load(model_path: str, skey: StageKey) -> bytes:
+    if skey not in _stages:
+        _stages[skey] = _loader.submit(_load_stage, Path(model_path), *skey).result()
+    return _stages[skey].weights_digest
+
+
+def _load_stage(path: Path, spec, backend: str, mode: str):
     from kernels.stage import load_stage
 
-    if skey not in _stages:
-        spec, backend, mode = skey
-        _stages[skey] = load_stage(Path(model_path), spec, backend, mode)
-    return _stages[skey].weights_digest
+    return load_stage(path, spec, backend, mode)
 
 
 def _free(skey: StageKey, key: str) -> None:
@@ -92,6 +112,10 @@ class AuditProcess:
             if self._pool is pool:
                 self._pool = None
             raise
+
+    async def warm(self, backend: str) -> int:
+        """Start the child and import the compute libraries, before the first plan needs it."""
+        return await self._call(_warm, backend)
 
     async def load(self, model_path: Path, skey: StageKey) -> bytes:
         """Load the stage in the child; returns its weights digest."""

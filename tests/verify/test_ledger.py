@@ -134,3 +134,28 @@ def test_a_log_that_starts_mid_session_is_not_audited():
     members = {i.node_id: "torch" for i in ids}
     ledger.on_batch(_batches(ids[1], 1, range(8, 16)), EPOCH, _plan(ids), members)
     assert not net.of(AuditRequest) and ledger.unauditable == 8
+
+
+def test_requests_carry_only_records_the_auditor_was_not_sent_and_an_escalation_carries_all():
+    ids = [NodeIdentity.generate() for _ in range(3)]
+    net, flags = Net(), []
+    ledger = Ledger("c", net, flags.append, audit_rate=1.0)
+    ledger.take_office(1)
+    members = {i.node_id: "torch" for i in ids}
+    ledger.on_batch(_batches(ids[1], 1, range(0, 8)), EPOCH, _plan(ids), members)
+    ledger.on_batch(_batches(ids[1], 1, range(8, 12)), EPOCH, _plan(ids), members)
+    requests = net.of(AuditRequest)
+    assert [r.step for r in requests] == list(range(12))
+    assert all([x.step for x in r.records] == [r.step] for r in requests)  # each new record sent once
+    last = requests[-1]
+    first = next(n for n, _, m in net.sent if m is last)
+    ledger.on_result(AuditResult(last.audit_id, 1, first, ids[1].node_id, "s", 11, False, "x", 1, 1, "torch"),
+                     members)
+    escalation = next(m for m in net.of(AuditRequest) if m.round == 2)
+    assert [x.step for x in escalation.records] == list(range(12))
+    # an inconclusive answer (the auditor may have lost its records): the next request carries all again
+    req = requests[5]
+    ledger.on_result(AuditResult(req.audit_id, 1, first, ids[1].node_id, "s", 5, False, "lost", 0, 0, "torch",
+                                 inconclusive=True), members)
+    ledger.on_batch(_batches(ids[1], 1, [12]), EPOCH, _plan(ids), members)
+    assert [x.step for x in net.of(AuditRequest)[-1].records] == list(range(13))
