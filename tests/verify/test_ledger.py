@@ -42,6 +42,15 @@ def _batches(ident, stage, steps, out_of=lambda s: _d("out", s), in_of=lambda s:
                       backend="torch", weight_mode="float32", weights_digest=b"w" * 32, records=records)
 
 
+def _all_audited():
+    """Three torch nodes and a ledger in office that audits every step."""
+    ids = [NodeIdentity.generate() for _ in range(3)]
+    net, flags = Net(), []
+    ledger = Ledger("c", net, flags.append, audit_rate=1.0)
+    ledger.take_office(1)
+    return ids, net, flags, ledger, {i.node_id: "torch" for i in ids}
+
+
 def test_selection_rate_links_and_a_forged_batch():
     ids = [NodeIdentity.generate() for _ in range(3)]
     net, flags = Net(), []
@@ -65,11 +74,7 @@ def test_selection_rate_links_and_a_forged_batch():
 
 
 def test_a_failed_audit_escalates_and_two_failures_flag():
-    ids = [NodeIdentity.generate() for _ in range(3)]
-    net, flags = Net(), []
-    ledger = Ledger("c", net, flags.append, audit_rate=1.0)
-    ledger.take_office(1)
-    members = {i.node_id: "torch" for i in ids}
+    ids, net, flags, ledger, members = _all_audited()
     ledger.on_batch(_batches(ids[1], 1, [0]), EPOCH, _plan(ids), members)
     (first_auditor, _, req), = [(n, a, m) for n, a, m in net.sent if isinstance(m, AuditRequest)]
 
@@ -87,11 +92,7 @@ def test_a_failed_audit_escalates_and_two_failures_flag():
 
 
 def test_a_failed_audit_that_the_second_auditor_clears_does_not_flag():
-    ids = [NodeIdentity.generate() for _ in range(3)]
-    net, flags = Net(), []
-    ledger = Ledger("c", net, flags.append, audit_rate=1.0)
-    ledger.take_office(1)
-    members = {i.node_id: "torch" for i in ids}
+    ids, net, flags, ledger, members = _all_audited()
     ledger.on_batch(_batches(ids[1], 1, [0]), EPOCH, _plan(ids), members)
     req = net.of(AuditRequest)[0]
     first = next(n for n, _, m in net.sent if m is req)
@@ -137,11 +138,7 @@ def test_a_log_that_starts_mid_session_is_not_audited():
 
 
 def test_requests_carry_only_records_the_auditor_was_not_sent_and_an_escalation_carries_all():
-    ids = [NodeIdentity.generate() for _ in range(3)]
-    net, flags = Net(), []
-    ledger = Ledger("c", net, flags.append, audit_rate=1.0)
-    ledger.take_office(1)
-    members = {i.node_id: "torch" for i in ids}
+    ids, net, flags, ledger, members = _all_audited()
     ledger.on_batch(_batches(ids[1], 1, range(0, 8)), EPOCH, _plan(ids), members)
     ledger.on_batch(_batches(ids[1], 1, range(8, 12)), EPOCH, _plan(ids), members)
     requests = net.of(AuditRequest)
