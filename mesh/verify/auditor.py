@@ -194,6 +194,7 @@ class Auditor:
             self._finish(req, coordinator, Verdict(False, f"commitment rejected: {exc}"))
             return
         tkey = (b.term, b.version, req.session, b.stage, b.node, req.round)
+        log.debug("audit.requested", node=b.node, stage=b.stage, step=req.step, round=req.round)
         self.waiting.setdefault(tkey, []).append((req, coordinator))
         if tkey not in self._timers:  # the first of a gathering; an escalation is checked at once
             delay = 0.0 if req.round > 1 else self.gather_s if tkey in self.tracks else min(self.gather_s,
@@ -229,9 +230,14 @@ class Auditor:
 
     def warm(self) -> None:
         """Start the audit process now: spawning it and importing torch takes seconds."""
-        task = asyncio.get_running_loop().create_task(self.compute.warm(self.backend), name="audit-warm")
+        task = asyncio.get_running_loop().create_task(self._warm(), name="audit-warm")
         self._tasks.add(task)
         task.add_done_callback(self._preloaded)
+
+    async def _warm(self) -> None:
+        started = time.perf_counter()
+        await self.compute.warm(self.backend, self.model_path)
+        log.info("audit.warmed", warm_s=round(time.perf_counter() - started, 3))
 
     def preload(self, spec: StageSpec, producer_backend: str, weight_mode: str) -> None:
         """Load the copy of a stage this node will audit now, not at its first audit."""
@@ -254,8 +260,11 @@ class Auditor:
             if skey not in self.stages or self._generation != self.compute.generation:
                 if self._generation != self.compute.generation:
                     self.stages.clear()  # a new audit process holds nothing yet
+                loading = time.perf_counter()
                 self.stages[skey] = await self.compute.load(self.model_path, skey)
                 self._generation = self.compute.generation
+                log.info("audit.stage_loaded", layers=[spec.start, spec.end], backend=backend, weight_mode=mode,
+                         load_s=round(time.perf_counter() - loading, 3))
         return skey, self.stages[skey]
 
     def close(self) -> None:
@@ -331,6 +340,7 @@ class Auditor:
             if steps[0] < track.next_step:  # an earlier step than the cache holds: start over
                 await self.compute.free(track.skey, track.key)
                 track.next_step = 0
+            log.debug("audit.fetching", node=b.node, stage=b.stage, steps=steps)
             data = await self.fetch(b.node, AuditFetch(b.term, b.version, req.session, track.next_step, steps[-1],
                                                        steps))
             if not data.ok:

@@ -139,11 +139,14 @@ class VerifyService:
         if os.environ.get("MESH_VERIFY") == "off" or self.ledger.audit_rate <= 0:
             return
         members, me, n = self._members(), self.node.node_id, len(plan.stages)
+        mine = []  # (choice, stage): the stages this node audits first come first (loads run in turn)
         for entry in plan.stages:
-            if entry.node != me and me in auditor_order(entry.index, entry.node, entry.backend, members,
-                                                        set(self.flags))[:2]:
-                spec = StageSpec(entry.start, entry.end, embed=entry.index == 0, head=entry.index == n - 1)
-                self.auditor.preload(spec, entry.backend, self.node.stage_host.weight_mode)
+            order = auditor_order(entry.index, entry.node, entry.backend, members, set(self.flags))[:2]
+            if entry.node != me and me in order:
+                mine.append((order.index(me), entry.index, entry))
+        for _, _, entry in sorted(mine, key=lambda m: m[:2]):
+            spec = StageSpec(entry.start, entry.end, embed=entry.index == 0, head=entry.index == n - 1)
+            self.auditor.preload(spec, entry.backend, self.node.stage_host.weight_mode)
 
     def _on_request(self, req: AuditRequest) -> None:
         coordinator = self._coordinator()

@@ -50,14 +50,22 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
-def _warm(backend: str) -> int:
-    """Import at low priority: a node starting next to this one measures its speed now."""
-    import kernels.torch_backend  # noqa: F401  (torch also checks the bf16 class)
+def _warm(backend: str, model_path: str) -> int:
+    """Import the compute libraries and parse the model file now, at normal priority on
+    the loader thread: a first load that still had to import torch (seconds) would hold
+    back the first audits of the first plan."""
+    _loader.submit(_import_and_parse, backend, model_path).result()
+    return os.getpid()
+
+
+def _import_and_parse(backend: str, model_path: str) -> None:
+    import kernels.torch_backend.llama  # noqa: F401  (torch; also the bf16 class's backend)
     import mesh.verify.auditor  # noqa: F401
+    from kernels.config import load_config
 
     if backend == "mlx":
         import kernels.mlx_backend  # noqa: F401
-    return os.getpid()
+    load_config(model_path)  # GGUF metadata is parsed once per process, here
 
 
 def _load(model_path: str, skey: StageKey) -> bytes:
@@ -113,9 +121,10 @@ class AuditProcess:
                 self._pool = None
             raise
 
-    async def warm(self, backend: str) -> int:
-        """Start the child and import the compute libraries, before the first plan needs it."""
-        return await self._call(_warm, backend)
+    async def warm(self, backend: str, model_path: Path) -> int:
+        """Start the child, import the compute libraries and parse the model file, before
+        the first plan needs them."""
+        return await self._call(_warm, backend, str(model_path))
 
     async def load(self, model_path: Path, skey: StageKey) -> bytes:
         """Load the stage in the child; returns its weights digest."""
