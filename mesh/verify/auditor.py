@@ -7,7 +7,7 @@ then one position per step) for the bfloat16 class, the only way it reproduces. 
 fetched input is checked against the digest its stage signed.
 
 Audit requests of one session and stage are gathered for ``MESH_AUDIT_GATHER_S``
-(default 1 s; 0.25 s for a session's first pass on a stage, escalations at once) and
+(default 3 s; 0.25 s for a session's first pass on a stage, escalations at once) and
 checked in one pass: the stage's weights are read once per pass instead of once per
 audited step, and a pass over many positions is compute-bound, so it takes little
 memory bandwidth from the stages decoding next to it. Compute runs in a low-priority child process (mesh/verify/worker.py): generation
@@ -53,7 +53,10 @@ from mesh.verify.tolerance import (
 from mesh.verify.worker import AuditProcess
 
 log = structlog.get_logger("mesh.verify.auditor")
-GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "1.0"))  # how long requests gather before a pass
+# How long requests gather before a pass. Each pass reads the stage's weights once (about
+# a decode step's memory traffic, taken from the stages decoding next to it), so fewer,
+# larger passes cost less (bench/verify.py: 84 passes for 6 requests at 1 s, 105 for 12 at 3 s).
+GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "3.0"))
 FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at once, catch it early
 
 

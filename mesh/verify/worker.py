@@ -21,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 AUDIT_NICE = int(os.environ.get("MESH_AUDIT_NICE", "19"))
+IDLE_POLICY = os.environ.get("MESH_AUDIT_IDLE", "1") != "0"  # SCHED_IDLE for the compute thread, where there is one
 
 StageKey = tuple  # (StageSpec, backend, weight mode)
 
@@ -40,6 +41,14 @@ def _init(nice: int, parent: int) -> None:
         os.nice(nice)
     except (AttributeError, OSError):
         pass
+    if IDLE_POLICY and hasattr(os, "SCHED_IDLE"):
+        # Linux's idle class: this thread runs only on a core nothing else wants, and any
+        # stage thread that wakes takes the core back at once (nice 19 alone still gets a
+        # share of a busy core, and stays on it until its slice ends)
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
     threading.Thread(target=_exit_with, args=(parent,), name="audit-parent-watch", daemon=True).start()
 
 
