@@ -4,7 +4,8 @@ Keys and values live in ``k``/``v`` of shape ``(layers, slots, kv_heads, capacit
 Each session owns a slot; its cached length is tracked here. The pool grows by
 doubling (slots or capacity) only when a session needs more room, so a decode
 step never allocates cache memory. Batched decode reads the slots of a batch as
-one padded ``(B, kv_heads, L, head_dim)`` tensor plus a mask of valid positions.
+one padded ``(B, kv_heads, L, head_dim)`` tensor plus a mask of valid positions
+(float32), or each session's own positions (quant mode: batch-invariant).
 """
 
 from __future__ import annotations

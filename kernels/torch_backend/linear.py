@@ -140,10 +140,25 @@ def make_head(w: np.ndarray | QuantTensor, weight_mode: str) -> Linear:
     if weight_mode == "float32":
         return make_linear([w], None, weight_mode)
     dense = w.dequantize() if isinstance(w, QuantTensor) else w
+    if not int8_dot_products():
+        return Int8Linear(dense)
     try:
         return DynamicInt8Linear(dense)
     except (RuntimeError, AttributeError):  # no quantized engine in this torch build
         return Int8Linear(dense)
+
+
+def int8_dot_products() -> bool:
+    """Whether DynamicInt8Linear is exact here: an x86 CPU needs VNNI (int8 products summed
+    in int32). Without it the kernels pair the products in saturating int16, and full-range
+    activations overflow: the head's logits moved by ~5 of ~25 on an AVX2-only CPU
+    (measured), and they depended on which sessions shared the batch."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True  # Arm's dot-product instructions accumulate in int32
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def make_linear(parts: list[np.ndarray | QuantTensor], biases: list[np.ndarray] | None,
