@@ -210,7 +210,10 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
     on, off = statistics.median(speeds["on"]), statistics.median(speeds["off"])
     ratio = statistics.median(pairs)
     return {"decode_tokens_per_s_on": on, "decode_tokens_per_s_off": off, "ratio_on_off": ratio,
-            "slowdown_pct": round((1 - ratio) * 100, 2), "pairs": len(pairs), "pair_ratios": pairs,
+            "slowdown_pct": round((1 - ratio) * 100, 2), "pairs": len(pairs),
+            # the spread of the pairs: on a shared machine one pair says little on its own
+            "pair_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(pairs, n=4)] if len(pairs) > 1 else None,
+            "pair_ratios": pairs,
             "samples": speeds, "audit_cpu_s": round(audit_s, 2), "stage_busy_s": round(stage_s, 2), "audit_passes": passes,
             "verification_view": {k: v for k, v in verification.items() if k not in ("flagged_nodes", "local")}}
 
