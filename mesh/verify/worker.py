@@ -4,8 +4,10 @@ A thread in the node's own process would share its GIL: each of the hundreds of 
 Python steps of a pass can make the event loop (which forwards the pipeline's
 activations) wait, and a low-priority thread preempted while holding the GIL stalls it
 longer still. A child process has its own interpreter, so the node's loop never waits
-on an audit; the OS gives the child only CPU that the stages leave (nice 19 by default,
-``MESH_AUDIT_NICE``). The child holds the auditor's copies of the stages it audits
+on an audit; the OS gives the child's compute thread only CPU that the stages leave
+(nice 19, ``MESH_AUDIT_NICE``, and on Linux the idle scheduling class,
+``MESH_AUDIT_IDLE``), while imports, model parsing and stage loads run on a thread at
+normal priority, so the first audits never wait behind them. The child holds the auditor's copies of the stages it audits
 and their audit KV caches; the parent keeps only keys.
 """
 

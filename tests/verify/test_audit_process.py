@@ -89,3 +89,38 @@ def test_the_audit_process_dies_with_a_killed_node():
     finally:
         if node.poll() is None:
             node.kill()
+
+
+def _thread_policy() -> tuple[int, int]:
+    import threading
+
+    return os.sched_getscheduler(0), threading.get_native_id()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class only")
+@pytest.mark.timeout(120)
+def test_audits_run_in_the_idle_class_and_warm_loads_at_normal_priority(model_path):
+    from mesh.verify import worker
+
+    async def probe():
+        proc = AuditProcess()
+        try:
+            await proc.warm("torch", model_path)  # imports torch and parses the model: on the loader thread
+            pool = proc._executor()
+            loop = asyncio.get_running_loop()
+            compute = await loop.run_in_executor(pool, _thread_policy)
+            loader = await loop.run_in_executor(pool, _loader_policy)
+            return compute, loader
+        finally:
+            proc.close()
+
+    (compute_policy, compute_tid), (loader_policy, loader_tid) = asyncio.run(probe())
+    assert worker.IDLE_POLICY
+    assert compute_policy == os.SCHED_IDLE
+    assert loader_policy == os.SCHED_OTHER and loader_tid != compute_tid
+
+
+def _loader_policy() -> tuple[int, int]:
+    from mesh.verify import worker
+
+    return worker._loader.submit(_thread_policy).result()
