@@ -91,7 +91,7 @@ class _Decode:
     reduction lengths and so the float32 rounding, which its bfloat16 activations
     amplify (measured on an AVX2 CPU: logits moved by up to 0.25, relative L2 6.8e-3,
     more than the bfloat16 audit class tolerates). float32 stages keep one padded,
-    masked batch (differences ~1e-7; 7-10% faster at 8 sessions).
+    masked batch (differences ~1e-7; about 10% faster at 8 sessions, measured).
     """
 
     def __init__(self, cache: KVCache, slots: list[int], positions: list[int], config: ModelConfig,
