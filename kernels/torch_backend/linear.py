@@ -16,6 +16,7 @@ matmul itself runs in the low-precision format, the residual stream stays float3
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import numpy as np
@@ -153,8 +154,6 @@ def int8_dot_products() -> bool:
     in int32). Without it the kernels pair the products in saturating int16, and full-range
     activations overflow: the head's logits moved by ~5 of ~25 on an AVX2-only CPU
     (measured), and they depended on which sessions shared the batch."""
-    import platform
-
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True  # Arm's dot-product instructions accumulate in int32
     check = getattr(torch.cpu, "_is_vnni_supported", None)

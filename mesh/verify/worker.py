@@ -7,8 +7,9 @@ longer still. A child process has its own interpreter, so the node's loop never 
 on an audit; the OS gives the child's compute thread only CPU that the stages leave
 (nice 19, ``MESH_AUDIT_NICE``, and on Linux the idle scheduling class,
 ``MESH_AUDIT_IDLE``), while imports, model parsing and stage loads run on a thread at
-normal priority, so the first audits never wait behind them. The child holds the auditor's copies of the stages it audits
-and their audit KV caches; the parent keeps only keys.
+normal priority, so the first audits never wait behind them. The child holds the
+auditor's copies of the stages it audits and their audit KV caches; the parent keeps
+only keys.
 """
 
 from __future__ import annotations

@@ -98,10 +98,9 @@ def _thread_policy() -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class only")
+@pytest.mark.skipif(os.environ.get("MESH_AUDIT_IDLE") == "0", reason="MESH_AUDIT_IDLE=0 turns the idle class off")
 @pytest.mark.timeout(120)
 def test_audits_run_in_the_idle_class_and_warm_loads_at_normal_priority(model_path):
-    from mesh.verify import worker
-
     async def probe():
         proc = AuditProcess()
         try:
@@ -115,7 +114,6 @@ def test_audits_run_in_the_idle_class_and_warm_loads_at_normal_priority(model_pa
             proc.close()
 
     (compute_policy, compute_tid), (loader_policy, loader_tid) = asyncio.run(probe())
-    assert worker.IDLE_POLICY
     assert compute_policy == os.SCHED_IDLE
     assert loader_policy == os.SCHED_OTHER and loader_tid != compute_tid
 
