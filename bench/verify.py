@@ -167,10 +167,27 @@ def commitment_cost(n: int = 2000) -> dict:
     return out
 
 
+async def _drain(cluster, http, timeout: float = 60.0) -> float:
+    """Wait until the coordinator has no audit outstanding; the seconds it took."""
+    started = time.perf_counter()
+    await asyncio.sleep(0.5)  # the last chunk's commitments reach the coordinator, its summary is published
+    quiet = 0
+    while time.perf_counter() - started < timeout and quiet < 2:
+        views = [await cluster.status(i, http) or {} for i in range(len(cluster.nodes))]
+        pending = max(v.get("verification", {}).get("audits_pending", 0) for v in views)
+        quiet = quiet + 1 if pending == 0 else 0
+        await asyncio.sleep(0.25)
+    return time.perf_counter() - started
+
+
 async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float = 0.2) -> dict:
     """Two 3-node clusters up at once, one with verification and one without; requests
     alternate between them (on, off, off, on, ...) so drift in the machine's speed hits
-    both alike. The ratio is the median of the per-pair ratios."""
+    both alike. Every node states the same speed score, so both clusters plan 10/10/10
+    layers (a score measured while the other nodes start is noisy, and an uneven plan
+    would be a difference of its own). After each request the next waits until the
+    verifying cluster has no audit outstanding, so one cluster's audits never run
+    during the other's request. The ratio is the median of the per-pair ratios."""
     from contextlib import ExitStack
 
     import aiohttp
@@ -180,28 +197,33 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
 
     speeds: dict[str, list[float]] = {"on": [], "off": []}
     pairs: list[float] = []
-    clusters = {}
+    drains: list[float] = []
+    clusters, plans = {}, {}
     with ExitStack() as stack:
         for mode in ("on", "off"):
             os.environ["MESH_VERIFY"] = mode
             clusters[mode] = stack.enter_context(
-                LocalCluster(n=3, extra_args=["--audit-rate", str(rate)], log_level="warning"))
+                LocalCluster(n=3, extra_args=["--audit-rate", str(rate), "--speed", "1"], log_level="warning"))
         os.environ.pop("MESH_VERIFY", None)
-        for cluster in clusters.values():
-            await cluster.wait_ready(timeout=300, stages=3)
+        for mode, cluster in clusters.items():
+            view = await cluster.wait_ready(timeout=300, stages=3)
+            plans[mode] = [s["layers"] for s in view["plan"]["stages"]]
             await stream_chat(cluster.nodes[0].api, "Hello", max_tokens=8)  # warm-up
-        for r in range(rounds):
-            for i, p in enumerate(prompts):
-                order = ("on", "off") if (r + i) % 2 == 0 else ("off", "on")
-                got = {}
-                for mode in order:
-                    res = await stream_chat(clusters[mode].nodes[0].api, p, max_tokens=tokens, temperature=0.0)
-                    got[mode] = res.decode_tokens_per_s
-                    speeds[mode].append(res.decode_tokens_per_s)
-                    await asyncio.sleep(0.5)  # let the audits of that request drain, as between user turns
-                pairs.append(got["on"] / got["off"])
-        await asyncio.sleep(3)
         async with aiohttp.ClientSession() as http:
+            await _drain(clusters["on"], http)
+            for r in range(rounds):
+                for i, p in enumerate(prompts):
+                    order = ("on", "off") if (r + i) % 2 == 0 else ("off", "on")
+                    got = {}
+                    for mode in order:
+                        res = await stream_chat(clusters[mode].nodes[0].api, p, max_tokens=tokens, temperature=0.0)
+                        got[mode] = res.decode_tokens_per_s
+                        speeds[mode].append(res.decode_tokens_per_s)
+                        if mode == "on":
+                            drains.append(await _drain(clusters["on"], http))
+                        else:
+                            await asyncio.sleep(0.5)
+                    pairs.append(got["on"] / got["off"])
             views = [await clusters["on"].status(i, http) or {} for i in range(3)]
     verification = views[0].get("verification", {})
     audit_s = sum(v.get("verification", {}).get("local", {}).get("audit_compute_s", 0.0) for v in views)
@@ -213,7 +235,9 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
             "slowdown_pct": round((1 - ratio) * 100, 2), "pairs": len(pairs),
             # the spread of the pairs: on a shared machine one pair says little on its own
             "pair_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(pairs, n=4)] if len(pairs) > 1 else None,
-            "pair_ratios": pairs,
+            "pair_ratios": pairs, "plans": plans,
+            # seconds from the end of an answer until its audits are done (the audits' tail, off the critical path)
+            "audit_tail_s_median": round(statistics.median(drains), 2) if drains else None,
             "samples": speeds, "audit_cpu_s": round(audit_s, 2), "stage_busy_s": round(stage_s, 2), "audit_passes": passes,
             "verification_view": {k: v for k, v in verification.items() if k not in ("flagged_nodes", "local")}}
 

@@ -80,6 +80,7 @@ class NodeConfig:
     state_dir: Path | None = None
     memory_limit: int | None = None  # bytes offered for layers; default: 80% of available RAM
     threads: int | None = None
+    speed: float | None = None  # speed score for the planner; default: measured at start
     max_batch: int = 16
     campaign: bool = True  # False: vote, but never become coordinator (e.g. a node that serves clients)
     leaderless_grace_s: float = 3.0  # without a coordinator this long, stop serving (cut off from the majority)
@@ -176,7 +177,7 @@ class Node:
             backend=self.backend,
             device=_device(self.backend),
             free_memory=cfg.memory_limit or int(psutil.virtual_memory().available * 0.8),
-            speed=await self.runner.run(_measure_speed),
+            speed=cfg.speed or await self.runner.run(_measure_speed),
             roles=[] if cfg.campaign else [NO_CAMPAIGN],
         )
         if cfg.api_port is not None:

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, help="where the node key and votes live (default $MESH_HOME/node)")
     p.add_argument("--memory", help="memory to offer for layers, e.g. 2GiB (default: 80%% of available)")
     p.add_argument("--threads", type=int, help="compute threads (default: half the cores)")
+    p.add_argument("--speed", type=_positive, metavar="SCORE",
+                   help="speed score the planner shares layers by (default: measured at start; "
+                        "equal scores give equal shares)")
     p.add_argument("--no-campaign", action="store_true",
                    help="vote in elections but never become coordinator (for a node that mostly serves clients)")
     p.add_argument("--audit-rate", type=float, default=0.2,
@@ -52,6 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-format", choices=["console", "json"], default="console", help="log format")
     p.add_argument("--log-level", default="info", help="log level (debug, info, warning)")
     p.set_defaults(func=run)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
 
 
 def config_from_args(args: argparse.Namespace):
@@ -74,7 +87,7 @@ def config_from_args(args: argparse.Namespace):
                       api_host=args.api_host, api_port=args.api_port, api_key=args.api_key,
                       interfaces=args.interfaces or [args.host], peers=args.peers, mdns=not args.no_mdns,
                       backend=args.backend, weight_mode=args.weight_mode, name=args.name, state_dir=args.state_dir,
-                      memory_limit=memory, threads=args.threads, audit_rate=args.audit_rate, fault=args.fault,
+                      memory_limit=memory, threads=args.threads, speed=args.speed, audit_rate=args.audit_rate, fault=args.fault,
                       campaign=not args.no_campaign)
 
 

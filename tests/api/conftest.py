@@ -1,6 +1,7 @@
 """A real 3-node mesh (three `mesh join` processes on loopback) shared by the API tests.
 
-Node 2 requires an API key; nodes 0 and 1 do not.
+Node 2 requires an API key; nodes 0 and 1 do not. All three state the same speed score
+(`--speed 1`), so the plan is 10/10/10 whatever the machine is doing at start.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from api_settings import API_KEY, ARTIFACTS, MAX_TOKENS, PROMPT
 
 @pytest.fixture(scope="session")
 def mesh3(model_path):
-    cluster = LocalCluster(n=3, node_args={2: ["--api-key", API_KEY]})
+    cluster = LocalCluster(n=3, extra_args=["--speed", "1"], node_args={2: ["--api-key", API_KEY]})
     with cluster:
         view = asyncio.run(cluster.wait_ready(timeout=240, stages=3))
         cluster.view = view

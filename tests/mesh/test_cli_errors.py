@@ -91,3 +91,10 @@ def test_cli_errors_are_one_line_in_a_real_process(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
     assert proc.returncode == 2
     _one_clear_line(proc.stderr, "unknown model 'nope'")
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "fast", "inf", "nan"])
+def test_join_speed_must_be_positive(capsys, value):
+    code, _, err = _run_cli(["join", "--speed", value], capsys)
+    assert code == 2
+    assert "--speed" in err and "positive number" in err and "Traceback" not in err
