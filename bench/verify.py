@@ -225,9 +225,11 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
                             await asyncio.sleep(0.5)
                     pairs.append(got["on"] / got["off"])
             views = [await clusters["on"].status(i, http) or {} for i in range(3)]
+            off_views = [await clusters["off"].status(i, http) or {} for i in range(3)]
     verification = views[0].get("verification", {})
     audit_s = sum(v.get("verification", {}).get("local", {}).get("audit_compute_s", 0.0) for v in views)
     stage_s = sum(v.get("stage", {}).get("busy_s", 0.0) for v in views)
+    stage_off_s = sum(v.get("stage", {}).get("busy_s", 0.0) for v in off_views)
     passes = sum(v.get("verification", {}).get("local", {}).get("audit_passes", 0) for v in views)
     on, off = statistics.median(speeds["on"]), statistics.median(speeds["off"])
     ratio = statistics.median(pairs)
@@ -238,7 +240,9 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
             "pair_ratios": pairs, "plans": plans,
             # seconds from the end of an answer until its audits are done (the audits' tail, off the critical path)
             "audit_tail_s_median": round(statistics.median(drains), 2) if drains else None,
-            "samples": speeds, "audit_cpu_s": round(audit_s, 2), "stage_busy_s": round(stage_s, 2), "audit_passes": passes,
+            "samples": speeds, "audit_cpu_s": round(audit_s, 2), "stage_busy_s": round(stage_s, 2),
+            # compute time of the stages themselves, on vs off: whether verification slows the forward passes
+            "stage_busy_s_off": round(stage_off_s, 2), "audit_passes": passes,
             "verification_view": {k: v for k, v in verification.items() if k not in ("flagged_nodes", "local")}}
 
 

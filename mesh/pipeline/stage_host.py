@@ -56,6 +56,7 @@ class StageStats:
     retransmits_sent: int = 0
     stale_dropped: int = 0
     busy_s: float = 0.0
+    last_step_at: float = float("-inf")  # time.monotonic() at the end of the last forward pass
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
@@ -267,6 +268,7 @@ class StageHost:
                 except StageInputError as exc:
                     self._fail(work.msg, str(exc))
         self.stats.busy_s += time.perf_counter() - started
+        self.stats.last_step_at = time.monotonic()
         self.stats.batches += 1
         self.stats.steps += len(batch)
         self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1

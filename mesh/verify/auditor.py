@@ -6,12 +6,16 @@ the new positions for the float32 class, in the stage's own step shapes (the pre
 then one position per step) for the bfloat16 class, the only way it reproduces. Each
 fetched input is checked against the digest its stage signed.
 
-Audit requests of one session and stage are gathered for ``MESH_AUDIT_GATHER_S``
-(default 3 s; 0.25 s for a session's first pass on a stage, escalations at once) and
-checked in one pass: the stage's weights are read once per pass instead of once per
-audited step, and a pass over many positions is compute-bound, so it takes little
-memory bandwidth from the stages decoding next to it. Compute runs in a low-priority child process (mesh/verify/worker.py): generation
-never waits for it, and it never holds the node's GIL.
+Audit requests of one session and stage are gathered and checked in one pass: the
+stage's weights are read once per pass instead of once per audited step. A session's
+first pass on a stage gathers for 0.25 s (a cheat shows at once: catch it early) and an
+escalation runs at once. Later passes wait while this node's own stage is computing, up
+to ``MESH_AUDIT_DEFER_S`` (default 6 s) after their first request, and otherwise
+gather for ``MESH_AUDIT_GATHER_S`` (default 1 s): an audit pass is dense arithmetic, and
+on a core next to a decoding stage it slows that stage by about a tenth, so passes run
+between answers where they can and at a bounded delay where they cannot. Compute runs
+in a low-priority child process (mesh/verify/worker.py): generation never waits for it,
+and it never holds the node's GIL.
 """
 
 from __future__ import annotations
@@ -53,11 +57,13 @@ from mesh.verify.tolerance import (
 from mesh.verify.worker import AuditProcess
 
 log = structlog.get_logger("mesh.verify.auditor")
-# How long requests gather before a pass. Each pass reads the stage's weights once (about
-# a decode step's memory traffic, taken from the stages decoding next to it), so fewer,
-# larger passes cost less (bench/verify.py: 84 passes for 6 requests at 1 s, 105 for 12 at 3 s).
-GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "3.0"))
+# How long requests gather before a later pass (each pass reads the stage's weights once).
+GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "1.0"))
 FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at once, catch it early
+# A later pass waits while this node's stage computed within IDLE_S, at most DEFER_S after
+# its first request: that bounds how late a cheat that starts mid-answer is caught.
+DEFER_S = float(os.environ.get("MESH_AUDIT_DEFER_S", "6.0"))
+IDLE_S = 0.5
 
 
 @dataclass
@@ -163,7 +169,8 @@ class Auditor:
 
     def __init__(self, identity: NodeIdentity, model_path: Path, backend: str,
                  fetch: Callable[[str, AuditFetch], asyncio.Future[AuditData]],
-                 report: Callable[[str, AuditResult], None], *, max_tracks: int = 16, gather_s: float = GATHER_S):
+                 report: Callable[[str, AuditResult], None], *, max_tracks: int = 16, gather_s: float = GATHER_S,
+                 defer_s: float = DEFER_S, stage_idle_s: Callable[[], float] = lambda: float("inf")):
         self.identity = identity
         self.model_path = model_path
         self.backend = backend
@@ -171,6 +178,8 @@ class Auditor:
         self.report = report
         self.max_tracks = max_tracks
         self.gather_s = gather_s
+        self.defer_s = defer_s
+        self.stage_idle_s = stage_idle_s  # seconds since this node's own stage last computed
         self.compute = AuditProcess()
         self.stages: dict[tuple, bytes] = {}  # (spec, backend, mode) loaded in the audit process -> weights digest
         self.tracks: OrderedDict[tuple, _Track] = OrderedDict()
@@ -200,9 +209,14 @@ class Auditor:
         log.debug("audit.requested", node=b.node, stage=b.stage, step=req.step, round=req.round)
         self.waiting.setdefault(tkey, []).append((req, coordinator))
         if tkey not in self._timers:  # the first of a gathering; an escalation is checked at once
-            delay = 0.0 if req.round > 1 else self.gather_s if tkey in self.tracks else min(self.gather_s,
-                                                                                             FIRST_GATHER_S)
-            self._timers[tkey] = asyncio.get_running_loop().call_later(delay, self._start_pass, tkey)
+            loop = asyncio.get_running_loop()
+            if req.round > 1:
+                delay, deadline = 0.0, None
+            elif tkey not in self.tracks:
+                delay, deadline = min(self.gather_s, FIRST_GATHER_S), None
+            else:
+                delay, deadline = self.gather_s, loop.time() + self.defer_s
+            self._timers[tkey] = loop.call_later(delay, self._start_pass, tkey, deadline)
 
     @contextlib.asynccontextmanager
     async def _turn(self, priority: int):
@@ -277,7 +291,12 @@ class Auditor:
             task.cancel()
         self.compute.close()
 
-    def _start_pass(self, tkey: tuple) -> None:
+    def _start_pass(self, tkey: tuple, deadline: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if deadline is not None and loop.time() < deadline and self.stage_idle_s() < IDLE_S:
+            # our stage is decoding: wait for a gap (the answer's end) or the deadline
+            self._timers[tkey] = loop.call_later(min(0.25, deadline - loop.time()), self._start_pass, tkey, deadline)
+            return
         del self._timers[tkey]
         task = asyncio.get_running_loop().create_task(self._pass(tkey), name="audit")
         self._tasks.add(task)

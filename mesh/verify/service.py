@@ -34,7 +34,8 @@ class VerifyService:
         self.node = node
         self.recorder = StageRecorder(node.identity, node._send, self._coordinator, fault=fault)
         self.ledger = Ledger(node.node_id, node._send, self._on_flag, audit_rate=audit_rate, actor=VERIFY_ACTOR)
-        self.auditor = Auditor(node.identity, node.model_path, node.backend, self._fetch, self._report)
+        self.auditor = Auditor(node.identity, node.model_path, node.backend, self._fetch, self._report,
+                               stage_idle_s=lambda: time.monotonic() - node.stage_host.stats.last_step_at)
         self.flags: dict[str, dict] = {}
         self.summary = Summary(0, 0, 0, 0, 0, 0, 0)
         self._publish_handle: asyncio.TimerHandle | None = None
