@@ -301,11 +301,10 @@ class StageHost:
         fwd = Forward(src.term, src.version, src.session, src.step, src.start_pos, sender=self.node_id,
                       digest=tensor_digest(hidden), hidden=hidden, meta=src.meta)
         self.last_sent[src.session] = (node, fwd)
-        if self.verifier is not None:
+        sent = fwd if self.wire_fault is None else Forward(**{**fwd.__dict__, "hidden": self.wire_fault(hidden)})
+        self.send(node, STAGE_ACTOR, sent)
+        if self.verifier is not None:  # after the send: the next stage need not wait for the signature
             self.verifier.commit(self, src, hidden, fwd.digest)
-        if self.wire_fault is not None:
-            fwd = Forward(**{**fwd.__dict__, "hidden": self.wire_fault(hidden)})
-        self.send(node, STAGE_ACTOR, fwd)
 
     async def _sample_and_emit(self, results: list[tuple[_Work, np.ndarray]]) -> None:
         picks = []
@@ -319,9 +318,6 @@ class StageHost:
             picks.append((work, meta, position, logits[-1], params))
         tokens = await self.runner.run(lambda: [sample(row, p, pos) for _, _, pos, row, p in picks])
         for (work, meta, position, row, _), token in zip(picks, tokens):
-            if self.verifier is not None:
-                self.verifier.commit(self, work.msg, np.ascontiguousarray(row[None], dtype=np.float32),
-                                     token=int(token))
             seq = position - meta.prompt_len
             finish = None
             if token in meta.eos_ids:
@@ -337,6 +333,10 @@ class StageHost:
                     self.on_token(out)
                 else:
                     self.send(first, STAGE_ACTOR, out)
+        if self.verifier is not None:  # after the sends: digesting the logits is off the token's path
+            for (work, _, _, row, _), token in zip(picks, tokens):
+                self.verifier.commit(self, work.msg, np.ascontiguousarray(row[None], dtype=np.float32),
+                                     token=int(token))
 
     def _fail(self, msg: Forward, error: str) -> None:
         meta = self.meta.get(msg.session)

@@ -27,6 +27,9 @@ from mesh.verify.messages import (
 from mesh.verify.recorder import VERIFY_ACTOR, StageRecorder
 
 log = structlog.get_logger("mesh.verify")
+# The coordinator sends its counters to the other nodes (for their `mesh status`) at most
+# this often: every send is an encrypted message on the event loops that carry the tokens.
+PUBLISH_S = 1.0
 
 
 class VerifyService:
@@ -51,7 +54,8 @@ class VerifyService:
         self.auditor.close()
 
     def verification(self) -> dict:
-        s = self.summary
+        # the coordinator reports its ledger as it is; the others the last summary it sent
+        s = self._summary() if self._ledger() is not None else self.summary
         return {"commitments": s.commitments, "verified_links": s.verified_links, "broken_links": s.broken_links,
                 "audits": s.audits, "audit_failures": s.audit_failures, "audits_pending": s.audits_pending,
                 "flagged_nodes": list(self.flags.values()),
@@ -103,16 +107,22 @@ class VerifyService:
 
     def _publish_soon(self) -> None:
         if self._publish_handle is None:
-            self._publish_handle = asyncio.get_running_loop().call_later(0.25, self._publish)
+            self._publish_handle = asyncio.get_running_loop().call_later(PUBLISH_S, self._publish)
 
     def _publish(self) -> None:
         self._publish_handle = None
-        ledger = self.ledger
-        self.summary = Summary(ledger.term, ledger.commitments, ledger.verified_links, ledger.broken_links,
-                               ledger.audits, ledger.audit_failures, len(ledger.pending))
+        summary = self._summary()
+        if summary == self.summary:
+            return
+        self.summary = summary
         for member in self._members():
             if member != self.node.node_id:
                 self.node._send(member, VERIFY_ACTOR, self.summary)
+
+    def _summary(self) -> Summary:
+        ledger = self.ledger
+        return Summary(ledger.term, ledger.commitments, ledger.verified_links, ledger.broken_links,
+                       ledger.audits, ledger.audit_failures, len(ledger.pending))
 
     # -- every node -------------------------------------------------------------------------
 
