@@ -167,6 +167,13 @@ def commitment_cost(n: int = 2000) -> dict:
     return out
 
 
+def _by_stage(views: list[dict]) -> list[dict]:
+    """The nodes' views in stage order."""
+    plan = next((v.get("plan") for v in views if v.get("plan")), None) or {}
+    order = [s["node"] for s in plan.get("stages", [])]
+    return sorted(views, key=lambda v: order.index(v.get("self")) if v.get("self") in order else len(order))
+
+
 async def _drain(cluster, http, timeout: float = 60.0) -> float:
     """Wait until the coordinator has no audit outstanding; the seconds it took."""
     started = time.perf_counter()
@@ -244,7 +251,9 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
             "audit_tail_s_median": round(statistics.median(drains), 2) if drains else None,
             "samples": speeds, "audit_cpu_s": round(audit_s, 2), "stage_busy_s": round(stage_s, 2),
             # compute time of the stages themselves, on vs off: whether verification slows the forward passes
-            "stage_busy_s_off": round(stage_off_s, 2), "audit_passes": passes,
+            "stage_busy_s_off": round(stage_off_s, 2),
+            "stage_busy_s_by_stage": {mode: [round(v.get("stage", {}).get("busy_s", 0.0), 2) for v in _by_stage(vs)]
+                                      for mode, vs in (("on", views), ("off", off_views))}, "audit_passes": passes,
             "verification_view": {k: v for k, v in verification.items() if k not in ("flagged_nodes", "local")}}
 
 

@@ -11,9 +11,9 @@ stage's weights are read once per pass instead of once per audited step. A sessi
 first pass on a stage gathers for 0.25 s (a cheat shows at once: catch it early) and an
 escalation runs at once. Later passes wait while this node's own stage is computing, up
 to ``MESH_AUDIT_DEFER_S`` (default 6 s) after their first request, and otherwise
-gather for ``MESH_AUDIT_GATHER_S`` (default 1 s): an audit pass is dense arithmetic, and
-on a core next to a decoding stage it slows that stage by about a tenth, so passes run
-between answers where they can and at a bounded delay where they cannot. Compute runs
+gather for ``MESH_AUDIT_GATHER_S`` (default 1 s): a pass on the core next to a decoding
+stage slows it by a few percent (bench/audit_contention.py), so passes run between
+answers where they can and at a bounded delay where they cannot. Compute runs
 in a low-priority child process (mesh/verify/worker.py): generation never waits for it,
 and it never holds the node's GIL.
 """
