@@ -180,10 +180,8 @@ async def _drain(cluster, http, timeout: float = 60.0) -> float:
     await asyncio.sleep(0.5)  # the last chunk's commitments reach the coordinator
     quiet = 0
     while time.perf_counter() - started < timeout and quiet < 2:
-        views = [await cluster.status(i, http) or {} for i in range(len(cluster.nodes))]
-        # the coordinator's counters are live; the others hear them up to a second late
-        pending = max((v.get("verification", {}).get("audits_pending", 0) for v in views
-                       if v.get("self") == v.get("coordinator")), default=1)
+        _, coordinator = await cluster.statuses(http)
+        pending = (coordinator or {}).get("verification", {}).get("audits_pending", 1)
         quiet = quiet + 1 if pending == 0 else 0
         await asyncio.sleep(0.25)
     return time.perf_counter() - started

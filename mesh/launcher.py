@@ -141,6 +141,12 @@ class LocalCluster:
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
             return None
 
+    async def statuses(self, session: aiohttp.ClientSession) -> tuple[list[dict | None], dict | None]:
+        """Every node's /v1/cluster (None where it is down) and the coordinator's among them:
+        its verification counters are live, the others hear them up to a second late."""
+        views = [await self.status(n.index, session) if n.alive else None for n in self.nodes]
+        return views, next((v for v in views if v and v.get("self") == v.get("coordinator")), None)
+
     async def wait_ready(self, timeout: float = 180.0, stages: int | None = None) -> dict:
         """Wait until every live node reports the same ready plan with ``stages`` stages."""
         want = stages if stages is not None else sum(1 for n in self.nodes if n.alive)

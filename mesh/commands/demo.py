@@ -103,9 +103,8 @@ async def _final_view(cluster: LocalCluster, index: int, settle_s: float = 15.0)
     async with aiohttp.ClientSession() as http:
         await asyncio.sleep(0.5)  # the last chunk's commitments reach the coordinator
         while True:
-            views = [await cluster.status(n.index, http) if n.alive else None for n in cluster.nodes]
+            views, coordinator = await cluster.statuses(http)
             view = views[index] if index < len(views) else None
-            coordinator = next((v for v in views if v and v.get("self") == v.get("coordinator")), None)
             verification = (coordinator or view or {}).get("verification") or {}
             if not verification.get("audits_pending") or asyncio.get_running_loop().time() > deadline:
                 if view is not None and coordinator is not None:

@@ -55,7 +55,8 @@ class VerifyService:
 
     def verification(self) -> dict:
         # the coordinator reports its ledger as it is; the others the last summary it sent
-        s = self._summary() if self._ledger() is not None else self.summary
+        role = self.node.coordinator
+        s = self._summary() if role.active and self.ledger.term == role.term else self.summary
         return {"commitments": s.commitments, "verified_links": s.verified_links, "broken_links": s.broken_links,
                 "audits": s.audits, "audit_failures": s.audit_failures, "audits_pending": s.audits_pending,
                 "flagged_nodes": list(self.flags.values()),
