@@ -167,6 +167,15 @@ def commitment_cost(n: int = 2000) -> dict:
     return out
 
 
+def _proc_cpu(node) -> float:
+    """CPU seconds (user + system) a node's process used so far; 0 where /proc is absent."""
+    try:
+        fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, AttributeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _by_stage(views: list[dict]) -> list[dict]:
     """The nodes' views in stage order."""
     plan = next((v.get("plan") for v in views if v.get("plan")), None) or {}
@@ -218,6 +227,9 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
             await stream_chat(cluster.nodes[0].api, "Hello", max_tokens=8)  # warm-up
         async with aiohttp.ClientSession() as http:
             await _drain(clusters["on"], http)
+            cpu_before = {mode: [_proc_cpu(n) for n in c.nodes] for mode, c in clusters.items()}
+            runq_before = {mode: sum(((await c.status(i, http)) or {}).get("stage", {}).get("runq_s") or 0.0
+                                     for i in range(3)) for mode, c in clusters.items()}
             for r in range(rounds):
                 for i, p in enumerate(prompts):
                     order = ("on", "off") if (r + i) % 2 == 0 else ("off", "on")
@@ -231,6 +243,9 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
                         else:
                             await asyncio.sleep(0.5)
                     pairs.append(got["on"] / got["off"])
+            # the node processes' CPU over the rounds (their audit processes are separate)
+            node_cpu = {mode: [round(_proc_cpu(n) - b, 2) for n, b in zip(c.nodes, cpu_before[mode])]
+                        for mode, c in clusters.items()}
             views = [await clusters["on"].status(i, http) or {} for i in range(3)]
             off_views = [await clusters["off"].status(i, http) or {} for i in range(3)]
     verification = views[0].get("verification", {})
@@ -251,7 +266,17 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
             # compute time of the stages themselves, on vs off: whether verification slows the forward passes
             "stage_busy_s_off": round(stage_off_s, 2),
             "stage_busy_s_by_stage": {mode: [round(v.get("stage", {}).get("busy_s", 0.0), 2) for v in _by_stage(vs)]
-                                      for mode, vs in (("on", views), ("off", off_views))}, "audit_passes": passes,
+                                      for mode, vs in (("on", views), ("off", off_views))},
+            # of the busy time, the forward passes on the compute thread (wall and CPU); the
+            # rest is the wait for the event loop to take the outputs
+            "stage_compute_s": {mode: round(sum(v.get("stage", {}).get("compute_s", 0.0) for v in vs), 2)
+                                for mode, vs in (("on", views), ("off", off_views))},
+            "stage_cpu_s": {mode: round(sum(v.get("stage", {}).get("cpu_s", 0.0) for v in vs), 2)
+                            for mode, vs in (("on", views), ("off", off_views))},
+            "node_process_cpu_s": node_cpu,
+            # the compute threads' seconds ready but waiting for a core, over the rounds
+            "stage_runq_s": {mode: round(sum(v.get("stage", {}).get("runq_s") or 0.0 for v in vs) - runq_before[mode], 2)
+                             for mode, vs in (("on", views), ("off", off_views))}, "audit_passes": passes,
             "verification_view": {k: v for k, v in verification.items() if k not in ("flagged_nodes", "local")}}
 
 

@@ -21,15 +21,26 @@ class ComputeRunner:
     def __init__(self, name: str = "mesh-compute"):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._thread_id: int | None = None
+        self._native_id: int | None = None
         self._executor.submit(self._record_thread).result()
 
     def _record_thread(self) -> None:
         self._thread_id = threading.get_ident()
+        self._native_id = threading.get_native_id()
 
     @property
     def thread_id(self) -> int | None:
         """The compute thread's ident (for checks that compute is off the loop)."""
         return self._thread_id
+
+    def runq_s(self) -> float | None:
+        """Seconds the compute thread has been ready to run but waiting for a core (Linux's
+        schedstat): what other work on the machine cost the stage. None elsewhere."""
+        try:
+            with open(f"/proc/self/task/{self._native_id}/schedstat") as f:
+                return int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` on the compute thread and await its result."""

@@ -443,7 +443,8 @@ class Node:
         s = self.stage_host.stats
         return {"steps": s.steps, "batches": s.batches, "tokens_sampled": s.tokens_sampled,
                 "digest_mismatches": s.digest_mismatches, "retransmits": s.retransmits_sent,
-                "busy_s": round(s.busy_s, 3), "sessions": len(self.stage_host.meta)}
+                "busy_s": round(s.busy_s, 3), "compute_s": round(s.compute_s, 3),
+                "cpu_s": round(s.cpu_s, 3), "runq_s": self.runner.runq_s(), "sessions": len(self.stage_host.meta)}
 
     def mesh_info(self) -> dict:
         pipeline = [] if self.plan is None else [

@@ -55,7 +55,9 @@ class StageStats:
     digest_mismatches: int = 0
     retransmits_sent: int = 0
     stale_dropped: int = 0
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # from handing a batch to the compute thread to the loop taking its outputs
+    compute_s: float = 0.0  # of which the forward passes themselves (wall time on the compute thread)
+    cpu_s: float = 0.0  # and the compute thread's CPU time in them
     last_step_at: float = float("-inf")  # time.monotonic() at the end of the last forward pass
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
@@ -294,7 +296,12 @@ class StageHost:
 
     def _forward_pass(self, stage: Stage, items: list[StepInput], freeing: list[str]) -> list[np.ndarray]:
         self._release(stage, freeing)
-        return stage.forward(items)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return stage.forward(items)
+        finally:  # on the compute thread, one batch at a time: no race with the loop's reads
+            self.stats.compute_s += time.perf_counter() - wall
+            self.stats.cpu_s += time.thread_time() - cpu
 
     def _forward(self, node: str, src: Forward, hidden: np.ndarray) -> None:
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)

@@ -7,7 +7,9 @@ longer still. A child process has its own interpreter, so the node's loop never 
 on an audit; the OS gives the child's compute thread only CPU that the stages leave
 (nice 19, ``MESH_AUDIT_NICE``, and on Linux the idle scheduling class,
 ``MESH_AUDIT_IDLE``), while imports, model parsing and stage loads run on a thread at
-normal priority, so the first audits never wait behind them. The child holds the
+normal priority, so the first audits never wait behind them. On Linux the child also
+leaves the node's session for one of its own: with autogroup the kernel shares the CPU
+between sessions first, and the idle class would only yield to its own node. The child holds the
 auditor's copies of the stages it audits and their audit KV caches; the parent keeps
 only keys.
 """
@@ -15,6 +17,7 @@ only keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -35,6 +38,8 @@ _loader: ThreadPoolExecutor | None = None  # in the child: loads at normal prior
 def _init(nice: int, parent: int) -> None:
     global _loader
     os.environ["MESH_TORCH_THREADS"] = "1"  # one core at most; the stages keep theirs
+    if IDLE_POLICY:
+        _own_group()
     # Loading a stage is brief and on the way to the first audits (the plan just became
     # ready): it runs on a thread made before the compute thread lowers its priority
     # (Linux sets nice per thread; elsewhere the whole child is lowered).
@@ -55,6 +60,39 @@ def _init(nice: int, parent: int) -> None:
     threading.Thread(target=_exit_with, args=(parent,), name="audit-parent-watch", daemon=True).start()
 
 
+def _own_group() -> None:
+    """Leave the node's scheduling group. Linux with autogroup (the default on desktop
+    distributions) first shares the CPU between sessions, and only then between the
+    threads of one session: inside the node's session the idle class yields to the
+    node's own stage, but the session as a whole competes with every other session on
+    the machine as an equal, so an audit took its share from the stages of other nodes
+    and programs. In a session of its own, whose group runs at nice 19 while it checks
+    and at 0 while it loads, it yields to them too. No autogroup: nothing to do."""
+    try:
+        os.setsid()
+    except OSError:
+        return
+    _group_nice(AUDIT_NICE)
+
+
+def _group_nice(nice: int) -> None:
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:  # no autogroup (macOS, a kernel without it, a cgroup of our own)
+        pass
+
+
+@contextlib.contextmanager
+def _loading():
+    """On the loader thread: the child's group at normal priority while it loads."""
+    _group_nice(0)
+    try:
+        yield
+    finally:
+        _group_nice(AUDIT_NICE)
+
+
 def _exit_with(parent: int) -> None:
     """A node killed with SIGKILL cannot stop its audit process: the child notices alone."""
     while os.getppid() == parent:
@@ -70,14 +108,24 @@ def _warm(backend: str, model_path: str) -> int:
     return os.getpid()
 
 
-def _import_and_parse(backend: str, model_path: str) -> None:
-    import kernels.torch_backend.llama  # noqa: F401  (torch; also the bf16 class's backend)
-    import mesh.verify.auditor  # noqa: F401
-    from kernels.config import load_config
+def _group() -> str:
+    """The child's scheduling group, as Linux reports it (tests)."""
+    try:
+        with open("/proc/self/autogroup") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
-    if backend == "mlx":
-        import kernels.mlx_backend  # noqa: F401
-    load_config(model_path)  # GGUF metadata is parsed once per process, here
+
+def _import_and_parse(backend: str, model_path: str) -> None:
+    with _loading():
+        import kernels.torch_backend.llama  # noqa: F401  (torch; also the bf16 class's backend)
+        import mesh.verify.auditor  # noqa: F401
+        from kernels.config import load_config
+
+        if backend == "mlx":
+            import kernels.mlx_backend  # noqa: F401
+        load_config(model_path)  # GGUF metadata is parsed once per process, here
 
 
 def _load(model_path: str, skey: StageKey) -> bytes:
@@ -89,7 +137,8 @@ def _load(model_path: str, skey: StageKey) -> bytes:
 def _load_stage(path: Path, spec, backend: str, mode: str):
     from kernels.stage import load_stage
 
-    return load_stage(path, spec, backend, mode)
+    with _loading():
+        return load_stage(path, spec, backend, mode)
 
 
 def _free(skey: StageKey, key: str) -> None:

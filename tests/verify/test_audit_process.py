@@ -122,3 +122,41 @@ def _loader_policy() -> tuple[int, int]:
     from mesh.verify import worker
 
     return worker._loader.submit(_thread_policy).result()
+
+
+def _group_while_loading() -> str:
+    from mesh.verify import worker
+
+    def probe():
+        with worker._loading():
+            return worker._group()
+
+    return worker._loader.submit(probe).result()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="Linux's autogroup only")
+@pytest.mark.skipif(os.environ.get("MESH_AUDIT_IDLE") == "0", reason="MESH_AUDIT_IDLE=0 turns the idle class off")
+@pytest.mark.timeout(120)
+def test_the_audit_process_is_a_low_priority_group_of_its_own(model_path):
+    """Under autogroup the idle class only yields inside a session: the child must leave
+    the node's session, or its audits take a full share from other nodes' stages."""
+    from mesh.verify import worker
+
+    async def probe():
+        proc = AuditProcess()
+        try:
+            child = await proc.warm("torch", model_path)
+            loop = asyncio.get_running_loop()
+            pool = proc._executor()
+            return (child, await loop.run_in_executor(pool, worker._group),
+                    await loop.run_in_executor(pool, _group_while_loading))
+        finally:
+            proc.close()
+
+    child, idle_group, loading_group = asyncio.run(probe())
+    with open("/proc/self/autogroup") as f:
+        mine = f.read().split()[0]
+    assert os.getsid(child) == child != os.getsid(0)
+    assert idle_group.split()[0] != mine
+    assert idle_group.endswith(f"nice {worker.AUDIT_NICE}")
+    assert loading_group.endswith("nice 0")
