@@ -167,6 +167,20 @@ def commitment_cost(n: int = 2000) -> dict:
     return out
 
 
+def _bootstrap_median(xs: list[float], n: int = 10_000) -> list[float] | None:
+    """A 95% bootstrap interval of the median (seeded, so one run prints one answer)."""
+    if len(xs) < 2:
+        return None
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(np.asarray(xs), size=(n, len(xs)), replace=True), axis=1)
+    return [round(float(q), 4) for q in np.quantile(medians, [0.025, 0.975])]
+
+
+def _runq(views: list[dict]) -> float:
+    """The compute threads' seconds ready to run but waiting for a core, summed over nodes."""
+    return sum(v.get("stage", {}).get("runq_s") or 0.0 for v in views)
+
+
 def _proc_cpu(node) -> float:
     """CPU seconds (user + system) a node's process used so far; 0 where /proc is absent."""
     try:
@@ -228,8 +242,7 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
         async with aiohttp.ClientSession() as http:
             await _drain(clusters["on"], http)
             cpu_before = {mode: [_proc_cpu(n) for n in c.nodes] for mode, c in clusters.items()}
-            runq_before = {mode: sum(((await c.status(i, http)) or {}).get("stage", {}).get("runq_s") or 0.0
-                                     for i in range(3)) for mode, c in clusters.items()}
+            runq_before = {mode: _runq([await c.status(i, http) or {} for i in range(3)]) for mode, c in clusters.items()}
             for r in range(rounds):
                 for i, p in enumerate(prompts):
                     order = ("on", "off") if (r + i) % 2 == 0 else ("off", "on")
@@ -259,6 +272,7 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
             "slowdown_pct": round((1 - ratio) * 100, 2), "pairs": len(pairs),
             # the spread of the pairs: on a shared machine one pair says little on its own
             "pair_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(pairs, n=4)] if len(pairs) > 1 else None,
+            "ratio_median_ci95": _bootstrap_median(pairs), "ratio_geomean": round(statistics.geometric_mean(pairs), 4),
             "pair_ratios": pairs, "plans": plans,
             # seconds from the end of an answer until its audits are done (the audits' tail, off the critical path)
             "audit_tail_s_median": round(statistics.median(drains), 2) if drains else None,
@@ -275,7 +289,7 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
                             for mode, vs in (("on", views), ("off", off_views))},
             "node_process_cpu_s": node_cpu,
             # the compute threads' seconds ready but waiting for a core, over the rounds
-            "stage_runq_s": {mode: round(sum(v.get("stage", {}).get("runq_s") or 0.0 for v in vs) - runq_before[mode], 2)
+            "stage_runq_s": {mode: round(_runq(vs) - runq_before[mode], 2)
                              for mode, vs in (("on", views), ("off", off_views))}, "audit_passes": passes,
             "verification_view": {k: v for k, v in verification.items() if k not in ("flagged_nodes", "local")}}
 
