@@ -46,6 +46,9 @@ class PhiAccrual:
     def __init__(self, config: DetectorConfig = DetectorConfig()) -> None:
         self.cfg = config
         self.intervals: deque[float] = deque(maxlen=config.window)
+        # running sums over ``intervals``: phi is asked for every peer on every tick
+        self._sum = 0.0
+        self._sumsq = 0.0
         self.last: float | None = None
         self.link_lost: float | None = None
 
@@ -55,19 +58,28 @@ class PhiAccrual:
             gap = now - self.last
             if gap < 0:
                 return  # a reordered timestamp carries no information
-            self.intervals.append(gap)
+            self._append(gap)
         else:
             # Seed the history with the expected interval so that the first seconds
             # after a peer appears already detect its failure.
-            self.intervals.append(self.cfg.expected_interval)
+            self._append(self.cfg.expected_interval)
         self.last = now
+
+    def _append(self, gap: float) -> None:
+        if len(self.intervals) == self.intervals.maxlen:
+            old = self.intervals[0]
+            self._sum -= old
+            self._sumsq -= old * old
+        self.intervals.append(gap)
+        self._sum += gap
+        self._sumsq += gap * gap
 
     def phi(self, now: float) -> float:
         if self.last is None:
             return 0.0
         n = len(self.intervals)
-        mean = sum(self.intervals) / n
-        var = sum((x - mean) ** 2 for x in self.intervals) / n
+        mean = self._sum / n
+        var = max(0.0, self._sumsq / n - mean * mean)  # rounding can take it just below 0
         std = max(math.sqrt(var), self.cfg.min_std)
         elapsed = max(0.0, now - self.last)
         z = (elapsed - mean - self.cfg.acceptable_pause) / std
