@@ -376,7 +376,7 @@ class Auditor:
                 needed = {s: records[s] for s in data.steps if s in records}
                 verdicts, cpu = await self.compute.check(track.skey, track.key, needed, data, steps,
                                                          producer_backend=b.backend, weight_mode=b.weight_mode,
-                                                         last=spec.head)
+                                                         last=spec.head, urgent=priority < 2)
             self.compute_s += cpu
             log.info("audit.pass", node=b.node, stage=b.stage, steps=steps, round=req.round,
                      waited_ms=round((started - queued) * 1e3, 1), pass_ms=round((time.perf_counter() - started) * 1e3, 1),

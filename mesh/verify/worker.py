@@ -66,8 +66,8 @@ def _own_group() -> None:
     threads of one session: inside the node's session the idle class yields to the
     node's own stage, but the session as a whole competes with every other session on
     the machine as an equal, so an audit took its share from the stages of other nodes
-    and programs. In a session of its own, whose group runs at nice 19 while it checks
-    and at 0 while it loads, it yields to them too. No autogroup: nothing to do."""
+    and programs. In a session of its own, whose group runs at nice 19 for later passes
+    and at 0 while it loads or runs an urgent pass, it yields to them too. No autogroup: nothing to do."""
     try:
         os.setsid()
     except OSError:
@@ -83,14 +83,27 @@ def _group_nice(nice: int) -> None:
         pass
 
 
+_raised = 0  # loads and urgent passes running now, each wanting the group at nice 0
+_raised_lock = threading.Lock()
+
+
 @contextlib.contextmanager
-def _loading():
-    """On the loader thread: the child's group at normal priority while it loads."""
-    _group_nice(0)
+def _normal_priority():
+    """The child's group at normal priority while a load or an urgent pass (a session's
+    first, where a cheat shows first, or an escalation) runs: a flag must not wait for
+    CPU the stages leave. Later passes, the bulk, run at nice 19."""
+    global _raised
+    with _raised_lock:
+        _raised += 1
+        if _raised == 1:
+            _group_nice(0)
     try:
         yield
     finally:
-        _group_nice(AUDIT_NICE)
+        with _raised_lock:
+            _raised -= 1
+            if _raised == 0:
+                _group_nice(AUDIT_NICE)
 
 
 def _exit_with(parent: int) -> None:
@@ -118,7 +131,7 @@ def _group() -> str:
 
 
 def _import_and_parse(backend: str, model_path: str) -> None:
-    with _loading():
+    with _normal_priority():
         import kernels.torch_backend.llama  # noqa: F401  (torch; also the bf16 class's backend)
         import mesh.verify.auditor  # noqa: F401
         from kernels.config import load_config
@@ -137,7 +150,7 @@ def _load(model_path: str, skey: StageKey) -> bytes:
 def _load_stage(path: Path, spec, backend: str, mode: str):
     from kernels.stage import load_stage
 
-    with _loading():
+    with _normal_priority():
         return load_stage(path, spec, backend, mode)
 
 
@@ -148,12 +161,13 @@ def _free(skey: StageKey, key: str) -> None:
 
 
 def _check(skey: StageKey, key: str, records: dict, data, steps: list[int], producer_backend: str,
-           weight_mode: str, last: bool) -> tuple[dict, float]:
+           weight_mode: str, last: bool, urgent: bool = False) -> tuple[dict, float]:
     from mesh.verify.auditor import check_steps
 
     started = time.thread_time()
-    verdicts = check_steps(_stages[skey], key, records, data, steps, producer_backend=producer_backend,
-                           weight_mode=weight_mode, last=last)
+    with _normal_priority() if urgent else contextlib.nullcontext():
+        verdicts = check_steps(_stages[skey], key, records, data, steps, producer_backend=producer_backend,
+                               weight_mode=weight_mode, last=last)
     return verdicts, time.thread_time() - started
 
 
@@ -195,9 +209,10 @@ class AuditProcess:
         await self._call(_free, skey, key)
 
     async def check(self, skey: StageKey, key: str, records: dict, data, steps: list[int], *,
-                    producer_backend: str, weight_mode: str, last: bool) -> tuple[dict, float]:
-        """``check_steps`` in the child: (verdicts by step, CPU seconds it took there)."""
-        return await self._call(_check, skey, key, records, data, steps, producer_backend, weight_mode, last)
+                    producer_backend: str, weight_mode: str, last: bool, urgent: bool = False) -> tuple[dict, float]:
+        """``check_steps`` in the child: (verdicts by step, CPU seconds it took there).
+        ``urgent``: the child's group runs at normal priority meanwhile (Linux autogroup)."""
+        return await self._call(_check, skey, key, records, data, steps, producer_backend, weight_mode, last, urgent)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -4,6 +4,7 @@ child never outlives its node (even one killed with SIGKILL)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -128,7 +129,7 @@ def _group_while_loading() -> str:
     from mesh.verify import worker
 
     def probe():
-        with worker._loading():
+        with worker._normal_priority():
             return worker._group()
 
     return worker._loader.submit(probe).result()
@@ -160,3 +161,24 @@ def test_the_audit_process_is_a_low_priority_group_of_its_own(model_path):
     assert idle_group.split()[0] != mine
     assert idle_group.endswith(f"nice {worker.AUDIT_NICE}")
     assert loading_group.endswith("nice 0")
+    assert asyncio.run(_groups_around_an_urgent_pass()) == [f"nice {worker.AUDIT_NICE}", "nice 0",
+                                                            f"nice {worker.AUDIT_NICE}"]
+
+
+def _group_in_pass(urgent: bool) -> str:
+    from mesh.verify import worker
+
+    with worker._normal_priority() if urgent else contextlib.nullcontext():
+        return worker._group()
+
+
+async def _groups_around_an_urgent_pass() -> list[str]:
+    """The group nice seen by a later pass, an urgent pass (as _check runs it), then a later one."""
+    proc = AuditProcess()
+    try:
+        pool = proc._executor()
+        loop = asyncio.get_running_loop()
+        seen = [await loop.run_in_executor(pool, _group_in_pass, u) for u in (False, True, False)]
+        return [" ".join(g.split()[1:]) for g in seen]
+    finally:
+        proc.close()
