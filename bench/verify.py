@@ -242,7 +242,8 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
         async with aiohttp.ClientSession() as http:
             await _drain(clusters["on"], http)
             cpu_before = {mode: [_proc_cpu(n) for n in c.nodes] for mode, c in clusters.items()}
-            runq_before = {mode: _runq([await c.status(i, http) or {} for i in range(3)]) for mode, c in clusters.items()}
+            runq_before = {mode: _runq([await c.status(i, http) or {} for i in range(3)])
+                           for mode, c in clusters.items()}
             for r in range(rounds):
                 for i, p in enumerate(prompts):
                     order = ("on", "off") if (r + i) % 2 == 0 else ("off", "on")

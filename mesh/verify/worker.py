@@ -9,8 +9,8 @@ on an audit; the OS gives the child's compute thread only CPU that the stages le
 ``MESH_AUDIT_IDLE``), while imports, model parsing and stage loads run on a thread at
 normal priority, so the first audits never wait behind them. On Linux the child also
 leaves the node's session for one of its own: with autogroup the kernel shares the CPU
-between sessions first, and the idle class would only yield to its own node. The child holds the
-auditor's copies of the stages it audits and their audit KV caches; the parent keeps
+between sessions first, and the idle class would only yield to its own node. The child
+holds the auditor's copies of the stages it audits and their audit KV caches; the parent keeps
 only keys.
 """
 
@@ -67,7 +67,8 @@ def _own_group() -> None:
     node's own stage, but the session as a whole competes with every other session on
     the machine as an equal, so an audit took its share from the stages of other nodes
     and programs. In a session of its own, whose group runs at nice 19 for later passes
-    and at 0 while it loads or runs an urgent pass, it yields to them too. No autogroup: nothing to do."""
+    and at 0 while it loads or runs an urgent pass, it yields to them too. Without
+    autogroup there is nothing to do."""
     try:
         os.setsid()
     except OSError:
