@@ -122,6 +122,11 @@ def _warm(backend: str, model_path: str) -> int:
     return os.getpid()
 
 
+def _pass_priority(urgent: bool):
+    """The group's priority for one pass: normal for urgent ones, nice 19 otherwise."""
+    return _normal_priority() if urgent else contextlib.nullcontext()
+
+
 def _group() -> str:
     """The child's scheduling group, as Linux reports it (tests)."""
     try:
@@ -166,7 +171,7 @@ def _check(skey: StageKey, key: str, records: dict, data, steps: list[int], prod
     from mesh.verify.auditor import check_steps
 
     started = time.thread_time()
-    with _normal_priority() if urgent else contextlib.nullcontext():
+    with _pass_priority(urgent):
         verdicts = check_steps(_stages[skey], key, records, data, steps, producer_backend=producer_backend,
                                weight_mode=weight_mode, last=last)
     return verdicts, time.thread_time() - started

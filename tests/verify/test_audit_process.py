@@ -4,7 +4,6 @@ child never outlives its node (even one killed with SIGKILL)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -168,7 +167,7 @@ def test_the_audit_process_is_a_low_priority_group_of_its_own(model_path):
 def _group_in_pass(urgent: bool) -> str:
     from mesh.verify import worker
 
-    with worker._normal_priority() if urgent else contextlib.nullcontext():
+    with worker._pass_priority(urgent):  # what _check runs its pass in
         return worker._group()
 
 
