@@ -154,9 +154,13 @@ def test_the_audit_process_is_a_low_priority_group_of_its_own(model_path):
             proc.close()
 
     child, idle_group, loading_group = asyncio.run(probe())
-    with open("/proc/self/autogroup") as f:
-        mine = f.read().split()[0]
     assert os.getsid(child) == child != os.getsid(0)
+    with open("/proc/self/autogroup") as f:
+        mine = f.read().split()
+    if not mine:  # the kernel reports no group for a task outside the root cgroup
+        pytest.skip("this process is in no autogroup (a cgroup of its own, or autogroup off): "
+                    "the group nice has no effect here")
+    mine = mine[0]
     assert idle_group.split()[0] != mine
     assert idle_group.endswith(f"nice {worker.AUDIT_NICE}")
     assert loading_group.endswith("nice 0")
