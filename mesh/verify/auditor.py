@@ -43,6 +43,7 @@ from mesh.verify.commitment import CommitmentRejected, result_bytes, verify_batc
 from mesh.verify.messages import (
     AuditData,
     AuditFetch,
+    AuditReport,
     AuditRequest,
     AuditResult,
     StepRecord,
@@ -169,7 +170,7 @@ class Auditor:
 
     def __init__(self, identity: NodeIdentity, model_path: Path, backend: str,
                  fetch: Callable[[str, AuditFetch], asyncio.Future[AuditData]],
-                 report: Callable[[str, AuditResult], None], *, max_tracks: int = 16, gather_s: float = GATHER_S,
+                 report: Callable[[str, AuditReport], None], *, max_tracks: int = 16, gather_s: float = GATHER_S,
                  defer_s: float = DEFER_S, stage_idle_s: Callable[[], float] = lambda: float("inf")):
         self.identity = identity
         self.model_path = model_path
@@ -203,10 +204,11 @@ class Auditor:
         try:
             verify_batch(b)
         except CommitmentRejected as exc:
-            self._finish(req, coordinator, Verdict(False, f"commitment rejected: {exc}"))
+            verdict = Verdict(False, f"commitment rejected: {exc}")
+            self.report(coordinator, AuditReport(self._results(req, {s: verdict for s in req.steps})))
             return
         tkey = (b.term, b.version, req.session, b.stage, b.node, req.round)
-        log.debug("audit.requested", node=b.node, stage=b.stage, step=req.step, round=req.round)
+        log.debug("audit.requested", node=b.node, stage=b.stage, steps=req.steps, round=req.round)
         self.waiting.setdefault(tkey, []).append((req, coordinator))
         if tkey not in self._timers:  # the first of a gathering; an escalation is checked at once
             loop = asyncio.get_running_loop()
@@ -307,7 +309,7 @@ class Auditor:
         if not requests:
             return
         first = requests[0][0]
-        steps = sorted({r.step for r, _ in requests})
+        steps = sorted({s for r, _ in requests for s in r.steps})
         try:
             verdicts = await self._check(tkey, first, [r for r, _ in requests], steps)
         except asyncio.CancelledError:
@@ -321,20 +323,29 @@ class Auditor:
             log.exception("audit.error", node=first.batch.node, session=first.session, steps=steps)
             verdicts = {s: Verdict(False, f"{type(exc).__name__}: {exc}") for s in steps}
         self.passes += 1
+        reports: dict[str, list[AuditResult]] = {}  # one report per coordinator (one, but for a term change)
         for req, coordinator in requests:
-            self._finish(req, coordinator, verdicts[req.step])
+            reports.setdefault(coordinator, []).extend(self._results(req, verdicts))
+        for coordinator, results in reports.items():
+            self.report(coordinator, AuditReport(results))
 
-    def _finish(self, req: AuditRequest, coordinator: str, verdict: Verdict) -> None:
+    def _results(self, req: AuditRequest, verdicts: dict[int, Verdict]) -> list[AuditResult]:
+        """The signed results of ``req``'s audits."""
         b = req.batch
-        self.audits += 1
-        result = AuditResult(req.audit_id, req.round, self.identity.node_id, b.node, req.session, req.step,
-                             verdict.ok, verdict.reason, float(verdict.max_row_rel_l2), float(verdict.outside_share),
-                             audit_backend(b.backend, b.weight_mode, self.backend), verdict.inconclusive)
-        result.signature = self.identity.sign(result_bytes(result))
-        log.log(20 if verdict.ok else 30, "audit.done", node=b.node, stage=b.stage, session=req.session,
-                step=req.step, round=req.round, ok=verdict.ok, reason=verdict.reason,
-                rel=round(verdict.max_row_rel_l2, 6))
-        self.report(coordinator, result)
+        backend = audit_backend(b.backend, b.weight_mode, self.backend)
+        results = []
+        for aid, step in zip(req.audit_ids, req.steps, strict=True):
+            verdict = verdicts[step]
+            self.audits += 1
+            result = AuditResult(aid, req.round, self.identity.node_id, b.node, req.session, step, verdict.ok,
+                                 verdict.reason, float(verdict.max_row_rel_l2), float(verdict.outside_share), backend,
+                                 verdict.inconclusive)
+            result.signature = self.identity.sign(result_bytes(result))
+            log.log(20 if verdict.ok else 30, "audit.done", node=b.node, stage=b.stage, session=req.session,
+                    step=step, round=req.round, ok=verdict.ok, reason=verdict.reason,
+                    rel=round(verdict.max_row_rel_l2, 6))
+            results.append(result)
+        return results
 
     async def _check(self, tkey: tuple, req: AuditRequest, requests: list[AuditRequest],
                      steps: list[int]) -> dict[int, Verdict]:

@@ -35,7 +35,9 @@ Send = Callable[[str, str, object], None]
 
 @dataclass
 class _Pending:
-    request: AuditRequest
+    audit_id: int
+    request: AuditRequest  # the request that holds this audit now (the escalation's, once escalated)
+    step: int
     auditors: list[str]
     results: list[AuditResult] = field(default_factory=list)
     sent_at: float = field(default_factory=time.monotonic)
@@ -112,6 +114,7 @@ class Ledger:
         while len(self.log) > self.max_sessions:
             self.log.popitem(last=False)
         steps = by_stage.setdefault(b.stage, {})
+        selected = []
         for r in b.records:
             if r.session != key[2]:
                 continue
@@ -119,43 +122,60 @@ class Ledger:
             self.commitments += 1
             self._links(by_stage, b.stage, r)
             if b.node not in self.flagged and self._selected(r):
-                self._start_audit(key, b, r, len(stages), members)
+                selected.append(r.step)
+        if selected:
+            self._start_audit(key, b, selected, len(stages), members)
 
     def on_result(self, res: AuditResult, members: dict[str, str]) -> None:
-        p = self.pending.get(res.audit_id)
-        if p is None or res.auditor != p.auditors[-1] or res.round != p.request.round:
-            return
-        p.results.append(res)
-        if res.inconclusive:  # it may have lost what it was sent (restarted, evicted): send all next time
+        self.on_results([res], members)
+
+    def on_results(self, results: list[AuditResult], members: dict[str, str]) -> None:
+        """One auditor's pass (an AuditReport). Failed first audits go on to a second
+        auditor, one request per batch; a second failure flags the node."""
+        escalate: dict[tuple[int, str], tuple[CommitBatch, list[_Pending]]] = {}
+        for res in results:
+            p = self.pending.get(res.audit_id)
+            if p is None or res.auditor != p.auditors[-1] or res.round != p.request.round or res.step != p.step:
+                continue
+            p.results.append(res)
             b = p.request.batch
-            self.sent.pop((b.term, b.version, res.session, b.stage, res.auditor), None)
-            del self.pending[res.audit_id]
-            return
-        self.audits += 1
-        if res.ok:
-            del self.pending[res.audit_id]
-            return
-        self.audit_failures += 1
-        b = p.request.batch
-        if p.request.round == 1:
+            if res.inconclusive:  # it may have lost what it was sent (restarted, evicted): send all next time
+                self.sent.pop((b.term, b.version, res.session, b.stage, res.auditor), None)
+                del self.pending[res.audit_id]
+                continue
+            self.audits += 1
+            if res.ok:
+                del self.pending[res.audit_id]
+                continue
+            self.audit_failures += 1
+            if p.request.round > 1:
+                del self.pending[res.audit_id]
+                self._flag(b.node, f"two audits failed: {res.reason}", {
+                    "batch": _batch_json(b),
+                    "audits": [_result_json(r) for r in p.results],
+                })
+                continue
             second = self._pick_auditor(b, members, exclude={res.auditor})
             if second is None:
                 log.warning("audit.no_second_auditor", node=b.node, session=res.session, step=res.step)
                 del self.pending[res.audit_id]
-                return
-            # the second auditor has nothing yet: every record up to the step
-            records = self._records((b.term, b.version, res.session), b.stage, res.step) or p.request.records
-            req = AuditRequest(p.request.audit_id, 2, p.request.session, p.request.step, b, records,
-                               p.request.n_stages)
-            p.request, p.auditors, p.sent_at = req, p.auditors + [second], time.monotonic()
+                continue
             log.warning("audit.escalated", node=b.node, first=res.auditor, second=second, reason=res.reason)
+            escalate.setdefault((id(b), second), (b, []))[1].append(p)
+        for (_, second), (b, pending) in escalate.items():
+            # a flag drops the node's audits
+            pending = sorted((p for p in pending if p.audit_id in self.pending), key=lambda p: p.step)
+            if not pending:
+                continue
+            first = pending[0].request
+            # the second auditor has nothing yet: every record up to the last step
+            last = max(p.step for p in pending)
+            records = self._records((b.term, b.version, first.session), b.stage, last) or first.records
+            req = AuditRequest([p.audit_id for p in pending], 2, first.session, [p.step for p in pending], b,
+                               records, first.n_stages)
+            for p in pending:
+                p.request, p.auditors, p.sent_at = req, p.auditors + [second], time.monotonic()
             self.send(second, self.actor, req)
-            return
-        del self.pending[res.audit_id]
-        self._flag(b.node, f"two audits failed: {res.reason}", {
-            "batch": _batch_json(b),
-            "audits": [_result_json(r) for r in p.results],
-        })
 
     def on_wire_fault(self, w: WireFault) -> None:
         if w.sender in self.flagged:
@@ -197,24 +217,27 @@ class Ledger:
         order = auditor_order(b.stage, b.node, b.backend, members, exclude | set(self.flagged))
         return order[0] if order else None
 
-    def _start_audit(self, key: tuple, b: CommitBatch, r: StepRecord, n_stages: int,
+    def _start_audit(self, key: tuple, b: CommitBatch, steps: list[int], n_stages: int,
                      members: dict[str, str]) -> None:
+        """One request to one auditor for the selected ``steps`` of batch ``b``."""
         auditor = self._pick_auditor(b, members, exclude=set())
         if auditor is None:
             return
-        records = self._records(key, b.stage, r.step)
+        records = self._records(key, b.stage, steps[-1])
         if not _complete(records):
-            self.unauditable += 1  # this log started mid-session (a new coordinator): inputs unverifiable
+            self.unauditable += len(steps)  # this log started mid-session (a new coordinator): inputs unverifiable
             return
         sent_key = (*key, b.stage, auditor)
         last = self.sent.get(sent_key, -1)
-        self.sent[sent_key] = max(last, r.step)
+        self.sent[sent_key] = max(last, steps[-1])
         self.sent.move_to_end(sent_key)
         while len(self.sent) > 4 * self.max_sessions:
             self.sent.popitem(last=False)
-        req = AuditRequest(self.next_id, 1, r.session, r.step, b, [x for x in records if x.step > last], n_stages)
-        self.pending[self.next_id] = _Pending(req, [auditor])
-        self.next_id += 1
+        ids = list(range(self.next_id, self.next_id + len(steps)))
+        self.next_id += len(steps)
+        req = AuditRequest(ids, 1, key[2], steps, b, [x for x in records if x.step > last], n_stages)
+        for aid, step in zip(ids, steps):
+            self.pending[aid] = _Pending(aid, req, step, [auditor])
         self.send(auditor, self.actor, req)
 
     def _records(self, key: tuple, stage: int, step: int) -> list[StepRecord]:

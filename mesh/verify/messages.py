@@ -51,18 +51,19 @@ class CommitBatch:
 @message("mesh.verify.AuditRequest")
 @dataclass
 class AuditRequest:
-    """Coordinator -> an auditor: check ``step`` of ``session`` as committed by ``batch.node``.
+    """Coordinator -> an auditor: check ``steps`` of ``session`` as committed by ``batch.node``.
 
-    ``records`` are the committed records of that stage up to ``step`` (input digests
-    to check the fetched inputs against) that this auditor was not sent before for
-    this session and stage — all of them for an escalation; ``batch`` is the signed batch
-    holding ``step``. ``round`` is 1 for a first audit, 2 for the escalation.
+    One request per signed batch and auditor: ``steps`` are the batch's steps selected for
+    audit, ``audit_ids`` their audit ids (in the same order). ``records`` are the committed
+    records of that stage up to the last of ``steps`` (input digests to check the fetched
+    inputs against) that this auditor was not sent before for this session and stage —
+    all of them for an escalation. ``round`` is 1 for a first audit, 2 for the escalation.
     """
 
-    audit_id: int
+    audit_ids: list[int]
     round: int
     session: str
-    step: int
+    steps: list[int]
     batch: CommitBatch
     records: list[StepRecord]
     n_stages: int
@@ -119,6 +120,15 @@ class AuditResult:
     audit_backend: str
     inconclusive: bool = False
     signature: bytes = b""
+
+
+@message("mesh.verify.AuditReport")
+@dataclass
+class AuditReport:
+    """An auditor -> the coordinator: the results of one pass, each signed on its own
+    (a result is the unit of evidence), in one message."""
+
+    results: list[AuditResult]
 
 
 @message("mesh.verify.WireFault")

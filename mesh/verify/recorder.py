@@ -43,7 +43,7 @@ class _SessionLog:
 
 class StageRecorder:
     def __init__(self, identity: NodeIdentity, send: Send, coordinator: Callable[[], str | None], *,
-                 fault: Fault | None = None, chunk: int = 8, flush_s: float = 0.25, max_sessions: int = 64,
+                 fault: Fault | None = None, chunk: int = 8, flush_s: float = 1.0, max_sessions: int = 64,
                  keep_outputs: int = 64):
         self.identity = identity
         self.send = send
@@ -102,8 +102,8 @@ class StageRecorder:
         s.pending.append(StepRecord(src.session, src.step, src.start_pos, int(tensor.shape[0]), src.digest,
                                     digest, int(token)))
         self.commitments += 1
-        # a chunk goes out when full or 0.25 s old (the coordinator can only audit what it holds);
-        # the prefill goes out at once
+        # a chunk goes out when full or 1 s old (the coordinator can only audit what it holds, and
+        # every batch is a signature, a message and a verification); the prefill goes out at once
         if (len(s.pending) >= self.chunk or started - s.pending_since >= self.flush_s
                 or len(s.pending) == len(s.inputs)):
             self._flush(host, s)

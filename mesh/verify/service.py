@@ -17,8 +17,8 @@ from mesh.verify.ledger import Flag, Ledger, auditor_order
 from mesh.verify.messages import (
     AuditData,
     AuditFetch,
+    AuditReport,
     AuditRequest,
-    AuditResult,
     CommitBatch,
     NodeFlagged,
     Summary,
@@ -45,7 +45,7 @@ class VerifyService:
 
     def handlers(self) -> dict:
         return {CommitBatch: self._on_batch, AuditRequest: self._on_request, AuditFetch: self.recorder.fetch,
-                AuditResult: self._on_result, WireFault: self._on_wire_fault, NodeFlagged: self._on_flagged,
+                AuditReport: self._on_report, WireFault: self._on_wire_fault, NodeFlagged: self._on_flagged,
                 Summary: self._on_summary}
 
     def close(self) -> None:
@@ -87,10 +87,10 @@ class VerifyService:
             ledger.on_batch(batch, rec.epoch, rec.update.stages, self._members())
             self._publish_soon()
 
-    def _on_result(self, result: AuditResult) -> None:
+    def _on_report(self, report: AuditReport) -> None:
         ledger = self._ledger()
         if ledger is not None:
-            ledger.on_result(result, self._members())
+            ledger.on_results(report.results, self._members())
             self._publish_soon()
 
     def _on_wire_fault(self, report: WireFault) -> None:
@@ -168,8 +168,8 @@ class VerifyService:
     async def _fetch(self, node: str, req: AuditFetch) -> AuditData:
         return await self.node.system.ref(node, VERIFY_ACTOR).ask(req, timeout=15.0)
 
-    def _report(self, coordinator: str, result: AuditResult) -> None:
-        self.node._send(coordinator, VERIFY_ACTOR, result)
+    def _report(self, coordinator: str, report: AuditReport) -> None:
+        self.node._send(coordinator, VERIFY_ACTOR, report)
 
 
 def attach(node, *, audit_rate: float, fault_spec: str | None) -> VerifyService:

@@ -18,7 +18,7 @@ def _request(producer: NodeIdentity, step: int, round_: int = 1) -> AuditRequest
     record = StepRecord("s1", step, 40 + step, 1, b"i" * 32, b"o" * 32)
     batch = sign_batch(producer, term=1, version=1, stage=1, start=10, end=20, backend="torch",
                        weight_mode="float32", weights_digest=b"w" * 32, records=[record])
-    return AuditRequest(step, round_, "s1", step, batch, [record], 3)
+    return AuditRequest([step], round_, "s1", [step], batch, [record], 3)
 
 
 class _Clock:
@@ -42,7 +42,7 @@ async def _schedule(busy_for: float, *, gather_s: float = 0.2, defer_s: float = 
     passes: list[tuple[float, list[int]]] = []
 
     async def fake_pass(tkey):
-        steps = sorted(r.step for r, _ in auditor.waiting.pop(tkey, []))
+        steps = sorted(s for r, _ in auditor.waiting.pop(tkey, []) for s in r.steps)
         passes.append((loop.time(), steps))
         auditor.tracks[tkey] = object()  # the track exists once its first pass ran
 

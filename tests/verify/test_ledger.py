@@ -65,7 +65,9 @@ def test_selection_rate_links_and_a_forged_batch():
     assert ledger.commitments == 4000
     assert ledger.verified_links == 2000 and ledger.broken_links == 0
     requests = net.of(AuditRequest)
-    assert 0.17 < len(requests) / 4000 < 0.23
+    assert len(requests) == 2  # one per batch, for all its selected steps
+    assert 0.17 < sum(len(r.steps) for r in requests) / 4000 < 0.23
+    assert all(len(r.audit_ids) == len(r.steps) == len(set(r.audit_ids)) for r in requests)
     assert all(members[n] == "mlx" for n, _, m in net.sent if isinstance(m, AuditRequest))  # other backend first
     assert all(r.batch.node != n for n, _, r in net.sent if isinstance(r, AuditRequest))
     # a batch for stage 2 signed by node 0: rejected, nothing recorded
@@ -79,7 +81,7 @@ def test_a_failed_audit_escalates_and_two_failures_flag():
     (first_auditor, _, req), = [(n, a, m) for n, a, m in net.sent if isinstance(m, AuditRequest)]
 
     def result(auditor, rnd, ok):
-        return AuditResult(req.audit_id, rnd, auditor, ids[1].node_id, "s", 0, ok, "ok" if ok else "outside",
+        return AuditResult(req.audit_ids[0], rnd, auditor, ids[1].node_id, "s", 0, ok, "ok" if ok else "outside",
                            0.01, 0.0, "torch")
 
     ledger.on_result(result(first_auditor, 1, False), members)
@@ -96,10 +98,35 @@ def test_a_failed_audit_that_the_second_auditor_clears_does_not_flag():
     ledger.on_batch(_batches(ids[1], 1, [0]), EPOCH, _plan(ids), members)
     req = net.of(AuditRequest)[0]
     first = next(n for n, _, m in net.sent if m is req)
-    ledger.on_result(AuditResult(req.audit_id, 1, first, ids[1].node_id, "s", 0, False, "x", 1, 1, "torch"), members)
+    ledger.on_result(AuditResult(req.audit_ids[0], 1, first, ids[1].node_id, "s", 0, False, "x", 1, 1, "torch"),
+                     members)
     second = next(n for n, _, m in net.sent if isinstance(m, AuditRequest) and m.round == 2)
-    ledger.on_result(AuditResult(req.audit_id, 2, second, ids[1].node_id, "s", 0, True, "ok", 0, 0, "torch"), members)
+    ledger.on_result(AuditResult(req.audit_ids[0], 2, second, ids[1].node_id, "s", 0, True, "ok", 0, 0, "torch"), members)
     assert not flags and ledger.audits == 2 and ledger.audit_failures == 1
+
+
+def test_one_report_escalates_its_failures_in_one_request_and_a_result_for_another_step_is_ignored():
+    ids, net, flags, ledger, members = _all_audited()
+    ledger.on_batch(_batches(ids[1], 1, range(4)), EPOCH, _plan(ids), members)
+    req, = net.of(AuditRequest)
+    first = next(n for n, _, m in net.sent if m is req)
+
+    def results(auditor, rnd, oks, request):
+        return [AuditResult(aid, rnd, auditor, ids[1].node_id, "s", step, ok, "ok" if ok else "outside", 0, 0,
+                            "torch") for aid, step, ok in zip(request.audit_ids, request.steps, oks)]
+
+    wrong_step = AuditResult(req.audit_ids[0], 1, first, ids[1].node_id, "s", 3, True, "ok", 0, 0, "torch")
+    ledger.on_results([wrong_step], members)  # an audit id answered for another step: not counted
+    assert ledger.audits == 0 and len(ledger.pending) == 4
+    ledger.on_results(results(first, 1, [True, False, True, False], req), members)
+    escalation, = [m for m in net.of(AuditRequest) if m.round == 2]
+    assert escalation.steps == [1, 3] and escalation.audit_ids == [req.audit_ids[1], req.audit_ids[3]]
+    assert ledger.audits == 4 and ledger.audit_failures == 2 and not flags
+    second = next(n for n, _, m in net.sent if m is escalation)
+    ledger.on_results(results(second, 2, [False, False], escalation), members)
+    assert [f.node for f in flags] == [ids[1].node_id]  # flagged once, with the first pair of failures
+    assert [a["step"] for a in flags[0].evidence["audits"]] == [1, 1]
+    assert not ledger.pending
 
 
 def test_corrupt_wire_is_caught_on_the_same_step_and_flags_the_sender():
@@ -142,17 +169,18 @@ def test_requests_carry_only_records_the_auditor_was_not_sent_and_an_escalation_
     ledger.on_batch(_batches(ids[1], 1, range(0, 8)), EPOCH, _plan(ids), members)
     ledger.on_batch(_batches(ids[1], 1, range(8, 12)), EPOCH, _plan(ids), members)
     requests = net.of(AuditRequest)
-    assert [r.step for r in requests] == list(range(12))
-    assert all([x.step for x in r.records] == [r.step] for r in requests)  # each new record sent once
+    assert [r.steps for r in requests] == [list(range(8)), list(range(8, 12))]
+    assert all([x.step for x in r.records] == r.steps for r in requests)  # each new record sent once
     last = requests[-1]
     first = next(n for n, _, m in net.sent if m is last)
-    ledger.on_result(AuditResult(last.audit_id, 1, first, ids[1].node_id, "s", 11, False, "x", 1, 1, "torch"),
+    ledger.on_result(AuditResult(last.audit_ids[3], 1, first, ids[1].node_id, "s", 11, False, "x", 1, 1, "torch"),
                      members)
     escalation = next(m for m in net.of(AuditRequest) if m.round == 2)
+    assert escalation.steps == [11] and escalation.audit_ids == [last.audit_ids[3]]
     assert [x.step for x in escalation.records] == list(range(12))
     # an inconclusive answer (the auditor may have lost its records): the next request carries all again
-    req = requests[5]
-    ledger.on_result(AuditResult(req.audit_id, 1, first, ids[1].node_id, "s", 5, False, "lost", 0, 0, "torch",
+    req = requests[0]
+    ledger.on_result(AuditResult(req.audit_ids[5], 1, first, ids[1].node_id, "s", 5, False, "lost", 0, 0, "torch",
                                  inconclusive=True), members)
     ledger.on_batch(_batches(ids[1], 1, [12]), EPOCH, _plan(ids), members)
     assert [x.step for x in net.of(AuditRequest)[-1].records] == list(range(13))
