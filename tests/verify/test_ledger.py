@@ -11,7 +11,7 @@ from mesh.pipeline.stage_host import StageHost
 from mesh.verify.commitment import sign_batch
 from mesh.verify.faults import parse_fault
 from mesh.verify.ledger import Ledger
-from mesh.verify.messages import AuditRequest, AuditResult, StepRecord, WireFault
+from mesh.verify.messages import AuditRequest, AuditResult, CommitBatch, StepRecord, WireFault
 from mesh.verify.recorder import StageRecorder
 
 EPOCH = (1, 1)
@@ -184,3 +184,21 @@ def test_requests_carry_only_records_the_auditor_was_not_sent_and_an_escalation_
                                  inconclusive=True), members)
     ledger.on_batch(_batches(ids[1], 1, [12]), EPOCH, _plan(ids), members)
     assert [x.step for x in net.of(AuditRequest)[-1].records] == list(range(13))
+
+
+def test_commitment_chunks_start_with_the_prefill_alone_and_double_up_to_eight():
+    """A cheat shows from a session's first steps: those reach the coordinator in small
+    chunks; later steps go in chunks of 8 (one signature and one message each)."""
+    from types import SimpleNamespace
+
+    ident, net = NodeIdentity.generate(), Net()
+    recorder = StageRecorder(ident, net, lambda: "coord", flush_s=60.0)
+    host = SimpleNamespace(entry=StageEntry(1, ident.node_id, 10, 20, "torch"), epoch=EPOCH, backend="torch",
+                           weight_mode="float32", stage=SimpleNamespace(weights_digest=b"w" * 32))
+    hidden = np.zeros((1, 4), np.float32)
+    for step in range(33):
+        src = Forward(1, 1, "s", step, 7 + step, "prev", tensor_digest(hidden), hidden=hidden)
+        recorder.commit(host, src, hidden)
+    assert [len(b.records) for b in net.of(CommitBatch)] == [1, 2, 4, 8, 8, 8]
+    recorder.on_end(host, "s")  # the answer's end sends what is left
+    assert [r.step for r in net.of(CommitBatch)[-1].records] == [31, 32]
