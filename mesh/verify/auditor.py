@@ -10,12 +10,15 @@ Audit requests of one session and stage are gathered and checked in one pass: th
 stage's weights are read once per pass instead of once per audited step. A session's
 first pass on a stage gathers for 0.25 s (a cheat shows at once: catch it early) and an
 escalation runs at once. Later passes wait while this node's own stage is computing, up
-to ``MESH_AUDIT_DEFER_S`` (default 6 s) after their first request, and otherwise
+to ``MESH_AUDIT_DEFER_S`` (default 20 s) after their first request, and otherwise
 gather for ``MESH_AUDIT_GATHER_S`` (default 1 s): a pass on the core next to a decoding
-stage slows it by a few percent (bench/audit_contention.py), so passes run between
-answers where they can and at a bounded delay where they cannot. Compute runs
-in a low-priority child process (mesh/verify/worker.py): generation never waits for it,
-and it never holds the node's GIL.
+stage slows it (decode is bound by memory bandwidth, and the pass reads the same
+layers' weights again: bench/audit_contention.py), so passes run between answers
+where they can and at a bounded delay where they cannot. At 6 s, passes of a 64-token
+answer ran during its last second and cost 5% of its decode speed (docs/verification.md);
+the stages keep their outputs for 60 s (recorder.RETAIN_S) so a deferred pass finds them.
+Compute runs in a low-priority child process (mesh/verify/worker.py): generation never
+waits for it, and it never holds the node's GIL.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "1.0"))
 FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at once, catch it early
 # A later pass waits while this node's stage computed within IDLE_S, at most DEFER_S after
 # its first request: that bounds how late a cheat that starts mid-answer is caught.
-DEFER_S = float(os.environ.get("MESH_AUDIT_DEFER_S", "6.0"))
+DEFER_S = float(os.environ.get("MESH_AUDIT_DEFER_S", "20.0"))
 IDLE_S = 0.5
 
 

@@ -10,8 +10,9 @@ outputs of recent steps stay here, bounded, for the auditors to fetch.
 
 from __future__ import annotations
 
+import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,12 @@ log = structlog.get_logger("mesh.verify")
 
 Send = Callable[[str, str, object], None]
 VERIFY_ACTOR = "verify"
+# A committed output stays fetchable this long (an auditor's later pass waits up to
+# MESH_AUDIT_DEFER_S, 20 s, for an answer to end, then gathers and queues), within a
+# byte budget across sessions: the head stage's outputs are 49,152 logits (196 KB) a step.
+# A step an auditor asks for that is gone fails its audit, so the bounds are generous.
+RETAIN_S = 60.0
+RETAIN_BYTES = int(float(os.environ.get("MESH_VERIFY_RETAIN_MB", "1024")) * 2 ** 20)
 
 
 @dataclass
@@ -45,7 +52,8 @@ class _SessionLog:
 class StageRecorder:
     def __init__(self, identity: NodeIdentity, send: Send, coordinator: Callable[[], str | None], *,
                  fault: Fault | None = None, chunk: int = 8, flush_s: float = 1.0, max_sessions: int = 64,
-                 keep_outputs: int = 64):
+                 retain_s: float = RETAIN_S, retain_bytes: int = RETAIN_BYTES,
+                 clock: Callable[[], float] = time.monotonic):
         self.identity = identity
         self.send = send
         self.coordinator = coordinator
@@ -54,7 +62,13 @@ class StageRecorder:
         self.chunk = chunk
         self.flush_s = flush_s
         self.max_sessions = max_sessions
-        self.keep_outputs = keep_outputs
+        self.retain_s = retain_s
+        self.retain_bytes = retain_bytes
+        self.clock = clock
+        # every committed output in order: (when, its session's log, step, the array)
+        self._kept: deque[tuple[float, _SessionLog, int, np.ndarray]] = deque()
+        self.kept_bytes = 0
+        self.dropped_young = 0  # outputs dropped younger than retain_s (the byte budget was full)
         # (session, (term, version)) -> log: a replay on a new plan keeps the old plan's steps auditable
         self.sessions: OrderedDict[tuple[str, tuple[int, int]], _SessionLog] = OrderedDict()
         self.commitments = 0
@@ -93,9 +107,7 @@ class StageRecorder:
         s = self._session(src.session, (src.term, src.version))
         digest = output_digest if output_digest is not None else tensor_digest(output)
         s.inputs[src.step] = (src.start_pos, tensor)
-        s.outputs[src.step] = output
-        while len(s.outputs) > self.keep_outputs:
-            s.outputs.popitem(last=False)
+        self._keep(s, src.step, output)
         if src.meta is not None:
             s.sampling = (src.meta.temperature, src.meta.top_k, src.meta.top_p, src.meta.seed)
         if not s.pending:
@@ -160,8 +172,37 @@ class StageRecorder:
             s = self.sessions[key] = _SessionLog(epoch)
         self.sessions.move_to_end(key)
         while len(self.sessions) > self.max_sessions:
-            self.sessions.popitem(last=False)
+            old = self.sessions.popitem(last=False)[1]
+            self.kept_bytes -= sum(o.nbytes for o in old.outputs.values())
+            old.outputs.clear()
         return s
+
+    def _keep(self, s: _SessionLog, step: int, output: np.ndarray) -> None:
+        """Keep ``output`` fetchable; drop outputs older than retain_s, or the oldest while
+        over the byte budget."""
+        now = self.clock()
+        old = s.outputs.pop(step, None)  # a replayed step: the newer output is the one committed
+        if old is not None:
+            self.kept_bytes -= old.nbytes
+        s.outputs[step] = output
+        self.kept_bytes += output.nbytes
+        self._kept.append((now, s, step, output))
+        while self._kept:
+            when, log_, k, arr = self._kept[0]
+            if log_.outputs.get(k) is not arr:  # replaced, or its session was evicted
+                self._kept.popleft()
+                continue
+            young = now - when <= self.retain_s
+            if young and self.kept_bytes <= self.retain_bytes:
+                break
+            if young:
+                self.dropped_young += 1
+                if self.dropped_young == 1:
+                    log.warning("verify.retention_full", budget_mb=self.retain_bytes >> 20,
+                                hint="raise MESH_VERIFY_RETAIN_MB: audits of dropped steps fail")
+            self._kept.popleft()
+            del log_.outputs[k]
+            self.kept_bytes -= arr.nbytes
 
     def _flush(self, host, s: _SessionLog) -> None:
         records, s.pending = s.pending, []

@@ -202,3 +202,40 @@ def test_commitment_chunks_start_with_the_prefill_alone_and_double_up_to_eight()
     assert [len(b.records) for b in net.of(CommitBatch)] == [1, 2, 4, 8, 8, 8]
     recorder.on_end(host, "s")  # the answer's end sends what is left
     assert [r.step for r in net.of(CommitBatch)[-1].records] == [31, 32]
+
+
+def test_outputs_stay_fetchable_for_the_retention_time_within_a_byte_budget():
+    """An auditor's later pass may come 20 s after its request (it waits for the answer to
+    end): outputs are kept by age, not by count, and the byte budget drops the oldest."""
+    from types import SimpleNamespace
+
+    from mesh.verify.messages import AuditFetch
+
+    now = [0.0]
+    ident, net = NodeIdentity.generate(), Net()
+    out = np.zeros((1, 256), np.float32)  # 1 KiB
+    recorder = StageRecorder(ident, net, lambda: "coord", retain_s=60.0, retain_bytes=100 * out.nbytes,
+                             clock=lambda: now[0])
+    host = SimpleNamespace(entry=StageEntry(1, ident.node_id, 10, 20, "torch"), epoch=EPOCH, backend="torch",
+                           weight_mode="float32", stage=SimpleNamespace(weights_digest=b"w" * 32))
+
+    def commit(session, step):
+        src = Forward(1, 1, session, step, step, "prev", tensor_digest(out), hidden=out)
+        recorder.commit(host, src, out.copy())
+
+    for step in range(90):  # 90 steps in 45 s: more than the old 64-output window, all kept
+        now[0] = step * 0.5
+        commit("a", step)
+    assert recorder.fetch(AuditFetch(1, 1, "a", 0, 89, [0, 45, 89])).ok
+    now[0] = 70.0  # step 0-19 are now older than 60 s: the next commit drops them
+    commit("a", 90)
+    assert not recorder.fetch(AuditFetch(1, 1, "a", 0, 19, [19])).ok
+    assert recorder.fetch(AuditFetch(1, 1, "a", 0, 20, [20])).ok
+    assert recorder.kept_bytes == 71 * out.nbytes and recorder.dropped_young == 0
+    for step in range(40):  # another session fills the budget: the oldest outputs go first
+        commit("b", step)
+    assert recorder.kept_bytes == 100 * out.nbytes and recorder.dropped_young == 11
+    assert not recorder.fetch(AuditFetch(1, 1, "a", 0, 30, [30])).ok
+    assert recorder.fetch(AuditFetch(1, 1, "a", 0, 31, [31])).ok
+    commit("b", 39)  # a replayed step replaces its output, and its bytes
+    assert recorder.kept_bytes == 100 * out.nbytes
