@@ -63,7 +63,10 @@ class VerifyService:
                 "local": {"commitments": self.recorder.commitments, "batches": self.recorder.batches,
                           "audits_run": self.auditor.audits, "audit_passes": self.auditor.passes,
                           "audit_compute_s": round(self.auditor.compute_s, 3), "wire_faults_seen": self.recorder.wire_faults_seen,
-                          "commit_us": round(self.recorder.commit_s * 1e6, 1)}}
+                          "commit_us": round(self.recorder.commit_s * 1e6, 1),
+                          # committed outputs kept for auditors, and those the byte budget dropped early
+                          "retained_mb": round(self.recorder.kept_bytes / 2 ** 20, 1),
+                          "retention_dropped": self.recorder.dropped_young}}
 
     # -- coordinator side -------------------------------------------------------------------
 
