@@ -7,9 +7,11 @@ then one position per step) for the bfloat16 class, the only way it reproduces. 
 fetched input is checked against the digest its stage signed.
 
 Audit requests of one session and stage are gathered and checked in one pass: the
-stage's weights are read once per pass instead of once per audited step. A session's
-first pass on a stage gathers for 0.25 s (a cheat shows at once: catch it early) and an
-escalation runs at once. Later passes wait while this node's own stage is computing, up
+stage's weights are read once per pass instead of once per audited step. While the
+audited node is on probation for the stage (until the first passes of two of its
+sessions came back clean, or again after a failure), a session's first pass gathers
+for 0.25 s and runs at normal priority (a cheat shows at once: catch it early); after,
+it is scheduled like a later pass. An escalation runs at once. Later passes wait while this node's own stage is computing, up
 to ``MESH_AUDIT_DEFER_S`` (default 20 s) after their first request, and otherwise
 gather for ``MESH_AUDIT_GATHER_S`` (default 1 s): a pass on the core next to a decoding
 stage slows it (decode is bound by memory bandwidth, and the pass reads the same
@@ -64,6 +66,12 @@ log = structlog.get_logger("mesh.verify.auditor")
 # How long requests gather before a later pass (each pass reads the stage's weights once).
 GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "1.0"))
 FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at once, catch it early
+# A node is on probation for a stage (in one plan) until its first passes of this many
+# sessions came back clean: until then a session's first pass runs at once and at normal
+# priority; after, it waits for the answer's end like the later passes (a pass during
+# decode costs the stages several percent; see docs/verification.md). A failure puts
+# the node back on probation.
+PROBATION_SESSIONS = 2
 # A later pass waits while this node's stage computed within IDLE_S, at most DEFER_S after
 # its first request: that bounds how late a cheat that starts mid-answer is caught.
 DEFER_S = float(os.environ.get("MESH_AUDIT_DEFER_S", "20.0"))
@@ -201,6 +209,7 @@ class Auditor:
         self._tasks: set[asyncio.Task] = set()
         self._loading = asyncio.Lock()
         self._generation = 0
+        self.cleared: dict[tuple, int] = {}  # (term, version, stage, node) -> sessions whose first pass was clean
 
     def on_request(self, req: AuditRequest, coordinator: str) -> None:
         b = req.batch
@@ -217,7 +226,7 @@ class Auditor:
             loop = asyncio.get_running_loop()
             if req.round > 1:
                 delay, deadline = 0.0, None
-            elif tkey not in self.tracks:
+            elif tkey not in self.tracks and self._probation(tkey):
                 delay, deadline = min(self.gather_s, FIRST_GATHER_S), None
             else:
                 delay, deadline = self.gather_s, loop.time() + self.defer_s
@@ -313,6 +322,7 @@ class Auditor:
             return
         first = requests[0][0]
         steps = sorted({s for r, _ in requests for s in r.steps})
+        opens_session = tkey not in self.tracks
         try:
             verdicts = await self._check(tkey, first, [r for r, _ in requests], steps)
         except asyncio.CancelledError:
@@ -326,11 +336,27 @@ class Auditor:
             log.exception("audit.error", node=first.batch.node, session=first.session, steps=steps)
             verdicts = {s: Verdict(False, f"{type(exc).__name__}: {exc}") for s in steps}
         self.passes += 1
+        self._judged(tkey, opens_session, verdicts.values())
         reports: dict[str, list[AuditResult]] = {}  # one report per coordinator (one, but for a term change)
         for req, coordinator in requests:
             reports.setdefault(coordinator, []).extend(self._results(req, verdicts))
         for coordinator, results in reports.items():
             self.report(coordinator, AuditReport(results))
+
+    def _probation(self, tkey: tuple) -> bool:
+        """Whether the audited node is still on probation for this stage and plan."""
+        return self.cleared.get(tkey[:2] + tkey[3:5], 0) < PROBATION_SESSIONS
+
+    def _judged(self, tkey: tuple, opens_session: bool, verdicts) -> None:
+        """Count a session's clean first pass towards the node's probation; a failure resets it."""
+        pkey = tkey[:2] + tkey[3:5]  # (term, version, stage, node)
+        verdicts = list(verdicts)
+        if any(not v.ok and not v.inconclusive for v in verdicts):
+            self.cleared[pkey] = 0
+        elif opens_session and tkey[5] == 1 and verdicts and all(v.ok for v in verdicts):
+            self.cleared[pkey] = self.cleared.get(pkey, 0) + 1
+        while len(self.cleared) > 256:
+            self.cleared.pop(next(iter(self.cleared)))
 
     def _results(self, req: AuditRequest, verdicts: dict[int, Verdict]) -> list[AuditResult]:
         """The signed results of ``req``'s audits."""
@@ -383,7 +409,7 @@ class Auditor:
                 return {s: Verdict(False, f"the audited node could not supply the step: {data.error}") for s in steps}
             # escalations first, then a session's first pass on a stage (where a cheat shows
             # first), then the rest in order of arrival
-            priority = 0 if req.round > 1 else 1 if track.next_step == 0 else 2
+            priority = 0 if req.round > 1 else 1 if track.next_step == 0 and self._probation(tkey) else 2
             queued = time.perf_counter()
             async with self._turn(priority):
                 started = time.perf_counter()

@@ -85,3 +85,43 @@ def test_an_idle_stage_gives_the_plain_gather():
     passes, later_from = asyncio.run(_schedule(busy_for=0.0, gather_s=0.2))
     when, steps = passes[2]
     assert steps == [5, 9] and when - later_from < 0.4
+
+
+def test_a_node_past_probation_has_its_sessions_first_pass_wait_for_the_answer_to_end():
+    """Two sessions whose first pass came back clean take the node off probation for that
+    stage: a new session's first pass then waits like a later one; a failure puts it back."""
+    from mesh.verify.auditor import PROBATION_SESSIONS, Verdict
+
+    async def scenario(cleared_sessions: int, then_fail: bool) -> float | None:
+        loop = asyncio.get_running_loop()
+        clock = _Clock()
+        auditor = Auditor(NodeIdentity.generate(), Path("unused.gguf"), "torch", fetch=None,
+                          report=lambda *a: None, gather_s=0.2, defer_s=1.5, stage_idle_s=clock.idle_s)
+        producer = NodeIdentity.generate()
+        started: list[float] = []
+
+        async def fake_pass(tkey):
+            auditor.waiting.pop(tkey, None)
+            started.append(loop.time())
+
+        auditor._pass = fake_pass
+        try:
+            req = _request(producer, 0)
+            tkey = (req.batch.term, req.batch.version, "s1", req.batch.stage, req.batch.node, 1)
+            for k in range(cleared_sessions):  # earlier sessions' clean first passes
+                auditor._judged((*tkey[:2], f"old{k}", *tkey[3:]), True, [Verdict(True, "ok")])
+            if then_fail:  # a later pass of an old session failed
+                auditor._judged((*tkey[:2], "old0", *tkey[3:]), False, [Verdict(False, "outside")])
+            clock.busy_until = loop.time() + 30.0  # the node's stage decodes throughout
+            t0 = loop.time()
+            auditor.on_request(req, "coordinator")
+            await asyncio.sleep(0.6)
+            return started[0] - t0 if started else None
+        finally:
+            auditor.close()
+
+    on_probation = asyncio.run(scenario(PROBATION_SESSIONS - 1, then_fail=False))
+    assert on_probation is not None and on_probation < 0.4  # at once (0.2 s gathering)
+    assert asyncio.run(scenario(PROBATION_SESSIONS, then_fail=False)) is None  # waits for the answer's end
+    back_on = asyncio.run(scenario(PROBATION_SESSIONS, then_fail=True))
+    assert back_on is not None and back_on < 0.4
