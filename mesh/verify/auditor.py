@@ -11,14 +11,15 @@ stage's weights are read once per pass instead of once per audited step. While t
 audited node is on probation for the stage (until the first passes of two of its
 sessions came back clean, or again after a failure), a session's first pass gathers
 for 0.25 s and runs at normal priority (a cheat shows at once: catch it early); after,
-it is scheduled like a later pass. An escalation runs at once. Later passes wait while this node's own stage is computing, up
-to ``MESH_AUDIT_DEFER_S`` (default 20 s) after their first request, and otherwise
-gather for ``MESH_AUDIT_GATHER_S`` (default 1 s): a pass on the core next to a decoding
-stage slows it (decode is bound by memory bandwidth, and the pass reads the same
-layers' weights again: bench/audit_contention.py), so passes run between answers
-where they can and at a bounded delay where they cannot. At 6 s, passes of a 64-token
-answer ran during its last second and cost 5% of its decode speed (docs/verification.md);
-the stages keep their outputs for 60 s (recorder.RETAIN_S) so a deferred pass finds them.
+it is scheduled like a later pass. An escalation runs at once. Later passes wait while
+this node's own stage is computing, up to ``MESH_AUDIT_DEFER_S`` (default 20 s) after
+their first request, and otherwise gather for ``MESH_AUDIT_GATHER_S`` (default 1 s).
+A pass on the core next to a decoding stage slows it (decode is bound by memory
+bandwidth, and the pass reads the same layers' weights again:
+bench/audit_contention.py), so passes run between answers where they can and at a
+bounded delay where they cannot. At 6 s, the passes of a 64-token answer ran during
+its last second and cost 5% of its decode speed (docs/verification.md). The stages keep
+their outputs for 60 s (recorder.RETAIN_S), so a deferred pass finds them.
 Compute runs in a low-priority child process (mesh/verify/worker.py): generation never
 waits for it, and it never holds the node's GIL.
 """
@@ -407,9 +408,10 @@ class Auditor:
                                                        steps))
             if not data.ok:
                 return {s: Verdict(False, f"the audited node could not supply the step: {data.error}") for s in steps}
-            # escalations first, then a session's first pass on a stage (where a cheat shows
-            # first), then the rest in order of arrival
-            priority = 0 if req.round > 1 else 1 if track.next_step == 0 and self._probation(tkey) else 2
+            # escalations first, then a session's first pass on a stage while its node is on
+            # probation (where a cheat shows first), then the rest in order of arrival
+            first_pass = track.next_step == 0 and self._probation(tkey)
+            priority = 0 if req.round > 1 else 1 if first_pass else 2
             queued = time.perf_counter()
             async with self._turn(priority):
                 started = time.perf_counter()
