@@ -344,13 +344,18 @@ class Auditor:
         for coordinator, results in reports.items():
             self.report(coordinator, AuditReport(results))
 
+    @staticmethod
+    def _producer(tkey: tuple) -> tuple:
+        """(term, version, stage, node) of a track key: whose record probation keeps."""
+        return tkey[:2] + tkey[3:5]
+
     def _probation(self, tkey: tuple) -> bool:
         """Whether the audited node is still on probation for this stage and plan."""
-        return self.cleared.get(tkey[:2] + tkey[3:5], 0) < PROBATION_SESSIONS
+        return self.cleared.get(self._producer(tkey), 0) < PROBATION_SESSIONS
 
     def _judged(self, tkey: tuple, opens_session: bool, verdicts) -> None:
         """Count a session's clean first pass towards the node's probation; a failure resets it."""
-        pkey = tkey[:2] + tkey[3:5]  # (term, version, stage, node)
+        pkey = self._producer(tkey)
         verdicts = list(verdicts)
         if any(not v.ok and not v.inconclusive for v in verdicts):
             self.cleared[pkey] = 0
