@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .envelopes import Terminated
@@ -194,7 +193,7 @@ class Cell:
 
     def allow_restart(self) -> bool:
         """Record a restart; False when it would exceed max_restarts within `within` seconds."""
-        now = time.monotonic()
+        now = self.system.clock.now()
         self.restarts = [t for t in self.restarts if now - t < self.within]
         if len(self.restarts) >= self.max_restarts:
             return False

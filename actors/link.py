@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, Callable
 
+from .clock import LOOP_CLOCK, Clock
 from .codec import Limits
 from .envelopes import Ping
 from .errors import ActorsError, HandshakeError, PeerUnreachable
@@ -47,8 +47,10 @@ class Link:
         on_message: Callable[["Link", Any], Any],
         on_closed: Callable[["Link", str], None],
         ciphers: tuple[str, ...] | None = None,
+        clock: Clock = LOOP_CLOCK,
     ) -> None:
         self.stream = stream
+        self.clock = clock
         self.identity = identity
         self.initiator = initiator
         self.limits = limits
@@ -59,8 +61,8 @@ class Link:
         self.peer_listen: Address | None = None
         self.dialer_id: str | None = None
         self.closed = False
-        self.last_received = time.monotonic()
-        self.last_sent = time.monotonic()
+        self.last_received = self.clock.now()
+        self.last_sent = self.clock.now()
         self._hs = Handshake(identity, cluster_secret, initiator, listen, ciphers)
         self._hs_done: asyncio.Future[HandshakeResult] = asyncio.get_running_loop().create_future()
         self._channel: SecureChannel | None = None
@@ -128,8 +130,8 @@ class Link:
 
     async def _beat(self, interval: float, timeout: float) -> None:
         while not self.closed:
-            await asyncio.sleep(interval / 2)
-            now = time.monotonic()
+            await self.clock.sleep(interval / 2)
+            now = self.clock.now()
             if now - self.last_received > timeout:
                 self.close(f"no traffic for {timeout}s (heartbeat timeout)")
                 return
@@ -149,7 +151,7 @@ class Link:
         except (ConnectionError, RuntimeError) as exc:
             self.close(f"write failed: {exc}")
             raise PeerUnreachable(f"link to {self.peer_id} is closed") from None
-        self.last_sent = time.monotonic()
+        self.last_sent = self.clock.now()
 
     async def drain(self) -> None:
         try:
@@ -167,7 +169,7 @@ class Link:
 
     def buffer_updated(self, nbytes: int) -> None:
         assert self._channel is not None
-        self.last_received = time.monotonic()
+        self.last_received = self.clock.now()
         try:
             self._channel.buffer_updated(nbytes)
         except Exception as exc:  # typed codec/crypto errors; anything else is a bug, same cure

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -72,7 +71,7 @@ class Supervisor(Actor):
         return None
 
     def child_failed(self, cell: "Cell", exc: BaseException) -> None:
-        now = time.monotonic()
+        now = cell.system.clock.now()
         self._history = [t for t in self._history if now - t < self.within]
         if len(self._history) >= self.max_restarts:
             log.error("supervisor_escalates", supervisor=self._ctx.name if self._ctx else "?", child=cell.name,

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Callable
 from . import envelopes as env
 from .actor import ActorRef, Cell
 from .ciphers import check_names as check_ciphers
+from .clock import LOOP_CLOCK, Clock
 from .codec import DEFAULT_LIMITS, Limits
 from .errors import (
     ActorDead, ActorsError, AskTimeout, ClusterSecretMismatch, CodecError, HandlerError,
@@ -55,12 +56,16 @@ class ActorSystem:
         backoff: tuple[float, float] = (0.05, 5.0),
         max_send_buffer: int = 64 * 1024 * 1024,
         ciphers: tuple[str, ...] | None = None,
+        clock: Clock = LOOP_CLOCK,
+        rng: random.Random | None = None,
     ) -> None:
         if not cluster_secret:
             raise ValueError("the cluster secret must not be empty")
         from .transport.tcp import TcpTransport
 
         self.identity = identity
+        self.clock = clock
+        self._rng = rng or random.Random()  # redial jitter; seeded for deterministic tests
         self.node_id = identity.node_id
         self.transport = transport or TcpTransport()
         self.limits = limits
@@ -329,7 +334,7 @@ class ActorSystem:
 
     async def _establish(self, stream: Stream, initiator: bool) -> Link:
         link = Link(stream, self.identity, self._secret, initiator, self.address, self.limits,
-                    self._on_message, self._on_link_closed, self.ciphers)
+                    self._on_message, self._on_link_closed, self.ciphers, self.clock)
         where = f"{stream.peer_address[0]}:{stream.peer_address[1]}"
         try:
             await link.handshake(self.handshake_timeout)
@@ -389,7 +394,7 @@ class ActorSystem:
         delay = self.backoff[0]
         try:
             while not self._stopped and self._dialed.get(addr) == peer and peer not in self._links:
-                await asyncio.sleep(delay * (0.5 + random.random()))
+                await self.clock.sleep(delay * (0.5 + self._rng.random()))
                 if peer in self._links or self._dialed.get(addr) != peer:
                     return
                 try:

@@ -56,3 +56,35 @@ class ComputeRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class InlineRunner:
+    """A runner that computes on the calling thread, inside the event loop.
+
+    Only for meshes on virtual time (``actors.clock.VirtualTimeLoop``): there a blocked
+    loop costs no simulated time, and one thread makes a many-node test deterministic.
+    Never on a real clock: heartbeats would stall behind every forward pass."""
+
+    def __init__(self, name: str = "inline") -> None:
+        self.name = name
+        self._thread_id = threading.get_ident()
+
+    @property
+    def thread_id(self) -> int | None:
+        return self._thread_id
+
+    def runq_s(self) -> float | None:
+        return None
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        await asyncio.sleep(0)  # as a thread hand-off would, let the loop run first
+        return fn(*args, **kwargs)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

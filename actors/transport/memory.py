@@ -4,10 +4,18 @@
     a = ActorSystem(ida, secret, transport=net.transport("a"))
     net.partition({"a"}, {"b", "c"}); net.heal(); net.crash("a"); net.revive("a")
 
-Each `write` is one unit for delay and loss: a lost write vanishes whole (the
-encrypted channel then sees a counter gap, which lossy streams allow). A partition
-drops writes across it and refuses new connections; `crash` aborts every stream of
-a node and refuses it until `revive`.
+Two modes:
+- lossy (the default): each `write` is one unit for delay and loss; a lost write
+  vanishes whole (the encrypted channel then sees a counter gap, which lossy streams
+  allow), and a partition drops the writes across it.
+- strict (``strict=True``): a stream is what TCP promises, every write arrives, in
+  order, or the stream breaks; a partition aborts the streams across it, as a
+  connection that times out would.
+Either way a partition refuses new connections across it, and `crash` aborts every
+stream of a node and refuses it until `revive`.
+
+Delays are timers of the given clock: on an ``actors.clock.VirtualTimeLoop`` the
+network runs on virtual time, and a test's outcome depends only on its seed.
 """
 
 from __future__ import annotations
@@ -17,13 +25,19 @@ import itertools
 import random
 from typing import Any, Callable, Sequence
 
+from ..clock import LOOP_CLOCK, Clock
 from .base import Address, Listener, Stream, StreamHandler, Transport, feed
 
 
 class MemoryNetwork:
-    def __init__(self, delay: float = 0.0, loss: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, delay: float = 0.0, loss: float = 0.0, seed: int = 0, *, strict: bool = False,
+                 clock: Clock = LOOP_CLOCK) -> None:
+        if strict and loss:
+            raise ValueError("a strict network loses nothing: loss must be 0")
         self.delay = delay
         self.loss = loss
+        self.strict = strict
+        self.clock = clock
         self.rng = random.Random(seed)
         self._listeners: dict[Address, tuple[str, Callable[[Stream], None]]] = {}
         self._streams: list[_MemStream] = []
@@ -39,6 +53,10 @@ class MemoryNetwork:
         for a in side_a:
             for b in side_b:
                 self._cut.add(frozenset((a, b)))
+        if self.strict:  # an open stream loses nothing: one across the cut breaks instead
+            for stream in list(self._streams):
+                if not self.reachable(stream.local, stream.remote):
+                    stream.abort()
 
     def heal(self) -> None:
         self._cut.clear()
@@ -81,10 +99,9 @@ class MemoryNetwork:
 
 
 class _MemStream(Stream):
-    lossy = True
-
     def __init__(self, net: MemoryNetwork, local: str, remote: str, peer_address: Address) -> None:
         self.net, self.local, self.remote, self.peer_address = net, local, remote, peer_address
+        self.lossy = not net.strict
         self.other: _MemStream | None = None
         self._handler: StreamHandler | None = None
         self._inbox: list[bytes] = []
@@ -106,13 +123,13 @@ class _MemStream(Stream):
         self._schedule(lambda: self.other and self.other._receive(data))
 
     def _schedule(self, fn: Callable[[], Any]) -> None:
-        loop = asyncio.get_running_loop()
         if self.net.delay <= 0:
-            loop.call_soon(fn)
+            asyncio.get_running_loop().call_soon(fn)
             return
-        when = max(loop.time() + self.net.delay, self._last_delivery)
+        now = self.net.clock.now()
+        when = max(now + self.net.delay, self._last_delivery)  # in order, as a stream is
         self._last_delivery = when
-        loop.call_at(when, fn)
+        self.net.clock.call_later(when - now, fn)
 
     def _receive(self, data: bytes) -> None:
         if self._closed:
