@@ -42,8 +42,8 @@ import aiohttp
 from mesh import models
 from mesh.client import StreamResult, stream_chat
 from mesh.errors import MeshError
-from mesh.launcher import LocalCluster
-from mesh.verify.faults import verify_args
+from mesh.testing.launcher import LocalCluster
+from mesh.testing.faults import verify_args
 
 STAGE = 1  # the cheating stage: it sends hidden states and receives them (skip-layer, stale need both)
 # skip-layer:L takes L = seed mod 10. The fault is fixed before the plan exists; the planner

@@ -20,8 +20,8 @@ import sys
 import time
 
 from mesh.client import stream_chat
-from mesh.faults import KillFault, stream_with_faults
-from mesh.launcher import LocalCluster
+from mesh.testing.kills import KillFault, stream_with_faults
+from mesh.testing.launcher import LocalCluster
 
 PROMPTS = [
     "Why is the sky blue?",

@@ -67,7 +67,7 @@ class SingleDevice:
 
 async def mesh_figures(args: argparse.Namespace, single: SingleDevice) -> dict:
     from mesh.client import stream_chat
-    from mesh.launcher import LocalCluster
+    from mesh.testing.launcher import LocalCluster
 
     extra = ["--threads", str(args.threads)] if args.threads else []
     cluster = LocalCluster(n=args.nodes, backend=args.backend, model=args.model, extra_args=extra)

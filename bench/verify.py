@@ -38,8 +38,8 @@ from kernels.digest import tensor_digest
 from kernels.sampling import SamplingParams
 from kernels.tokenizer import Tokenizer
 from mesh import models
-from mesh.verify.faults import parse_fault
-from mesh.verify.harness import Audit, StageCache, run_pipeline, selected
+from mesh.testing.faults import parse_fault
+from mesh.testing.verify_harness import Audit, StageCache, run_pipeline, selected
 
 PROMPTS = [
     "Write a haiku about the sea.",
@@ -223,7 +223,7 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
     import aiohttp
 
     from mesh.client import stream_chat
-    from mesh.launcher import LocalCluster
+    from mesh.testing.launcher import LocalCluster
 
     speeds: dict[str, list[float]] = {"on": [], "off": []}
     pairs: list[float] = []

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.runner import ComputeRunner
-from kernels.sampling import GREEDY, SamplingParams, sample
+from kernels.sampling import GREEDY, SamplingParams, finish_reason, sample
 from kernels.stage import Stage, StepInput
 
 
@@ -79,15 +79,15 @@ class _Run:
             self.stats.ttft_s, self.t_first = now - self.t0, now
         else:
             self.stats.decode_s = now - self.t_first
-        if token in self.stops:
-            self.stats.finish_reason, self.done = "stop", True
+        finish = finish_reason(token, self.generated, max_tokens=self.max_tokens, eos_ids=self.stops)
+        if finish is not None:
+            self.stats.finish_reason, self.done = finish, True
+        if finish == "stop":
             return False
         self.generated += 1
         self.stats.generated_tokens = self.generated
         self.step = StepInput(self.session, self.pos, tokens=np.array([token], dtype=np.int64))
         self.pos += 1
-        if self.generated >= self.max_tokens:
-            self.stats.finish_reason, self.done = "length", True
         return True
 
 

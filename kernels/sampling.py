@@ -32,6 +32,19 @@ class SamplingParams:
 GREEDY = SamplingParams()
 
 
+def finish_reason(token: int, index: int, *, max_tokens: int, eos_ids) -> str | None:
+    """Why a generation ends at its ``index``-th generated token (0-based), or None.
+
+    "stop": ``token`` is an end-of-sequence id (it ends the answer and is not part of
+    it); "length": it is the ``max_tokens``-th token. The one rule every generation
+    loop (one device, the pipeline's last stage, the serving node) follows."""
+    if token in eos_ids:
+        return "stop"
+    if index + 1 >= max_tokens:
+        return "length"
+    return None
+
+
 def uniform(seed: int, position: int) -> float:
     """A uniform in [0, 1) from (seed, position): the top 53 bits of a BLAKE3 digest."""
     h = blake3.blake3(b"mesh-sample" + struct.pack("<qq", seed, position)).digest(8)

@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Node": "mesh.node",
     "NodeConfig": "mesh.node",
-    "local_cluster": "mesh.local",
-    "LocalMesh": "mesh.local",
+    "local_cluster": "mesh.testing.local",
+    "LocalMesh": "mesh.testing.local",
     "GenerationParams": "mesh.generation",
     "TokenEvent": "mesh.generation",
     "MeshError": "mesh.errors",

@@ -48,19 +48,19 @@ def parse_params(body: dict) -> tuple[GenerationParams, list[str]]:
         stops = list(stop)
     else:
         raise FieldError("stop", "'stop' must be a string or a list of up to 4 strings")
-    params = GenerationParams(
-        max_tokens=max_tokens,
-        temperature=float(_field(body, "temperature", _NUMBER, 0.0)),
-        top_p=float(_field(body, "top_p", _NUMBER, 1.0)),
-        top_k=int(_field(body, "top_k", (int,), 0)),
-        seed=int(_field(body, "seed", (int,), 0)),
-    )
-    if not 0 <= params.temperature <= 2:
+    temperature = float(_field(body, "temperature", _NUMBER, 0.0))
+    top_p = float(_field(body, "top_p", _NUMBER, 1.0))
+    top_k = int(_field(body, "top_k", (int,), 0))
+    if not 0 <= temperature <= 2:
         raise FieldError("temperature", "'temperature' must be between 0 and 2")
-    if not 0 < params.top_p <= 1:
+    if not 0 < top_p <= 1:
         raise FieldError("top_p", "'top_p' must be in (0, 1]")
-    if params.max_tokens < 1:
+    if top_k < 0:
+        raise FieldError("top_k", "'top_k' must be >= 0")
+    if max_tokens < 1:
         raise FieldError("max_tokens", "'max_tokens' must be at least 1")
+    params = GenerationParams.create(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                     seed=int(_field(body, "seed", (int,), 0)))
     return params, stops
 
 

@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from kernels.sampling import GREEDY, SamplingParams
 from mesh.errors import BadRequest
 
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """How long an answer may be, and how its tokens are drawn: `SamplingParams` is the
+    one shape sampling takes, from the API to the stage that samples and its auditor."""
+
     max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    sampling: SamplingParams = GREEDY
+
+    @classmethod
+    def create(cls, *, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int = 0) -> "GenerationParams":
+        """From flat fields (API requests, CLI flags); bad values are a `BadRequest`."""
+        if temperature < 0:
+            raise BadRequest(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise BadRequest(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise BadRequest(f"top_k must be >= 0, got {top_k}")
+        return cls(max_tokens, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
 
     def validate(self, *, prompt_len: int, context_length: int) -> None:
         if self.max_tokens <= 0:
             raise BadRequest(f"max_tokens must be positive, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise BadRequest(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise BadRequest(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise BadRequest(f"top_k must be >= 0, got {self.top_k}")
         if prompt_len == 0:
             raise BadRequest("the prompt is empty")
         if prompt_len >= context_length:
@@ -46,14 +53,3 @@ class TokenEvent:
     text: str
     finish_reason: str | None = None  # "stop" | "length" on the last token
     stop_token: bool = False  # the end-of-sequence token itself: not part of the answer
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str
-    ttft_s: float
-    decode_tokens_per_s: float
-    extra: dict = field(default_factory=dict)

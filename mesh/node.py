@@ -1,10 +1,15 @@
 """The Node: the one object an application embeds, and what `mesh join` runs.
 
-It composes an actor system (authenticated transport), the cluster service
-(discovery, membership, failure detection, election), the pipeline roles (this
-node's stage, the sessions it serves, and — while elected — the coordinator) and
-the HTTP API. Model compute runs on one ComputeRunner thread; the event loop only
-moves messages, so heartbeats and elections keep running during a long prefill.
+Composition only. It builds an actor system on the transport it is given (TCP by
+default), the cluster service (discovery, membership, failure detection, election), the
+pipeline roles (this node's stage, the sessions it serves and, while elected, the
+coordinator), verification and the HTTP API, and routes the messages each one handles.
+Every part reads time from the one clock it is given. The plan lives in one
+`PlanState`. Model compute runs on a ComputeRunner thread; the event loop only moves
+messages, so heartbeats and elections keep running during a long prefill.
+
+    Node(config)                                       # TCP, the real clock, a compute thread
+    Node(config, transport=net.transport("a"), clock=clock, runner=InlineRunner())  # tests
 """
 
 from __future__ import annotations
@@ -13,22 +18,23 @@ import asyncio
 import hashlib
 import os
 import platform
-import time
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import psutil
 import structlog
 
 from actors import Actor, ActorSystem, NodeIdentity
+from actors.clock import LOOP_CLOCK, Clock
+from actors.transport.base import Transport
 from kernels.config import load_config
 from kernels.runner import ComputeRunner
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
-from mesh import models
+from mesh import models, sizing, views
 from mesh.api import Api, Unavailable
 from mesh.cluster.election import ElectionConfig
-from mesh.cluster.fence import Fence
 from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
 from mesh.errors import MeshError
 from mesh.generation import GenerationParams, TokenEvent
@@ -43,10 +49,12 @@ from mesh.pipeline.messages import (
     StageReady,
     TokenOut,
 )
-from mesh.pipeline.serving import PlanView, Serving
+from mesh.pipeline.plan import Offer, PlanState
+from mesh.pipeline.serving import Serving
 from mesh.pipeline.stage_host import COORD_ACTOR, SERVE_ACTOR, STAGE_ACTOR, StageHost
-from mesh.planner import ModelProfile, NodeCapacity
-from mesh.verify import service as verify_service
+from mesh.planner import NodeCapacity
+from mesh.verify.recorder import VERIFY_ACTOR
+from mesh.verify.service import VerifyConfig, VerifyService
 
 log = structlog.get_logger("mesh.node")
 
@@ -84,8 +92,7 @@ class NodeConfig:
     max_batch: int = 16
     campaign: bool = True  # False: vote, but never become coordinator (e.g. a node that serves clients)
     leaderless_grace_s: float = 3.0  # without a coordinator this long, stop serving (cut off from the majority)
-    audit_rate: float = 0.2  # share of stage steps audited (mesh.verify)
-    fault: str | None = None  # test-only misbehaviour, mesh.verify.faults spec
+    verify: VerifyConfig = field(default_factory=VerifyConfig)  # commitments, audits, test-only faults
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -99,9 +106,9 @@ def default_secret(cluster: str) -> bytes:
 
 
 class _Inbox(Actor):
-    """A thin actor that hands each message to the node's handler for it."""
+    """A thin actor that hands each message to the handler for its type."""
 
-    def __init__(self, handlers: dict[type, object]):
+    def __init__(self, handlers: dict[type, Callable[[Any], Any]]):
         self.handlers = handlers
 
     async def receive(self, msg, ctx):
@@ -113,21 +120,28 @@ class _Inbox(Actor):
 
 
 class Node:
-    """A mesh node. ``async with Node(NodeConfig(...)) as node: ...``"""
+    """A mesh node. ``async with Node(NodeConfig(...)) as node: ...``
 
-    def __init__(self, config: NodeConfig):
+    ``transport``: how it reaches peers (default TCP); ``clock``: where it reads time
+    (default the event loop's); ``runner``: where model compute runs (default a thread
+    of its own); ``audit_compute``: where audit passes run (default a low-priority
+    child process); ``seed``: fixes the election's and the redial's randomness."""
+
+    def __init__(self, config: NodeConfig, *, transport: Transport | None = None, clock: Clock = LOOP_CLOCK,
+                 runner: Any = None, audit_compute: Any = None, seed: int | None = None):
         self.config = config
         self.backend = config.resolved_backend()
+        self.transport = transport
+        self.clock = clock
+        self.runner = runner
+        self._audit_compute = audit_compute
+        self.seed = seed
         self.system: ActorSystem | None = None
         self.cluster: ClusterService | None = None
         self.api: Api | None = None
-        self.plan: PlanUpdate | None = None
-        self.plan_ready = False
-        self.fence = Fence()
-        self._plan_changed = asyncio.Event()
+        self.plan = PlanState()
         self._tasks: list[asyncio.Task] = []
-        self.started_at = time.time()
-        self.failovers: list[dict] = []
+        self.started_at = clock.wall()
         self._leaderless_since: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -147,37 +161,36 @@ class Node:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.identity = NodeIdentity.load_or_create(state_dir)
         self.node_id = self.identity.node_id
-        self.fence.node = self.node_id
         if cfg.threads:  # the torch backend reads it whenever it loads a stage
             os.environ["MESH_TORCH_THREADS"] = str(cfg.threads)
-        self.runner = ComputeRunner()
-        self.system = ActorSystem(self.identity, secret)
+        if self.runner is None:
+            self.runner = ComputeRunner()
+        rng = random.Random(self.seed) if self.seed is not None else None
+        self.system = ActorSystem(self.identity, secret, self.transport, clock=self.clock, rng=rng)
         await self.system.start(cfg.host, cfg.port)
+        self.coordinator = CoordinatorRole(self.node_id, self.model_name,
+                                           sizing.model_profile(self.model_config, cfg.weight_mode), self._send,
+                                           clock=self.clock)
+        self.verify = VerifyService(
+            self.identity, self.model_path, backend=self.backend, weight_mode=cfg.weight_mode, send=self._send,
+            ask=self._ask, coordinator=lambda: self.cluster.coordinator if self.cluster is not None else None,
+            members=lambda: {c.node_id: c.backend for c in self._capacities()}, role=self.coordinator,
+            stage_idle_s=lambda: self.clock.now() - self.stage_host.stats.last_step_at, config=cfg.verify,
+            clock=self.clock, audit_compute=self._audit_compute)
         self.stage_host = StageHost(self.node_id, self.model_path, backend=self.backend,
                                     weight_mode=cfg.weight_mode, runner=self.runner, send=self._send,
-                                    max_batch=cfg.max_batch)
+                                    max_batch=cfg.max_batch, clock=self.clock, observer=self.verify.observer)
         self.stage_host.start()
-        self.serving = Serving(self.node_id, self._send, self._plan_view,
-                               eos_ids=list(self.tokenizer.eos_token_ids),
+        self.serving = Serving(self.node_id, self._send, self.plan.serving_view,
+                               eos_ids=list(self.tokenizer.eos_token_ids), clock=self.clock,
                                tokenizer_factory=lambda: IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True))
-        self.coordinator = CoordinatorRole(self.node_id, self.model_name, self._profile(), self._send)
-        self.system.spawn(_Inbox({
-            PlanUpdate: self._on_plan_update, PlanReady: self._on_plan_ready,
-            Forward: self.stage_host.on_forward, TokenOut: self.stage_host.on_token,
-            Retransmit: self._on_retransmit, EndSession: self.stage_host.on_end,
-        }), name=STAGE_ACTOR, mailbox_size=10_000)
-        self.system.spawn(_Inbox({TokenOut: self.serving.on_token, SessionFailed: self.serving.on_failed}),
-                          name=SERVE_ACTOR, mailbox_size=10_000)
-        self.system.spawn(_Inbox({StageReady: self.coordinator.on_stage_ready}), name=COORD_ACTOR,
-                          mailbox_size=10_000)
-        self._inbox = _Inbox
-        self.verify = verify_service.attach(self, audit_rate=cfg.audit_rate, fault_spec=cfg.fault)
+        self._spawn_inboxes()
         self.info = LocalFacts(
             name=cfg.name or platform.node() or self.node_id[:8],
             backend=self.backend,
-            device=_device(self.backend),
+            device=sizing.device(self.backend),
             free_memory=cfg.memory_limit or int(psutil.virtual_memory().available * 0.8),
-            speed=cfg.speed or await self.runner.run(_measure_speed),
+            speed=cfg.speed or await self.runner.run(sizing.measure_speed),
             roles=[] if cfg.campaign else [NO_CAMPAIGN],
         )
         if cfg.api_port is not None:
@@ -187,28 +200,49 @@ class Node:
                 await self.api.announce(cfg.interfaces, node_id=self.node_id, name=self.info.name)
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
                                       mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret,
-                                      election=ElectionConfig(campaign=cfg.campaign))
-        self.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
+                                      election=ElectionConfig(campaign=cfg.campaign), clock=self.clock,
+                                      seed=self.seed)
+        self.plan.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
+        self.plan.fence.node = self.node_id
         await self.cluster.start()
         self.system.on_peer(self._on_peer)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._follow_cluster(), name="follow-cluster"))
-        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_sessions(), name="watch-sessions"))
+        self._spawn_task(self._follow_cluster(), "follow-cluster")
+        self._spawn_task(self._watch_sessions(), "watch-sessions")
         self.verify.start()
         log.info("node.started", node=self.node_id, name=self.info.name, address=self.system.address,
                  api_port=self.info.api_port, backend=self.backend, model=str(self.model_path))
         return self
 
-    async def stop(self) -> None:
+    def routes(self) -> dict[str, dict[type, Callable[[Any], Any]]]:
+        """The actors peers address, and which part handles each message they take. A
+        subclass may replace handlers (a test's rogue node does)."""
+        return {
+            STAGE_ACTOR: {PlanUpdate: self._on_plan_update, PlanReady: self._on_plan_ready,
+                          Forward: self.stage_host.on_forward, TokenOut: self.stage_host.on_token,
+                          Retransmit: self._on_retransmit, EndSession: self.stage_host.on_end},
+            SERVE_ACTOR: {TokenOut: self.serving.on_token, SessionFailed: self.serving.on_failed},
+            COORD_ACTOR: {StageReady: self.coordinator.on_stage_ready},
+            VERIFY_ACTOR: self.verify.handlers(),
+        }
+
+    def _spawn_inboxes(self) -> None:
+        for name, handlers in self.routes().items():
+            self.system.spawn(_Inbox(handlers), name=name, mailbox_size=10_000)
+
+    async def stop(self, *, graceful: bool = True) -> None:
+        """Stop the node; ``graceful``: leave the cluster first (the others do not treat it
+        as a failure). ``graceful=False`` is a crash as the others see it (tests)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in list(self._tasks):
             try:
                 await task
             except asyncio.CancelledError:
                 pass
         self.coordinator.step_down()
         if self.cluster is not None:
-            await self.cluster.leave(timeout=2.0)  # a graceful leave: not treated as a failure
+            if graceful:
+                await self.cluster.leave(timeout=2.0)
             await self.cluster.stop()
         if self.api is not None:
             await self.api.stop()
@@ -224,6 +258,11 @@ class Node:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
+    def _spawn_task(self, coro, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
     # -- cluster ----------------------------------------------------------------------
 
     async def _follow_cluster(self) -> None:
@@ -231,7 +270,7 @@ class Node:
         Woken by every cluster event, and twice a second regardless."""
         wake = asyncio.Event()
         self.cluster.on_change(lambda event: wake.set())
-        last_refresh = 0.0
+        last_refresh = float("-inf")
         while True:
             try:
                 await asyncio.wait_for(wake.wait(), 0.5)
@@ -244,15 +283,15 @@ class Node:
                 log.exception("cluster.follow_failed")
 
     def _apply_cluster_view(self, last_refresh: float) -> float:
-        self.fence.observe(self.cluster.term)
+        self.plan.fence.observe(self.cluster.term)
         leading = self.cluster.coordinator == self.node_id
         if leading and (not self.coordinator.active or self.coordinator.term != self.cluster.term):
-            self.coordinator.take_office(self.cluster.term, self.plan)
+            self.coordinator.take_office(self.cluster.term, self.plan.update)
         elif not leading and self.coordinator.active:
             self.coordinator.step_down()
         if self.coordinator.active:
             self.coordinator.set_members(self._capacities())
-            now = time.monotonic()
+            now = self.clock.now()
             if now - last_refresh > 2.0:
                 self.coordinator.refresh()
                 return now
@@ -261,13 +300,11 @@ class Node:
     async def _watch_sessions(self) -> None:
         """Replay stalled sessions; stop serving when cut off from the majority."""
         while True:
-            await asyncio.sleep(0.5)
-            if self._leaderless_for() > self.config.leaderless_grace_s and self.plan_ready:
+            await self.clock.sleep(0.5)
+            if self._leaderless_for() > self.config.leaderless_grace_s and self.plan.suspend():
                 # A minority side must not keep serving on its last plan: it cannot fence,
                 # re-plan or heal. It serves again when a coordinator re-sends the plan.
                 log.warning("node.cut_off", seconds=round(self._leaderless_for(), 1))
-                self.plan_ready = False
-                self._notify_plan()
                 self.serving.fail_all(Unavailable(_LEADERLESS))
             self.serving.check_stalls()
 
@@ -280,22 +317,13 @@ class Node:
             self._leaderless_since = None
             return 0.0
         if self._leaderless_since is None:
-            self._leaderless_since = time.monotonic()
-        return time.monotonic() - self._leaderless_since
+            self._leaderless_since = self.clock.now()
+        return self.clock.now() - self._leaderless_since
 
     def _capacities(self) -> list[NodeCapacity]:
         # A suspect node keeps its place until it is declared dead: no re-plan on a hiccup.
         return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
                 for m in self.cluster.members() if m.state in ("alive", "suspect") and m.backend]
-
-    def _profile(self) -> ModelProfile:
-        c = self.model_config
-        kv = c.n_kv_heads * c.head_dim
-        layer_params = 2 * c.hidden * c.hidden + 2 * c.hidden * kv + 3 * c.hidden * c.intermediate + 2 * c.hidden
-        embed = c.vocab_size * c.hidden
-        bytes_per = 4 if self.config.weight_mode == "float32" else 1
-        return ModelProfile(n_layers=c.n_layers, layer_bytes=layer_params * bytes_per, embed_bytes=embed * 4,
-                            head_bytes=(embed if c.tie_embeddings else embed) * bytes_per + c.hidden * 4)
 
     # -- pipeline messages ------------------------------------------------------------
 
@@ -305,20 +333,15 @@ class Node:
         except Exception as exc:  # an unreachable peer: the failure detector will act on it
             log.debug("send.failed", to=node, actor=actor, type=type(msg).__name__, error=str(exc))
 
+    async def _ask(self, node: str, actor: str, msg: object, timeout: float) -> Any:
+        return await self.system.ref(node, actor).ask(msg, timeout=timeout)
+
     def _on_plan_update(self, update: PlanUpdate) -> None:
-        if not self.fence.check(update.term, src=update.coordinator, command="PlanUpdate"):
+        offer = self.plan.offer(update)
+        if offer is Offer.REFUSED:
             return
-        epoch = (update.term, update.version)
-        current = (self.plan.term, self.plan.version) if self.plan is not None else (0, 0)
-        if epoch < current:
-            return
-        if epoch > current:
-            self.plan = update
-            self.plan_ready = False
-            self.failovers = list(update.failovers)
-            self._notify_plan()
-            if update.error:
-                self.serving.fail_all(Unavailable(update.error))
+        if offer is Offer.NEW and update.error:
+            self.serving.fail_all(Unavailable(update.error))
         if update.error:
             return
 
@@ -326,51 +349,33 @@ class Node:
             ready = await self.stage_host.apply_plan(update)
             self._send(update.coordinator, COORD_ACTOR, ready)
 
-        task = asyncio.get_running_loop().create_task(load(), name="apply-plan")
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
-
-    def _notify_plan(self) -> None:
-        self._plan_changed.set()
-        self._plan_changed = asyncio.Event()
+        self._spawn_task(load(), "apply-plan")
 
     def _on_plan_ready(self, msg: PlanReady) -> None:
-        if not self.fence.check(msg.term, command="PlanReady"):
+        if not self.plan.mark_ready(msg):
             return
-        if self.plan is None or (msg.term, msg.version) != (self.plan.term, self.plan.version) or self.plan_ready:
-            return
-        self.plan_ready = True
-        log.info("plan.serving", epoch=(msg.term, msg.version),
-                 stages=[(s.node[:8], s.start, s.end) for s in self.plan.stages])
-        self._notify_plan()
+        log.info("plan.serving", epoch=str(self.plan.epoch),
+                 stages=[(s.node[:8], s.start, s.end) for s in self.plan.update.stages])
         self.serving.on_plan_ready()
-        self.verify.on_plan_ready(self.plan)
+        self.verify.on_plan_ready(self.plan.update)
 
     def _on_retransmit(self, msg: Retransmit) -> None:
         self.stage_host.on_retransmit(msg)
         self.serving.on_retransmit(msg)
 
-    def _plan_view(self) -> PlanView | None:
-        if self.plan is None or not self.plan_ready or not self.plan.stages:
-            return None
-        return PlanView(self.plan.term, self.plan.version, [s.node for s in self.plan.stages])
-
     # -- serving ----------------------------------------------------------------------
 
     async def wait_ready(self, timeout: float = 120.0, stages: int | None = None) -> None:
         """Wait until a plan (with ``stages`` stages, if given) is loaded and serving."""
-        deadline = time.monotonic() + timeout
-        while not (self.plan_ready and (stages is None or len(self.plan.stages) == stages)):
-            remaining = deadline - time.monotonic()
+        deadline = self.clock.now() + timeout
+        while not (self.plan.ready and (stages is None or len(self.plan.update.stages) == stages)):
+            remaining = deadline - self.clock.now()
             if remaining <= 0:
                 raise Unavailable(self._unavailable_reason(timeout))
-            try:
-                await asyncio.wait_for(self._plan_changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+            await self.plan.wait_changed(remaining)
 
     def _unavailable_reason(self, waited: float) -> str:
-        if self.plan is not None and self.plan.error:
+        if self.plan.error:
             return self.plan.error
         if self.cluster is None or self.cluster.coordinator is None:
             return f"no coordinator after {waited:.0f}s: the cluster has no majority of its voters online"
@@ -386,133 +391,42 @@ class Node:
     async def generate_stream(self, prompt_ids: list[int], params: GenerationParams,
                               *, wait_s: float = 60.0) -> AsyncIterator[TokenEvent]:
         params.validate(prompt_len=len(prompt_ids), context_length=self.model_config.context_length)
-        if self.plan is not None and self.plan.error:
+        if self.plan.error:
             raise Unavailable(self.plan.error)
-        deadline = time.monotonic() + self.config.leaderless_grace_s
+        deadline = self.clock.now() + self.config.leaderless_grace_s
         while self.cluster.coordinator is None:  # an election takes about a second; a cut-off lasts
-            if time.monotonic() > deadline:
+            if self.clock.now() > deadline:
                 raise Unavailable(_LEADERLESS)
-            await asyncio.sleep(0.1)
+            await self.clock.sleep(0.1)
         await self.wait_ready(timeout=wait_s)
         async for event in self.serving.generate(prompt_ids, params):
             yield event
 
     async def generate(self, prompt: str, *, chat: bool = True, **params) -> AsyncIterator[TokenEvent]:
-        """Stream the answer to ``prompt`` (a user message, or raw text with ``chat=False``)."""
+        """Stream the answer to ``prompt`` (a user message, or raw text with ``chat=False``);
+        ``params`` are `GenerationParams.create`'s (max_tokens, temperature, top_p, top_k, seed)."""
         ids = self.encode_chat([{"role": "user", "content": prompt}]) if chat else self.encode_text(prompt)
-        async for event in self.generate_stream(ids, GenerationParams(**params)):
+        async for event in self.generate_stream(ids, GenerationParams.create(**params)):
             yield event
 
     async def chat(self, messages: list[dict], **params) -> AsyncIterator[TokenEvent]:
-        async for event in self.generate_stream(self.encode_chat(messages), GenerationParams(**params)):
+        async for event in self.generate_stream(self.encode_chat(messages), GenerationParams.create(**params)):
             yield event
 
     # -- views ------------------------------------------------------------------------
 
+    @property
+    def failovers(self) -> list[dict]:
+        return self.plan.failovers
+
     def status(self) -> dict:
-        members = self.cluster.members() if self.cluster is not None else []
-        roles: dict[str, list[str]] = {}
-        if self.plan is not None:
-            for s in self.plan.stages:
-                roles.setdefault(s.node, []).append(f"stage{s.index}")
-        coordinator = self.cluster.coordinator if self.cluster is not None else None
-        if coordinator:
-            roles.setdefault(coordinator, []).append("coordinator")
-        nodes = []
-        for m in members:
-            nodes.append({
-                "id": m.node_id, "name": m.name, "address": f"{m.address[0]}:{m.address[1]}" if m.address else None,
-                "api_port": m.api_port, "backend": m.backend, "device": m.device, "free_memory": m.free_memory,
-                "speed": m.speed, "state": m.state, "voter": m.voter, "roles": roles.get(m.node_id, []),
-            })
-        plan = None
-        if self.plan is not None:
-            plan = {"term": self.plan.term, "version": self.plan.version, "ready": self.plan_ready,
-                    "error": self.plan.error or None,
-                    "stages": [{"index": s.index, "node": s.node, "layers": [s.start, s.end], "backend": s.backend}
-                               for s in self.plan.stages]}
-        return {"self": self.node_id, "name": self.info.name, "coordinator": coordinator,
-                "term": self.cluster.term if self.cluster is not None else 0, "nodes": nodes, "plan": plan,
-                "model": self.model_name, "failovers": self.failovers, "verification": self.verification(),
-                "stage": self._stage_stats()}
+        return views.status(self)
 
     def verification(self) -> dict:
         return self.verify.verification()
 
-    def _stage_stats(self) -> dict:
-        s = self.stage_host.stats
-        return {"steps": s.steps, "batches": s.batches, "tokens_sampled": s.tokens_sampled,
-                "digest_mismatches": s.digest_mismatches, "retransmits": s.retransmits_sent,
-                "busy_s": round(s.busy_s, 3), "compute_s": round(s.compute_s, 3),
-                "cpu_s": round(s.cpu_s, 3), "runq_s": self.runner.runq_s(), "sessions": len(self.stage_host.meta)}
-
     def mesh_info(self) -> dict:
-        pipeline = [] if self.plan is None else [
-            {"node": s.node, "layers": [s.start, s.end], "backend": s.backend} for s in self.plan.stages]
-        return {"node": self.node_id, "coordinator": self.cluster.coordinator if self.cluster else None,
-                "term": self.cluster.term if self.cluster else 0, "pipeline": pipeline,
-                "verification": self.verification(), "failovers": self.failovers}
+        return views.mesh_info(self)
 
     def metrics_text(self) -> str:
-        s = self.stage_host.stats
-        lines = [
-            "# TYPE mesh_tokens_served_total counter", f"mesh_tokens_served_total {self.serving.tokens_out}",
-            "# TYPE mesh_sessions_completed_total counter",
-            f"mesh_sessions_completed_total {self.serving.completed}",
-            "# TYPE mesh_sessions_active gauge", f"mesh_sessions_active {len(self.serving.sessions)}",
-            "# TYPE mesh_stage_steps_total counter", f"mesh_stage_steps_total {s.steps}",
-            "# TYPE mesh_stage_batches_total counter", f"mesh_stage_batches_total {s.batches}",
-            "# TYPE mesh_stage_busy_seconds_total counter", f"mesh_stage_busy_seconds_total {s.busy_s:.6f}",
-            "# TYPE mesh_tokens_sampled_total counter", f"mesh_tokens_sampled_total {s.tokens_sampled}",
-            "# TYPE mesh_digest_mismatches_total counter", f"mesh_digest_mismatches_total {s.digest_mismatches}",
-            "# TYPE mesh_failovers_total counter", f"mesh_failovers_total {len(self.failovers)}",
-            "# TYPE mesh_term gauge", f"mesh_term {self.cluster.term if self.cluster else 0}",
-            "# TYPE mesh_is_coordinator gauge", f"mesh_is_coordinator {int(self.coordinator.active)}",
-        ]
-        v = self.verification()
-        lines += ["# TYPE mesh_audits_total counter", f"mesh_audits_total {v['audits']}",
-                  "# TYPE mesh_audit_failures_total counter", f"mesh_audit_failures_total {v['audit_failures']}"]
-        return "\n".join(lines) + "\n"
-
-
-def _device(backend: str) -> str:
-    if backend == "mlx":
-        return "metal" if platform.system() == "Darwin" else "cpu"
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
-def _measure_speed() -> float:
-    """A coarse, stable speed score (matrix-vector GFLOP/s, rounded to a power of 1.25)
-    so nodes of the same kind get equal shares despite timing noise."""
-    import math
-
-    import numpy as np
-
-    w = np.random.default_rng(0).standard_normal((1536, 576), dtype=np.float32)
-    x = np.ones((576,), dtype=np.float32)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(20):
-            w @ x
-        best = min(best, time.perf_counter() - t)
-    gflops = 20 * 2 * w.size / best / 1e9
-    return round(1.25 ** round(math.log(max(gflops, 1e-3), 1.25)), 3)
-
-
-def memory_bytes(text: str) -> int:
-    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
-    units = {"k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20, "g": 1e9, "gb": 1e9,
-             "gib": 1 << 30, "": 1}
-    t = text.strip().lower()
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
-    if unit not in units or not num:
-        raise ValueError(f"{text!r} is not a size like 2GiB or 512MiB")
-    return int(float(num) * units[unit])
-
+        return views.metrics_text(self)

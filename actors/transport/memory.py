@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections import deque
 from typing import Any, Callable, Sequence
 
 from ..clock import LOOP_CLOCK, Clock
@@ -108,7 +109,8 @@ class _MemStream(Stream):
         self._paused = False
         self._closed = False
         self._lost_notified = False
-        self._last_delivery = 0.0
+        self._in_flight: deque[tuple[float, Callable[[], Any]]] = deque()  # (due, delivery), in write order
+        self._timer: asyncio.TimerHandle | None = None
 
     def set_handler(self, handler: StreamHandler) -> None:
         self._handler = handler
@@ -126,10 +128,19 @@ class _MemStream(Stream):
         if self.net.delay <= 0:
             asyncio.get_running_loop().call_soon(fn)
             return
+        # One timer per stream, delivering what is due in write order: timers due at the
+        # same instant may fire in any order, and a stream must not reorder.
+        self._in_flight.append((self.net.clock.now() + self.net.delay, fn))
+        if self._timer is None:
+            self._timer = self.net.clock.call_later(self.net.delay, self._deliver_due)
+
+    def _deliver_due(self) -> None:
+        self._timer = None
         now = self.net.clock.now()
-        when = max(now + self.net.delay, self._last_delivery)  # in order, as a stream is
-        self._last_delivery = when
-        self.net.clock.call_later(when - now, fn)
+        while self._in_flight and self._in_flight[0][0] <= now:
+            self._in_flight.popleft()[1]()
+        if self._in_flight:
+            self._timer = self.net.clock.call_later(self._in_flight[0][0] - now, self._deliver_due)
 
     def _receive(self, data: bytes) -> None:
         if self._closed:

@@ -31,7 +31,6 @@ import asyncio
 import dataclasses
 import math
 import random
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 
 import structlog
 from actors import Actor, ActorSystem, PeerEvent
+from actors.clock import LOOP_CLOCK, Clock
 
 from mesh.cluster.detector import DetectorConfig, FailureDetector, Liveness
 from mesh.cluster.discovery import MdnsDiscovery, PeerHint, parse_peer
@@ -138,8 +138,10 @@ class ClusterService:
         bootstrap_after: float = 1.0,
         remove_dead_after: float | None = 1.0,
         seed: int | None = None,
+        clock: Clock = LOOP_CLOCK,
     ) -> None:
         self.system = system
+        self.clock = clock
         self.node_id = system.node_id
         if storage is None:
             storage = FileStorage(state_dir) if state_dir is not None else MemoryStorage()
@@ -183,7 +185,7 @@ class ClusterService:
 
     def members(self) -> list[Member]:
         """Every node this one knows of, itself first."""
-        now = time.monotonic()
+        now = self.clock.now()
         voters = set(self.election.voters)
         me = Member(
             self.node_id, self.facts.name, self.system.address, self.facts.backend, self.facts.device,
@@ -242,7 +244,7 @@ class ClusterService:
             )
             await self._mdns.start()
         # The bootstrap wait counts from the moment discovery runs (mDNS start takes ~1 s).
-        self._started_at = time.monotonic()
+        self._started_at = self.clock.now()
         log.info("cluster_started", node=self.node_id, term=self.term, voters=self.election.voters)
 
     async def stop(self) -> None:
@@ -257,16 +259,16 @@ class ClusterService:
         self._leaving = True
         self._dispatch(self.election.leave())
         self._send_heartbeats()
-        deadline = time.monotonic() + timeout
-        while self.election.is_voter and time.monotonic() < deadline:
-            await asyncio.sleep(self.tick_s)
+        deadline = self.clock.now() + timeout
+        while self.election.is_voter and self.clock.now() < deadline:
+            await self.clock.sleep(self.tick_s)
         self._send_heartbeats()
         return not self.election.is_voter
 
     def add_hint(self, hint: PeerHint) -> None:
         """A discovered address (mDNS or static); connects unless already connected."""
         if hint.node_id not in self.system.peers():
-            self._hinted.setdefault(hint.node_id, time.monotonic())
+            self._hinted.setdefault(hint.node_id, self.clock.now())
             self._spawn(self._connect_once(hint.host, hint.port))
 
     # ---- loops -----------------------------------------------------------------------
@@ -277,11 +279,10 @@ class ClusterService:
         task.add_done_callback(self._tasks.discard)
 
     async def _tick_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        next_at = self.clock.now()
         while True:
             next_at += self.tick_s
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await self.clock.sleep(next_at - self.clock.now())
             self._maybe_bootstrap()
             self.election.set_dead(self._dead_voters())
             self._dispatch(self.election.tick())
@@ -290,14 +291,14 @@ class ClusterService:
     async def _heartbeat_loop(self) -> None:
         while True:
             self._send_heartbeats()
-            await asyncio.sleep(self.heartbeat_s)
+            await self.clock.sleep(self.heartbeat_s)
 
     async def _dial_until_connected(self, host: str, port: int) -> None:
         delay = 0.1
         while True:
             if await self._connect_once(host, port):
                 return
-            await asyncio.sleep(delay)
+            await self.clock.sleep(delay)
             delay = min(delay * 2, 2.0)
 
     async def _connect_once(self, host: str, port: int) -> bool:
@@ -316,7 +317,7 @@ class ClusterService:
             self.election.add_peer(event.node_id)
             self.detector.link_up(event.node_id)
         else:
-            self.detector.link_down(event.node_id, time.monotonic())
+            self.detector.link_down(event.node_id, self.clock.now())
 
     def _on_raft(self, wire: RaftWire) -> None:
         msg = from_wire(wire)
@@ -326,7 +327,7 @@ class ClusterService:
         self._dispatch(self.election.step(msg))
 
     def _on_heartbeat(self, hb: Heartbeat) -> None:
-        self.detector.heartbeat(hb.node_id, time.monotonic())
+        self.detector.heartbeat(hb.node_id, self.clock.now())
         self._info[hb.node_id] = hb
         self.election.add_peer(hb.node_id)
         if hb.leaving:
@@ -336,12 +337,12 @@ class ClusterService:
 
     def _maybe_bootstrap(self) -> None:
         e = self.election
-        if e.log or time.monotonic() - self._started_at < self.bootstrap_after:
+        if e.log or self.clock.now() - self._started_at < self.bootstrap_after:
             return
-        alive = [hb for n, hb in self._info.items() if self.detector.is_alive(n, time.monotonic())]
+        alive = [hb for n, hb in self._info.items() if self.detector.is_alive(n, self.clock.now())]
         if any(hb.configured for hb in alive):
             return  # a cluster exists: the election keeps asking it to add us
-        now = time.monotonic()
+        now = self.clock.now()
         if any(n not in self._info and now - t < self.bootstrap_after for n, t in self._hinted.items()):
             return  # a discovered node we have not heard from yet may already be a cluster
         if not e.cfg.campaign:
@@ -355,7 +356,7 @@ class ClusterService:
         self._dispatch(self.election.observe_term(term))
 
     def _dead_voters(self) -> list[str]:
-        now = time.monotonic()
+        now = self.clock.now()
         # A voter never heard since start counts as dead only once the links had time to form.
         settled = now - self._started_at > self.bootstrap_after + 1.0
         return [
@@ -397,7 +398,7 @@ class ClusterService:
         return self.detector.state(node_id, now).value
 
     def _update_member_states(self) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         for node_id in (set(self._info) | set(self.election.voters)) - {self.node_id}:
             state = self._state_of(node_id, now)
             before = self._states.get(node_id)

@@ -9,9 +9,9 @@ import sys
 
 from mesh import models
 from mesh.commands import add_sampling_arguments
-from mesh.faults import parse_kill, stream_with_faults
-from mesh.launcher import LocalCluster
-from mesh.verify.faults import verify_args
+from mesh.testing.kills import parse_kill, stream_with_faults
+from mesh.testing.launcher import LocalCluster
+from mesh.testing.faults import verify_args
 
 DEFAULT_PROMPT = "Explain in three sentences why splitting a language model across devices helps."
 

@@ -34,7 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kernels.config import load_config
     from kernels.generate import GenerationStats, generate
-    from kernels.sampling import SamplingParams
     from kernels.stage import StageSpec, load_stage
     from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -51,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed)
+    params = GenerationParams.create(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                     top_k=args.top_k, seed=args.seed)
     params.validate(prompt_len=len(prompt_ids), context_length=config.context_length)
     try:
         stage = load_stage(path, StageSpec.full(config.n_layers), backend=args.backend, weight_mode=args.weight_mode)
@@ -60,10 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise ModelLoadFailed(f"cannot load the model at {path}: {exc}") from None
     stats = GenerationStats()
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
-    sampling = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                              seed=params.seed)
     token_ids, pieces = [], []
-    for token in generate(stage, prompt_ids, max_tokens=params.max_tokens, sampling=sampling,
+    for token in generate(stage, prompt_ids, max_tokens=params.max_tokens, sampling=params.sampling,
                           stop_ids=tokenizer.eos_token_ids, stats=stats):
         token_ids.append(token)
         piece = detok.feed(token)

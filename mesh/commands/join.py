@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def _positive(text: str) -> float:
 
 
 def config_from_args(args: argparse.Namespace):
-    from mesh.node import NodeConfig, memory_bytes
+    from mesh.node import NodeConfig
+    from mesh.sizing import memory_bytes
+    from mesh.verify.service import VerifyConfig
 
     secret = None
     if args.secret_file is not None:
@@ -87,8 +90,9 @@ def config_from_args(args: argparse.Namespace):
                       api_host=args.api_host, api_port=args.api_port, api_key=args.api_key,
                       interfaces=args.interfaces or [args.host], peers=args.peers, mdns=not args.no_mdns,
                       backend=args.backend, weight_mode=args.weight_mode, name=args.name, state_dir=args.state_dir,
-                      memory_limit=memory, threads=args.threads, speed=args.speed, audit_rate=args.audit_rate, fault=args.fault,
-                      campaign=not args.no_campaign)
+                      memory_limit=memory, threads=args.threads, speed=args.speed, campaign=not args.no_campaign,
+                      # the only place the MESH_* verification variables are read (benches set them)
+                      verify=VerifyConfig.from_env(os.environ, audit_rate=args.audit_rate, fault=args.fault))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,13 +11,14 @@ one plan rather than several.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import structlog
 
+from actors.clock import LOOP_CLOCK, Clock
 from mesh.pipeline.messages import PlanReady, PlanUpdate, StageEntry, StageReady
+from mesh.pipeline.plan import Epoch
 from mesh.planner import InsufficientMemory, ModelProfile, NodeCapacity, Plan, plan
 
 log = structlog.get_logger("mesh.coordinator")
@@ -25,16 +26,38 @@ log = structlog.get_logger("mesh.coordinator")
 Send = Callable[[str, str, object], None]
 
 
+class Debounce:
+    """When to re-plan, as a pure decision: every request restarts the wait with its own
+    delay, so a burst of membership changes gives one plan once it has been quiet."""
+
+    def __init__(self) -> None:
+        self.due: float | None = None
+
+    def request(self, now: float, delay: float) -> float:
+        self.due = now + delay
+        return self.due
+
+    def fire(self, now: float) -> bool:
+        """True once, when the wait is over."""
+        if self.due is None or now < self.due:
+            return False
+        self.due = None
+        return True
+
+    def cancel(self) -> None:
+        self.due = None
+
+
 @dataclass
 class PlanRecord:
     update: PlanUpdate
+    started: float
     ready_nodes: set[str] = field(default_factory=set)
     ready: bool = False
-    started: float = field(default_factory=time.monotonic)
 
     @property
-    def epoch(self) -> tuple[int, int]:
-        return (self.update.term, self.update.version)
+    def epoch(self) -> Epoch:
+        return Epoch.of(self.update)
 
     @property
     def nodes(self) -> list[str]:
@@ -43,8 +66,10 @@ class PlanRecord:
 
 class CoordinatorRole:
     def __init__(self, node_id: str, model: str, profile: ModelProfile, send: Send, *,
-                 debounce_s: float = 0.3, failover_debounce_s: float = 0.02, max_stages: int | None = None):
+                 debounce_s: float = 0.3, failover_debounce_s: float = 0.02, max_stages: int | None = None,
+                 clock: Clock = LOOP_CLOCK):
         self.node_id = node_id
+        self.clock = clock
         self.model = model
         self.profile = profile
         self.send = send
@@ -58,7 +83,8 @@ class CoordinatorRole:
         self.current: PlanRecord | None = None
         self.version = 0
         self.load_failed: dict[str, str] = {}  # node -> error; left out until it rejoins
-        self._replan: asyncio.TimerHandle | None = None
+        self._debounce = Debounce()
+        self._timer: asyncio.TimerHandle | None = None
         self.active = False
 
     # -- activation (driven by the election) -------------------------------------------
@@ -69,7 +95,7 @@ class CoordinatorRole:
         self.term = term
         if last_known is not None:
             self.version = max(self.version, last_known.version)
-            self.current = PlanRecord(last_known)
+            self.current = PlanRecord(last_known, self.clock.now())
             self.failovers = list(last_known.failovers)
             if last_known.coordinator != self.node_id:
                 self._record("coordinator", last_known.coordinator)
@@ -78,9 +104,10 @@ class CoordinatorRole:
 
     def step_down(self) -> None:
         self.active = False
-        if self._replan is not None:
-            self._replan.cancel()
-            self._replan = None
+        self._debounce.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -114,13 +141,13 @@ class CoordinatorRole:
     def _record(self, kind: str, node: str) -> None:
         if any(f["kind"] == kind and f["node"] == node and f["term"] == self.term for f in self.failovers):
             return
-        self.failovers.append({"kind": kind, "node": node, "term": self.term, "at": time.time()})
+        self.failovers.append({"kind": kind, "node": node, "term": self.term, "at": self.clock.wall()})
         del self.failovers[:-50]
         log.warning("coordinator.failover", kind=kind, node=node, term=self.term)
 
     def on_stage_ready(self, msg: StageReady) -> None:
         rec = self.current
-        if not self.active or rec is None or (msg.term, msg.version) != rec.epoch:
+        if not self.active or rec is None or Epoch.of(msg) != rec.epoch:
             return
         if not msg.ok:
             log.warning("coordinator.load_failed", node=msg.node, error=msg.error)
@@ -130,7 +157,7 @@ class CoordinatorRole:
         rec.ready_nodes.add(msg.node)
         if not rec.ready and set(rec.nodes) <= rec.ready_nodes:
             rec.ready = True
-            log.info("coordinator.plan_ready", epoch=rec.epoch, ready_s=round(time.monotonic() - rec.started, 3))
+            log.info("coordinator.plan_ready", epoch=str(rec.epoch), ready_s=round(self.clock.now() - rec.started, 3))
             for node in self.members:
                 self.send(node, "stage", PlanReady(rec.update.term, rec.update.version))
 
@@ -148,13 +175,18 @@ class CoordinatorRole:
     # -- planning ---------------------------------------------------------------------
 
     def schedule(self, delay: float | None = None) -> None:
-        if self._replan is not None:
-            self._replan.cancel()
-        delay = self.debounce_s if delay is None else delay
-        self._replan = asyncio.get_running_loop().call_later(delay, self._maybe_replan)
+        now = self.clock.now()
+        due = self._debounce.request(now, self.debounce_s if delay is None else delay)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.clock.call_later(due - now, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._debounce.fire(self.clock.now()):
+            self._maybe_replan()
 
     def _maybe_replan(self) -> None:
-        self._replan = None
         if not self.active:
             return
         usable = [c for c in self.capacities.values() if c.node_id not in self.load_failed]
@@ -171,11 +203,11 @@ class CoordinatorRole:
             return  # this term already announced exactly this plan
         self.version += 1
         update = PlanUpdate(self.term, self.version, self.node_id, self.model, stages, error, list(self.failovers))
-        self.current = PlanRecord(update)
+        self.current = PlanRecord(update, self.clock.now())
         if error:
-            log.error("coordinator.degraded", error=error, epoch=(self.term, self.version))
+            log.error("coordinator.degraded", error=error, epoch=str(Epoch.of(update)))
         else:
-            log.info("coordinator.plan", epoch=(self.term, self.version),
+            log.info("coordinator.plan", epoch=str(Epoch.of(update)),
                      stages=[(s.node, s.start, s.end) for s in stages])
         for node in self.members:
             self.send(node, "stage", update)

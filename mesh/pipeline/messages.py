@@ -1,5 +1,6 @@
 """Messages of the inference pipeline. Every one carries the plan epoch it belongs
-to — (coordinator term, plan version) — so a receiver drops what an older plan sent."""
+to — (coordinator term, plan version), `mesh.pipeline.plan.Epoch` — so a receiver
+drops what an older plan sent."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors import message
+from kernels.sampling import SamplingParams
+
+# The sampling parameters travel as they are: one shape from the API to the auditor.
+message("mesh.SamplingParams")(SamplingParams)
 
 
 @message("mesh.StageEntry")
@@ -64,10 +69,7 @@ class SessionMeta:
     serve_node: str
     prompt_len: int
     max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
+    sampling: SamplingParams
     eos_ids: list[int] = field(default_factory=list)
 
 

@@ -17,11 +17,13 @@ from typing import AsyncIterator, Callable
 import numpy as np
 import structlog
 
+from actors.clock import LOOP_CLOCK, Clock
 from kernels.digest import tensor_digest
 from kernels.tokenizer import IncrementalDetokenizer
 from mesh.errors import MeshError
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.messages import EndSession, Forward, Retransmit, SessionFailed, SessionMeta, TokenOut
+from mesh.pipeline.plan import NO_EPOCH, Epoch, PlanView
 from mesh.pipeline.sequencer import TokenSequencer, Verdict
 
 log = structlog.get_logger("mesh.serve")
@@ -40,22 +42,15 @@ class _Session:
     params: GenerationParams
     meta: SessionMeta
     events: asyncio.Queue
+    last_progress: float
     sequencer: TokenSequencer = field(default_factory=TokenSequencer)
-    epoch: tuple[int, int] = (0, 0)
+    epoch: Epoch = NO_EPOCH  # the plan the session was last sent into
     last_forward: Forward | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    last_progress: float = field(default_factory=time.monotonic)
     links_lost_mark: int = 0  # Serving.links_lost when the session last made progress
     replays: int = 0
     done: bool = False
-
-
-@dataclass
-class PlanView:
-    term: int
-    version: int
-    stage_nodes: list[str]
 
 
 class Serving:
@@ -63,8 +58,9 @@ class Serving:
 
     def __init__(self, node_id: str, send: Send, plan: Callable[[], PlanView | None], *,
                  eos_ids: list[int], tokenizer_factory: Callable[[], IncrementalDetokenizer],
-                 stall_s: float = 5.0, stall_s_per_token: float = 0.01):
+                 stall_s: float = 5.0, stall_s_per_token: float = 0.01, clock: Clock = LOOP_CLOCK):
         self.node_id = node_id
+        self.clock = clock
         self.send = send
         self.plan = plan
         self.eos_ids = list(eos_ids)
@@ -79,17 +75,16 @@ class Serving:
 
     # -- client side --------------------------------------------------------------------
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams,
-                       *, plan_wait_s: float = 60.0) -> AsyncIterator[TokenEvent]:
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[TokenEvent]:
         """Run one session; yield its tokens in order. Closing the iterator cancels it."""
         session = _Session(
             id=uuid.uuid4().hex,
             prompt_ids=list(prompt_ids),
             params=params,
             meta=SessionMeta(serve_node=self.node_id, prompt_len=len(prompt_ids), max_tokens=params.max_tokens,
-                             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                             seed=params.seed, eos_ids=self.eos_ids),
+                             sampling=params.sampling, eos_ids=self.eos_ids),
             events=asyncio.Queue(),
+            last_progress=self.clock.now(),
         )
         self.sessions[session.id] = session
         detok = self.detok_factory()
@@ -103,7 +98,7 @@ class Serving:
                 token, finish = item
                 if session.first_token_at is None:
                     session.first_token_at = time.perf_counter()
-                stop_token = finish == "stop" and token in self.eos_ids
+                stop_token = finish == "stop"  # the eos token ends the answer (kernels.sampling.finish_reason)
                 text = "" if stop_token else detok.feed(token)
                 if finish is not None:
                     text += detok.flush()
@@ -128,10 +123,10 @@ class Serving:
         if plan is None:
             return  # replayed when a plan becomes ready
         ids = np.asarray(session.prompt_ids + session.sequencer.tokens, dtype=np.int32)
-        session.epoch = (plan.term, plan.version)
-        session.last_progress = time.monotonic()
+        session.epoch = plan.epoch
+        session.last_progress = self.clock.now()
         session.links_lost_mark = self.links_lost
-        fwd = Forward(plan.term, plan.version, session.id, step=session.sequencer.next_seq, start_pos=0,
+        fwd = Forward(plan.epoch.term, plan.epoch.version, session.id, step=session.sequencer.next_seq, start_pos=0,
                       sender=self.node_id, digest=tensor_digest(ids), tokens=ids, meta=session.meta)
         session.last_forward = fwd
         self.send(plan.stage_nodes[0], "stage", fwd)
@@ -142,10 +137,10 @@ class Serving:
         if plan is None:
             return
         for session in list(self.sessions.values()):
-            if session.epoch != (plan.term, plan.version) and not session.done:
+            if session.epoch != plan.epoch and not session.done:
                 session.replays += 1
                 log.info("session.replay", session=session.id, tokens=session.sequencer.next_seq,
-                         epoch=(plan.term, plan.version))
+                         epoch=str(plan.epoch))
                 self._submit(session)
 
     def on_token(self, msg: TokenOut) -> None:
@@ -155,7 +150,7 @@ class Serving:
         verdict = session.sequencer.offer(msg.seq, msg.token)
         if verdict is Verdict.ACCEPTED:
             self.tokens_out += 1
-            session.last_progress = time.monotonic()
+            session.last_progress = self.clock.now()
             session.links_lost_mark = self.links_lost
             session.events.put_nowait((msg.token, msg.finish_reason))
             if msg.finish_reason:
@@ -174,7 +169,7 @@ class Serving:
         if session is None or session.last_forward is None or session.last_forward.step != msg.step:
             return
         plan = self.plan()
-        if plan is not None and session.epoch == (plan.term, plan.version):
+        if plan is not None and session.epoch == plan.epoch:
             self.send(plan.stage_nodes[0], "stage", session.last_forward)
 
     def check_stalls(self, now: float | None = None) -> int:
@@ -185,10 +180,10 @@ class Serving:
         plan = self.plan()
         if plan is None:
             return 0
-        now = time.monotonic() if now is None else now
+        now = self.clock.now() if now is None else now
         replayed = 0
         for session in list(self.sessions.values()):
-            if session.done or session.epoch != (plan.term, plan.version):
+            if session.done or session.epoch != plan.epoch:
                 continue
             if session.links_lost_mark == self.links_lost:
                 continue  # nothing can have been lost: it is only slow

@@ -4,6 +4,10 @@ check what arrives, forward what it computes.
 Everything arrives as messages; compute runs on the node's ComputeRunner thread so the
 event loop (heartbeats, elections) never waits for a forward pass. Steps that queue up
 while a forward pass runs are taken together in the next one: continuous batching.
+
+Verification (and the test-only faults) watch a stage through the `StageObserver` seam:
+told when layers load, handed each pass's outputs and each wire tensor, and told what
+was sent and sampled. The host never knows who observes it.
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import structlog
 
 from kernels.digest import tensor_digest
+from actors.clock import LOOP_CLOCK, Clock
 from kernels.runner import ComputeRunner
-from kernels.sampling import SamplingParams, sample
+from kernels.sampling import finish_reason, sample
 from kernels.stage import Stage, StageInputError, StageSpec, StepInput, load_stage
 from mesh.pipeline.messages import (
     EndSession,
@@ -32,6 +37,7 @@ from mesh.pipeline.messages import (
     StageReady,
     TokenOut,
 )
+from mesh.pipeline.plan import NO_EPOCH, Epoch
 
 log = structlog.get_logger("mesh.stage")
 
@@ -47,6 +53,56 @@ class _Work:
     tensor: np.ndarray
 
 
+class StageObserver(Protocol):
+    """What watches a stage (verification's recorder; a test's fault). Called on the event
+    loop; ``outputs`` and ``wire`` may replace tensors (faults), the others only record."""
+
+    def on_loaded(self, stage: Stage, entry: StageEntry, epoch: Epoch) -> None:
+        """This node's layers of plan ``epoch`` are loaded."""
+
+    def outputs(self, epoch: Epoch, results: list[tuple[Forward, np.ndarray]]) -> list[np.ndarray]:
+        """One forward pass's outputs, (input message, output) per step: what to use."""
+
+    def wire(self, tensor: np.ndarray) -> np.ndarray:
+        """A hidden state about to go on the wire (after its digest): what to send."""
+
+    def on_sent(self, src: Forward, output: np.ndarray, digest: bytes) -> None:
+        """The output of step ``src`` went to the next stage."""
+
+    def on_sampled(self, src: Forward, logits: np.ndarray, token: int) -> None:
+        """The head stage sampled ``token`` from ``logits`` (1, vocab) for step ``src``."""
+
+    def on_end(self, session: str, epoch: Epoch) -> None: ...
+
+    def on_digest_mismatch(self, msg: Forward, actual: bytes) -> None:
+        """What arrived does not hash to the digest its sender put on it."""
+
+
+class NoObserver:
+    """A stage nobody watches."""
+
+    def on_loaded(self, stage: Stage, entry: StageEntry, epoch: Epoch) -> None:
+        pass
+
+    def outputs(self, epoch: Epoch, results: list[tuple[Forward, np.ndarray]]) -> list[np.ndarray]:
+        return [out for _, out in results]
+
+    def wire(self, tensor: np.ndarray) -> np.ndarray:
+        return tensor
+
+    def on_sent(self, src: Forward, output: np.ndarray, digest: bytes) -> None:
+        pass
+
+    def on_sampled(self, src: Forward, logits: np.ndarray, token: int) -> None:
+        pass
+
+    def on_end(self, session: str, epoch: Epoch) -> None:
+        pass
+
+    def on_digest_mismatch(self, msg: Forward, actual: bytes) -> None:
+        pass
+
+
 @dataclass
 class StageStats:
     steps: int = 0
@@ -58,7 +114,7 @@ class StageStats:
     busy_s: float = 0.0  # from handing a batch to the compute thread to the loop taking its outputs
     compute_s: float = 0.0  # of which the forward passes themselves (wall time on the compute thread)
     cpu_s: float = 0.0  # and the compute thread's CPU time in them
-    last_step_at: float = float("-inf")  # time.monotonic() at the end of the last forward pass
+    last_step_at: float = float("-inf")  # the clock's time at the end of the last forward pass
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
@@ -66,8 +122,8 @@ class StageHost:
     """One node's part of the pipeline. ``send`` delivers a message to an actor on a node."""
 
     def __init__(self, node_id: str, model_path: Path, *, backend: str, weight_mode: str,
-                 runner: ComputeRunner, send: Send, max_batch: int = 16,
-                 wire_fault: Callable[[np.ndarray], np.ndarray] | None = None):
+                 runner: ComputeRunner, send: Send, max_batch: int = 16, clock: Clock = LOOP_CLOCK,
+                 observer: StageObserver | None = None):
         self.node_id = node_id
         self.model_path = model_path
         self.backend = backend
@@ -75,9 +131,9 @@ class StageHost:
         self.runner = runner
         self.send = send
         self.max_batch = max_batch
-        self.wire_fault = wire_fault
-        self.verifier = None  # mesh.verify.recorder.StageRecorder, set by the node
-        self.epoch: tuple[int, int] = (0, 0)
+        self.clock = clock
+        self.observer: StageObserver = observer if observer is not None else NoObserver()
+        self.epoch: Epoch = NO_EPOCH  # the plan this host's layers and sessions belong to
         self.entry: StageEntry | None = None
         self.stages: list[StageEntry] = []
         self.stage: Stage | None = None
@@ -121,7 +177,7 @@ class StageHost:
 
         Idempotent per plan: the coordinator re-sends its plan now and then, and a node
         answers with the outcome it already has (after its load finishes)."""
-        epoch = (update.term, update.version)
+        epoch = Epoch.of(update)
         async with self._loading:
             if epoch < self.epoch:
                 return StageReady(update.term, update.version, self.node_id, ok=False, error="stale plan")
@@ -160,25 +216,23 @@ class StageHost:
             return StageReady(update.term, update.version, self.node_id, ok=False,
                               error=f"{type(exc).__name__}: {exc}")
         self.entry = mine
-        if self.verifier is not None:
-            self.verifier.on_loaded(self)
+        self.observer.on_loaded(self.stage, mine, Epoch.of(update))
         load_s = time.perf_counter() - started
         log.info("stage.ready", index=mine.index, layers=[mine.start, mine.end], load_s=round(load_s, 3),
-                 epoch=(update.term, update.version))
+                 epoch=str(Epoch.of(update)))
         return StageReady(update.term, update.version, self.node_id, ok=True, load_s=load_s)
 
     # -- messages -----------------------------------------------------------------------
 
     def on_forward(self, msg: Forward) -> None:
-        if (msg.term, msg.version) != self.epoch or self.entry is None:
+        if Epoch.of(msg) != self.epoch or self.entry is None:
             self.stats.stale_dropped += 1
-            log.debug("forward.stale", session=msg.session, epoch=(msg.term, msg.version), current=self.epoch)
+            log.debug("forward.stale", session=msg.session, epoch=str(Epoch.of(msg)), current=str(self.epoch))
             return
         tensor = msg.tokens if msg.tokens is not None else msg.hidden
         if tensor is None or tensor_digest(tensor) != msg.digest:
             self.stats.digest_mismatches += 1
-            if self.verifier is not None:
-                self.verifier.on_digest_mismatch(self, msg, b"" if tensor is None else tensor_digest(tensor))
+            self.observer.on_digest_mismatch(msg, b"" if tensor is None else tensor_digest(tensor))
             log.warning("forward.digest_mismatch", session=msg.session, step=msg.step, sender=msg.sender)
             # The node's stage actor hands a Retransmit to both its stage and its serving side.
             self.send(msg.sender, STAGE_ACTOR, Retransmit(msg.term, msg.version, msg.session, msg.step,
@@ -196,7 +250,7 @@ class StageHost:
 
     def on_token(self, msg: TokenOut) -> None:
         """The ring: the last stage's token comes back to the first stage as the next step."""
-        if (msg.term, msg.version) != self.epoch or not self.is_first or msg.finish_reason:
+        if Epoch.of(msg) != self.epoch or not self.is_first or msg.finish_reason:
             return
         meta = self.meta.get(msg.session)
         if meta is None or msg.seq + 1 <= self.front.get(msg.session, -1):
@@ -209,15 +263,14 @@ class StageHost:
 
     def on_retransmit(self, msg: Retransmit) -> None:
         sent = self.last_sent.get(msg.session)
-        if sent is None or sent[1].step != msg.step or (msg.term, msg.version) != self.epoch:
+        if sent is None or sent[1].step != msg.step or Epoch.of(msg) != self.epoch:
             return
         self.stats.retransmits_sent += 1
         log.info("forward.retransmit", session=msg.session, step=msg.step, reason=msg.reason)
         self.send(sent[0], STAGE_ACTOR, sent[1])  # the clean copy: faults apply to the wire only
 
     def on_end(self, msg: EndSession) -> None:
-        if self.verifier is not None:
-            self.verifier.on_end(self, msg.session)
+        self.observer.on_end(msg.session, self.epoch)
         self._ended[msg.session] = None
         if len(self._ended) > 4096:
             del self._ended[next(iter(self._ended))]
@@ -251,7 +304,7 @@ class StageHost:
 
     async def _step(self, batch: list[_Work]) -> None:
         epoch = self.epoch
-        batch = [w for w in batch if (w.msg.term, w.msg.version) == epoch and w.msg.session in self.meta]
+        batch = [w for w in batch if Epoch.of(w.msg) == epoch and w.msg.session in self.meta]
         stage = self.stage
         if not batch or stage is None:
             return
@@ -270,14 +323,14 @@ class StageHost:
                 except StageInputError as exc:
                     self._fail(work.msg, str(exc))
         self.stats.busy_s += time.perf_counter() - started
-        self.stats.last_step_at = time.monotonic()
+        self.stats.last_step_at = self.clock.now()
         self.stats.batches += 1
         self.stats.steps += len(batch)
         self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
         if self.epoch != epoch:
             return  # the plan changed while we computed: these outputs belong to nobody
-        if self.verifier is not None:
-            results = self.verifier.outputs(self, results)
+        outputs = self.observer.outputs(epoch, [(work.msg, out) for work, out in results])
+        results = [(work, out) for (work, _), out in zip(results, outputs, strict=True)]
         if self.is_last:
             await self._sample_and_emit(results)
         else:
@@ -308,10 +361,10 @@ class StageHost:
         fwd = Forward(src.term, src.version, src.session, src.step, src.start_pos, sender=self.node_id,
                       digest=tensor_digest(hidden), hidden=hidden, meta=src.meta)
         self.last_sent[src.session] = (node, fwd)
-        sent = fwd if self.wire_fault is None else Forward(**{**fwd.__dict__, "hidden": self.wire_fault(hidden)})
+        on_wire = self.observer.wire(hidden)
+        sent = fwd if on_wire is hidden else Forward(**{**fwd.__dict__, "hidden": on_wire})
         self.send(node, STAGE_ACTOR, sent)
-        if self.verifier is not None:  # after the send: the next stage need not wait for the signature
-            self.verifier.commit(self, src, hidden, fwd.digest)
+        self.observer.on_sent(src, hidden, fwd.digest)  # after the send: the next stage need not wait for it
 
     async def _sample_and_emit(self, results: list[tuple[_Work, np.ndarray]]) -> None:
         picks = []
@@ -320,17 +373,11 @@ class StageHost:
             if meta is None:
                 continue  # ended while we computed
             position = work.msg.start_pos + work.tensor.shape[0]  # position of the token being sampled
-            params = SamplingParams(temperature=meta.temperature, top_k=meta.top_k, top_p=meta.top_p,
-                                    seed=meta.seed)
-            picks.append((work, meta, position, logits[-1], params))
-        tokens = await self.runner.run(lambda: [sample(row, p, pos) for _, _, pos, row, p in picks])
-        for (work, meta, position, row, _), token in zip(picks, tokens):
+            picks.append((work, meta, position, logits[-1]))
+        tokens = await self.runner.run(lambda: [sample(row, meta.sampling, pos) for _, meta, pos, row in picks])
+        for (work, meta, position, row), token in zip(picks, tokens):
             seq = position - meta.prompt_len
-            finish = None
-            if token in meta.eos_ids:
-                finish = "stop"
-            elif seq + 1 >= meta.max_tokens:
-                finish = "length"
+            finish = finish_reason(int(token), seq, max_tokens=meta.max_tokens, eos_ids=meta.eos_ids)
             self.stats.tokens_sampled += 1
             out = TokenOut(work.msg.term, work.msg.version, work.msg.session, seq, int(token), finish)
             self.send(meta.serve_node, SERVE_ACTOR, out)
@@ -340,10 +387,8 @@ class StageHost:
                     self.on_token(out)
                 else:
                     self.send(first, STAGE_ACTOR, out)
-        if self.verifier is not None:  # after the sends: digesting the logits is off the token's path
-            for (work, _, _, row, _), token in zip(picks, tokens):
-                self.verifier.commit(self, work.msg, np.ascontiguousarray(row[None], dtype=np.float32),
-                                     token=int(token))
+        for (work, _, _, row), token in zip(picks, tokens):  # after the sends: off the token's path
+            self.observer.on_sampled(work.msg, np.ascontiguousarray(row[None], dtype=np.float32), int(token))
 
     def _fail(self, msg: Forward, error: str) -> None:
         meta = self.meta.get(msg.session)

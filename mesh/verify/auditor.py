@@ -12,8 +12,8 @@ audited node is on probation for the stage (until the first passes of two of its
 sessions came back clean, or again after a failure), a session's first pass gathers
 for 0.25 s and runs at normal priority (a cheat shows at once: catch it early); after,
 it is scheduled like a later pass. An escalation runs at once. Later passes wait while
-this node's own stage is computing, up to ``MESH_AUDIT_DEFER_S`` (default 20 s) after
-their first request, and otherwise gather for ``MESH_AUDIT_GATHER_S`` (default 1 s).
+this node's own stage is computing, up to ``VerifyConfig.defer_s`` (default 20 s) after
+their first request, and otherwise gather for ``VerifyConfig.gather_s`` (default 1 s).
 A pass on the core next to a decoding stage slows it (decode is bound by memory
 bandwidth, and the pass reads the same layers' weights again:
 bench/audit_contention.py), so passes run between answers where they can and at a
@@ -29,21 +29,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
 
+from actors.clock import LOOP_CLOCK, Clock
 from actors.errors import ActorsError
 from actors.identity import NodeIdentity
 from kernels.digest import compare, tensor_digest
-from kernels.sampling import SamplingParams, sample
+from kernels.sampling import sample
 from kernels.stage import Stage, StageSpec, StepInput
 from mesh.verify.commitment import CommitmentRejected, result_bytes, verify_batch
 from mesh.verify.messages import (
@@ -65,7 +66,7 @@ from mesh.verify.worker import AuditProcess
 
 log = structlog.get_logger("mesh.verify.auditor")
 # How long requests gather before a later pass (each pass reads the stage's weights once).
-GATHER_S = float(os.environ.get("MESH_AUDIT_GATHER_S", "1.0"))
+GATHER_S = 1.0  # VerifyConfig.gather_s
 FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at once, catch it early
 # A node is on probation for a stage (in one plan) until its first passes of this many
 # sessions came back clean: until then a session's first pass runs at once and at normal
@@ -75,7 +76,7 @@ FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at onc
 PROBATION_SESSIONS = 2
 # A later pass waits while this node's stage computed within IDLE_S, at most DEFER_S after
 # its first request: that bounds how late a cheat that starts mid-answer is caught.
-DEFER_S = float(os.environ.get("MESH_AUDIT_DEFER_S", "20.0"))
+DEFER_S = 20.0  # VerifyConfig.defer_s
 IDLE_S = 0.5
 
 
@@ -158,10 +159,8 @@ def check_steps(stage: Stage, key: str, records: dict[int, StepRecord], data: Au
             verdict = Verdict(False, "output outside tolerance", cmp.max_row_rel_l2, cmp.outside_share,
                               grid_match=grid)
         elif last:
-            params = SamplingParams(temperature=data.temperature, top_k=data.top_k, top_p=data.top_p,
-                                    seed=data.seed)
             position = rec.start_pos + rec.length
-            if sample(committed[-1], params, position) != rec.token:
+            if sample(committed[-1], data.sampling, position) != rec.token:
                 verdict = Verdict(False, f"token {rec.token} is not what the committed logits sample at {position}",
                                   cmp.max_row_rel_l2, cmp.outside_share, grid_match=grid)
         verdicts[step] = verdict
@@ -183,7 +182,8 @@ class Auditor:
     def __init__(self, identity: NodeIdentity, model_path: Path, backend: str,
                  fetch: Callable[[str, AuditFetch], asyncio.Future[AuditData]],
                  report: Callable[[str, AuditReport], None], *, max_tracks: int = 16, gather_s: float = GATHER_S,
-                 defer_s: float = DEFER_S, stage_idle_s: Callable[[], float] = lambda: float("inf")):
+                 defer_s: float = DEFER_S, stage_idle_s: Callable[[], float] = lambda: float("inf"),
+                 clock: Clock = LOOP_CLOCK, compute: Any = None):
         self.identity = identity
         self.model_path = model_path
         self.backend = backend
@@ -193,7 +193,9 @@ class Auditor:
         self.gather_s = gather_s
         self.defer_s = defer_s
         self.stage_idle_s = stage_idle_s  # seconds since this node's own stage last computed
-        self.compute = AuditProcess()
+        self.clock = clock
+        # where audit compute runs: a low-priority child process, or (virtual-time meshes) inline
+        self.compute = compute if compute is not None else AuditProcess()
         self.stages: dict[tuple, bytes] = {}  # (spec, backend, mode) loaded in the audit process -> weights digest
         self.tracks: OrderedDict[tuple, _Track] = OrderedDict()
         # (term, version, session, stage, node) -> step -> record: the coordinator sends each once
@@ -224,14 +226,13 @@ class Auditor:
         log.debug("audit.requested", node=b.node, stage=b.stage, steps=req.steps, round=req.round)
         self.waiting.setdefault(tkey, []).append((req, coordinator))
         if tkey not in self._timers:  # the first of a gathering; an escalation is checked at once
-            loop = asyncio.get_running_loop()
             if req.round > 1:
                 delay, deadline = 0.0, None
             elif tkey not in self.tracks and self._probation(tkey):
                 delay, deadline = min(self.gather_s, FIRST_GATHER_S), None
             else:
-                delay, deadline = self.gather_s, loop.time() + self.defer_s
-            self._timers[tkey] = loop.call_later(delay, self._start_pass, tkey, deadline)
+                delay, deadline = self.gather_s, self.clock.now() + self.defer_s
+            self._timers[tkey] = self.clock.call_later(delay, self._start_pass, tkey, deadline)
 
     @contextlib.asynccontextmanager
     async def _turn(self, priority: int):
@@ -307,10 +308,10 @@ class Auditor:
         self.compute.close()
 
     def _start_pass(self, tkey: tuple, deadline: float | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        if deadline is not None and loop.time() < deadline and self.stage_idle_s() < IDLE_S:
+        now = self.clock.now()
+        if deadline is not None and now < deadline and self.stage_idle_s() < IDLE_S:
             # our stage is decoding: wait for a gap (the answer's end) or the deadline
-            self._timers[tkey] = loop.call_later(min(0.25, deadline - loop.time()), self._start_pass, tkey, deadline)
+            self._timers[tkey] = self.clock.call_later(min(0.25, deadline - now), self._start_pass, tkey, deadline)
             return
         del self._timers[tkey]
         task = asyncio.get_running_loop().create_task(self._pass(tkey), name="audit")

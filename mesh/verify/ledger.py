@@ -39,8 +39,8 @@ class _Pending:
     request: AuditRequest  # the request that holds this audit now (the escalation's, once escalated)
     step: int
     auditors: list[str]
+    sent_at: float
     results: list[AuditResult] = field(default_factory=list)
-    sent_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -52,8 +52,13 @@ class Flag:
 
 class Ledger:
     def __init__(self, node_id: str, send: Send, flag: Callable[[Flag], None], *, audit_rate: float = 0.2,
-                 max_sessions: int = 256, wire_strikes: int = 2, actor: str = "verify", audit_timeout_s: float = 120.0):
+                 max_sessions: int = 256, wire_strikes: int = 2, actor: str = "verify", audit_timeout_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic, audit_seed: str | None = None):
         self.node_id = node_id
+        self.clock = clock
+        # a fixed seed makes the audit schedule reproducible (tests, benches): whoever knows
+        # it can predict which steps are audited, so a real mesh never sets one
+        self.audit_seed = audit_seed
         self.send = send
         self.flag = flag
         self.audit_rate = audit_rate
@@ -85,7 +90,7 @@ class Ledger:
         """
         if term != self.term:
             self.term = term
-            self.secret = _beacon_secret(term)
+            self.secret = _beacon_secret(term, self.audit_seed)
             self.log.clear()
             self.pending.clear()
             self.sent.clear()
@@ -174,7 +179,7 @@ class Ledger:
             req = AuditRequest([p.audit_id for p in pending], 2, first.session, [p.step for p in pending], b,
                                records, first.n_stages)
             for p in pending:
-                p.request, p.auditors, p.sent_at = req, p.auditors + [second], time.monotonic()
+                p.request, p.auditors, p.sent_at = req, p.auditors + [second], self.clock()
             self.send(second, self.actor, req)
 
     def on_wire_fault(self, w: WireFault) -> None:
@@ -192,7 +197,7 @@ class Ledger:
 
     def _expire(self) -> None:
         """Forget audits nobody answered (the auditor died or was cut off): no judgement."""
-        now = time.monotonic()
+        now = self.clock()
         for aid in [a for a, p in self.pending.items() if now - p.sent_at > self.audit_timeout_s]:
             del self.pending[aid]
             self.expired += 1
@@ -237,7 +242,7 @@ class Ledger:
         self.next_id += len(steps)
         req = AuditRequest(ids, 1, key[2], steps, b, [x for x in records if x.step > last], n_stages)
         for aid, step in zip(ids, steps):
-            self.pending[aid] = _Pending(aid, req, step, [auditor])
+            self.pending[aid] = _Pending(aid, req, step, [auditor], self.clock())
         self.send(auditor, self.actor, req)
 
     def _records(self, key: tuple, stage: int, step: int) -> list[StepRecord]:
@@ -255,8 +260,7 @@ class Ledger:
         self.flag(flag)
 
 
-def _beacon_secret(term: int) -> bytes:
-    seed = os.environ.get("MESH_AUDIT_SEED")
+def _beacon_secret(term: int, seed: str | None) -> bytes:
     if seed is None:
         return os.urandom(32)
     return blake3.blake3(b"mesh audit seed" + seed.encode() + term.to_bytes(8, "little", signed=True)).digest()

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors import message
+from kernels.sampling import GREEDY
+from mesh.pipeline.messages import SamplingParams  # noqa: F811  (registered there as mesh.SamplingParams)
 
 
 @message("mesh.verify.StepRecord")
@@ -96,10 +98,7 @@ class AuditData:
     output_steps: list[int] = field(default_factory=list)
     output_lengths: list[int] = field(default_factory=list)
     outputs: np.ndarray | None = None  # the committed outputs of output_steps, concatenated by rows
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    sampling: SamplingParams = GREEDY  # how the session samples: the head stage's tokens are re-checked with it
 
 
 @message("mesh.verify.AuditResult")

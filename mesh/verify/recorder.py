@@ -1,16 +1,16 @@
 """The stage side of verification: commit every step, keep what an auditor needs.
 
-StageHost calls in at four points (see mesh/pipeline/stage_host.py): when its layers
-are loaded (faults that change weights), after a forward pass (faults that change
-outputs), when it sends an output or samples a token (the commitment), and when what
-arrives does not hash to its digest (a wire fault report). Records are signed per chunk
+The recorder is the stage's `StageObserver` (mesh/pipeline/stage_host.py): told when
+its layers are loaded (faults that change weights), handed a forward pass's outputs and
+each wire tensor (faults that change them), told when it sends an output or samples a
+token (the commitment), and when what arrives does not hash to its digest (a wire fault
+report). Records are signed per chunk
 of steps (a Merkle root) and sent to the coordinator; the inputs of every step and the
 outputs of recent steps stay here, bounded, for the auditors to fetch.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -21,8 +21,12 @@ import structlog
 
 from actors.identity import NodeIdentity
 from kernels.digest import tensor_digest
+from kernels.sampling import GREEDY, SamplingParams
+from kernels.stage import Stage
+from mesh.pipeline.messages import Forward, StageEntry
+from mesh.pipeline.plan import Epoch
 from mesh.verify.commitment import sign_batch
-from mesh.verify.faults import Fault
+from mesh.testing.faults import Fault
 from mesh.verify.messages import AuditData, AuditFetch, StepRecord, WireFault
 
 log = structlog.get_logger("mesh.verify")
@@ -34,27 +38,31 @@ VERIFY_ACTOR = "verify"
 # byte budget across sessions: the head stage's outputs are 49,152 logits (196 KB) a step.
 # A step an auditor asks for that is gone fails its audit, so the bounds are generous.
 RETAIN_S = 60.0
-RETAIN_BYTES = int(float(os.environ.get("MESH_VERIFY_RETAIN_MB", "1024")) * 2 ** 20)
+RETAIN_BYTES = 1024 * 2 ** 20  # VerifyConfig.retain_mb
 
 
 @dataclass
 class _SessionLog:
-    epoch: tuple[int, int]
+    epoch: Epoch
     inputs: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # step -> (start_pos, tensor)
     outputs: OrderedDict = field(default_factory=OrderedDict)  # step -> committed output
     pending: list[StepRecord] = field(default_factory=list)
     pending_since: float = 0.0
     chunk: int = 1  # the size of the next chunk: 1 (the prefill), then 2, 4, ... up to the recorder's chunk
     last_honest: np.ndarray | None = None
-    sampling: tuple[float, int, float, int] = (0.0, 0, 1.0, 0)
+    sampling: SamplingParams = GREEDY
 
 
 class StageRecorder:
     def __init__(self, identity: NodeIdentity, send: Send, coordinator: Callable[[], str | None], *,
-                 fault: Fault | None = None, chunk: int = 8, flush_s: float = 1.0, max_sessions: int = 64,
-                 retain_s: float = RETAIN_S, retain_bytes: int = RETAIN_BYTES,
-                 clock: Callable[[], float] = time.monotonic):
+                 backend: str, weight_mode: str, fault: Fault | None = None, chunk: int = 8,
+                 flush_s: float = 1.0, max_sessions: int = 64, retain_s: float = RETAIN_S,
+                 retain_bytes: int = RETAIN_BYTES, clock: Callable[[], float] = time.monotonic):
         self.identity = identity
+        self.backend = backend
+        self.weight_mode = weight_mode
+        self.stage: Stage | None = None  # this node's loaded stage and its place in the plan
+        self.entry: StageEntry | None = None
         self.send = send
         self.coordinator = coordinator
         self.fault = fault
@@ -69,47 +77,54 @@ class StageRecorder:
         self._kept: deque[tuple[float, _SessionLog, int, np.ndarray]] = deque()
         self.kept_bytes = 0
         self.dropped_young = 0  # outputs dropped younger than retain_s (the byte budget was full)
-        # (session, (term, version)) -> log: a replay on a new plan keeps the old plan's steps auditable
-        self.sessions: OrderedDict[tuple[str, tuple[int, int]], _SessionLog] = OrderedDict()
+        # (session, epoch) -> log: a replay on a new plan keeps the old plan's steps auditable
+        self.sessions: OrderedDict[tuple[str, Epoch], _SessionLog] = OrderedDict()
         self.commitments = 0
         self.batches = 0
         self.wire_faults_seen = 0
         self.commit_s = 0.0
 
-    # -- hooks called by StageHost ------------------------------------------------------
+    # -- the StageObserver hooks -----------------------------------------------------------
 
-    def on_loaded(self, host) -> None:
-        if self._cheats(host) and self.fault.kind in ("skip-layer", "noise") and host.stage is not None:
-            self.fault.corrupt_stage(host.stage)
-            log.warning("fault.active", kind=self.fault.kind, value=self.fault.value, stage=host.entry.index)
+    def on_loaded(self, stage: Stage, entry: StageEntry, epoch: Epoch) -> None:
+        self.stage, self.entry = stage, entry
+        if self._cheats() and self.fault.kind in ("skip-layer", "noise"):
+            self.fault.corrupt_stage(stage)
+            log.warning("fault.active", kind=self.fault.kind, value=self.fault.value, stage=entry.index)
 
-    def wire(self, host, tensor: np.ndarray) -> np.ndarray:
-        if self._cheats(host):
+    def wire(self, tensor: np.ndarray) -> np.ndarray:
+        if self._cheats() and self.fault.kind == "corrupt-wire":
             return self.fault.wire(tensor)
         return tensor
 
-    def outputs(self, host, results: list) -> list:
+    def outputs(self, epoch: Epoch, results: list[tuple[Forward, np.ndarray]]) -> list[np.ndarray]:
         """Apply output faults (tamper, stale) to a forward pass's results."""
-        if not self._cheats(host) or self.fault.kind not in ("tamper", "stale"):
-            return results
+        if not self._cheats() or self.fault.kind not in ("tamper", "stale"):
+            return [value for _, value in results]
         out = []
-        for work, value in results:
-            s = self._session(work.msg.session, host.epoch)
+        for msg, value in results:
+            s = self._session(msg.session, epoch)
             bad = self.fault.output(s.last_honest, value)
             s.last_honest = np.array(value, copy=True)
-            out.append((work, bad))
+            out.append(bad)
         return out
 
-    def commit(self, host, src, output: np.ndarray, output_digest: bytes | None = None, token: int = -1) -> None:
+    def on_sent(self, src: Forward, output: np.ndarray, digest: bytes) -> None:
+        self._commit(src, output, digest)
+
+    def on_sampled(self, src: Forward, logits: np.ndarray, token: int) -> None:
+        self._commit(src, logits, None, token)
+
+    def _commit(self, src: Forward, output: np.ndarray, output_digest: bytes | None, token: int = -1) -> None:
         """Record one step (``src`` is the Forward that came in) and sign the chunk when full."""
         started = time.perf_counter()
         tensor = src.tokens if src.tokens is not None else src.hidden
-        s = self._session(src.session, (src.term, src.version))
+        s = self._session(src.session, Epoch.of(src))
         digest = output_digest if output_digest is not None else tensor_digest(output)
         s.inputs[src.step] = (src.start_pos, tensor)
         self._keep(s, src.step, output)
         if src.meta is not None:
-            s.sampling = (src.meta.temperature, src.meta.top_k, src.meta.top_p, src.meta.seed)
+            s.sampling = src.meta.sampling
         if not s.pending:
             s.pending_since = started
         s.pending.append(StepRecord(src.session, src.step, src.start_pos, int(tensor.shape[0]), src.digest,
@@ -120,15 +135,15 @@ class StageRecorder:
         # (the prefill alone, then 2, 4, 8 steps): a cheat shows from a session's first steps.
         if len(s.pending) >= s.chunk or started - s.pending_since >= self.flush_s:
             s.chunk = min(2 * s.chunk, self.chunk)
-            self._flush(host, s)
+            self._flush(s)
         self.commit_s += time.perf_counter() - started
 
-    def on_end(self, host, session: str) -> None:
-        s = self.sessions.get((session, host.epoch))
+    def on_end(self, session: str, epoch: Epoch) -> None:
+        s = self.sessions.get((session, epoch))
         if s is not None and s.pending:
-            self._flush(host, s)
+            self._flush(s)
 
-    def on_digest_mismatch(self, host, msg, actual: bytes) -> None:
+    def on_digest_mismatch(self, msg: Forward, actual: bytes) -> None:
         self.wire_faults_seen += 1
         coord = self.coordinator()
         if coord is not None:
@@ -138,7 +153,7 @@ class StageRecorder:
     # -- what auditors fetch ------------------------------------------------------------
 
     def fetch(self, req: AuditFetch) -> AuditData:
-        s = self.sessions.get((req.session, (req.term, req.version)))
+        s = self.sessions.get((req.session, Epoch.of(req)))
         if s is None:
             return AuditData(False, "session not held (evicted from the retention window, or another plan)")
         steps = sorted(k for k in s.inputs if req.from_step <= k <= req.step)
@@ -147,25 +162,24 @@ class StageRecorder:
         if not steps or steps[-1] != req.step or missing:
             return AuditData(False, f"step {missing[0] if missing else req.step} is not retained")
         outputs = [np.asarray(s.outputs[k]).reshape(-1, np.asarray(s.outputs[k]).shape[-1]) for k in wanted]
-        t, k, p, seed = s.sampling
         return AuditData(True, "", steps, [s.inputs[k][0] for k in steps],
                          [int(s.inputs[k][1].shape[0]) for k in steps],
                          np.concatenate([s.inputs[k][1] for k in steps]), wanted, [len(o) for o in outputs],
-                         np.concatenate(outputs), temperature=t, top_k=k, top_p=p, seed=seed)
+                         np.concatenate(outputs), sampling=s.sampling)
 
     # -- internals ----------------------------------------------------------------------
 
-    def _cheats(self, host) -> bool:
+    def _cheats(self) -> bool:
         """Whether this node misbehaves: decided by the first stage it is given, for good —
         ``stage=K:SPEC`` picks the node that first holds stage K, and the node that takes
         over stage K after it is evicted computes honestly."""
-        if self.fault is None or host.entry is None:
+        if self.fault is None or self.entry is None:
             return False
         if self._cheater is None:
-            self._cheater = self.fault.applies(host.entry.index)
+            self._cheater = self.fault.applies(self.entry.index)
         return self._cheater
 
-    def _session(self, session: str, epoch: tuple[int, int]) -> _SessionLog:
+    def _session(self, session: str, epoch: Epoch) -> _SessionLog:
         key = (session, epoch)
         s = self.sessions.get(key)
         if s is None:
@@ -199,18 +213,18 @@ class StageRecorder:
                 self.dropped_young += 1
                 if self.dropped_young == 1:
                     log.warning("verify.retention_full", budget_mb=self.retain_bytes >> 20,
-                                hint="raise MESH_VERIFY_RETAIN_MB: audits of dropped steps fail")
+                                hint="raise MESH_VERIFY_RETAIN_MB (VerifyConfig.retain_mb): audits of dropped steps fail")
             self._kept.popleft()
             del log_.outputs[k]
             self.kept_bytes -= arr.nbytes
 
-    def _flush(self, host, s: _SessionLog) -> None:
+    def _flush(self, s: _SessionLog) -> None:
         records, s.pending = s.pending, []
-        entry, stage, coord = host.entry, host.stage, self.coordinator()
+        entry, stage, coord = self.entry, self.stage, self.coordinator()
         if entry is None or stage is None or coord is None:
             return
-        batch = sign_batch(self.identity, term=s.epoch[0], version=s.epoch[1], stage=entry.index, start=entry.start,
-                           end=entry.end, backend=host.backend, weight_mode=host.weight_mode,
+        batch = sign_batch(self.identity, term=s.epoch.term, version=s.epoch.version, stage=entry.index,
+                           start=entry.start, end=entry.end, backend=self.backend, weight_mode=self.weight_mode,
                            weights_digest=stage.weights_digest, records=records)
         self.batches += 1
         self.send(coord, VERIFY_ACTOR, batch)

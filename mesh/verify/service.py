@@ -1,18 +1,27 @@
 """Verification on one Node: the stage recorder, the auditor, and — while this node
-coordinates — the ledger. Messages arrive on the node's ``verify`` actor."""
+coordinates — the ledger. Messages arrive on the node's ``verify`` actor (the node
+routes them to `VerifyService.handlers`)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import os
-import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import structlog
 
+from actors.clock import LOOP_CLOCK, Clock
+from actors.identity import NodeIdentity
 from kernels.stage import StageSpec
+from mesh.pipeline.coordinator import CoordinatorRole
+from mesh.pipeline.stage_host import StageObserver
+from mesh.verify import auditor
 from mesh.verify.auditor import Auditor
-from mesh.verify.faults import Fault
+from mesh.testing.faults import parse_fault
 from mesh.verify.ledger import Flag, Ledger, auditor_order
 from mesh.verify.messages import (
     AuditData,
@@ -24,24 +33,79 @@ from mesh.verify.messages import (
     Summary,
     WireFault,
 )
-from mesh.verify.recorder import VERIFY_ACTOR, StageRecorder
+from mesh.verify.recorder import RETAIN_BYTES, VERIFY_ACTOR, StageRecorder
 
 log = structlog.get_logger("mesh.verify")
 # The coordinator sends its counters to the other nodes (for their `mesh status`) at most
 # this often: every send is an encrypted message on the event loops that carry the tokens.
 PUBLISH_S = 1.0
 
+Send = Callable[[str, str, object], None]
+Ask = Callable[[str, str, object, float], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Verification's settings (NodeConfig.verify). `from_env` reads the MESH_* variables
+    the benches set on node processes; it is called in one place, by `mesh join`."""
+
+    enabled: bool = True  # False: no commitments, no audits (bench/verify.py's baseline)
+    audit_rate: float = 0.2  # share of stage steps audited
+    gather_s: float = auditor.GATHER_S
+    defer_s: float = auditor.DEFER_S
+    retain_mb: float = RETAIN_BYTES / 2 ** 20
+    audit_seed: str | None = None  # tests and benches only: a reproducible audit schedule
+    fault: str | None = None  # test-only misbehaviour, mesh.testing.faults spec
+
+    @classmethod
+    def from_env(cls, env: dict[str, str], **overrides: Any) -> "VerifyConfig":
+        base = cls(enabled=env.get("MESH_VERIFY") != "off",
+                   gather_s=float(env.get("MESH_AUDIT_GATHER_S", auditor.GATHER_S)),
+                   defer_s=float(env.get("MESH_AUDIT_DEFER_S", auditor.DEFER_S)),
+                   retain_mb=float(env.get("MESH_VERIFY_RETAIN_MB", RETAIN_BYTES / 2 ** 20)),
+                   audit_seed=env.get("MESH_AUDIT_SEED"))
+        return dataclasses.replace(base, **overrides)
+
+    @property
+    def auditing(self) -> bool:
+        return self.enabled and self.audit_rate > 0
+
 
 class VerifyService:
-    def __init__(self, node, *, audit_rate: float = 0.2, fault: Fault | None = None):
-        self.node = node
-        self.recorder = StageRecorder(node.identity, node._send, self._coordinator, fault=fault)
-        self.ledger = Ledger(node.node_id, node._send, self._on_flag, audit_rate=audit_rate, actor=VERIFY_ACTOR)
-        self.auditor = Auditor(node.identity, node.model_path, node.backend, self._fetch, self._report,
-                               stage_idle_s=lambda: time.monotonic() - node.stage_host.stats.last_step_at)
+    """Given what it needs as callables: ``send(node, actor, msg)``, ``ask(node, actor,
+    msg, timeout)``, the cluster's ``coordinator()``, the live ``members()`` (node ->
+    backend), this node's coordinator role (verification's ledger lives while it holds
+    office; a flag evicts through it) and ``stage_idle_s()``."""
+
+    def __init__(self, identity: NodeIdentity, model_path: Path, *, backend: str, weight_mode: str,
+                 send: Send, ask: Ask, coordinator: Callable[[], str | None], members: Callable[[], dict[str, str]],
+                 role: CoordinatorRole, stage_idle_s: Callable[[], float], config: VerifyConfig = VerifyConfig(),
+                 clock: Clock = LOOP_CLOCK, audit_compute: Any = None):
+        self.node_id = identity.node_id
+        self.config = config
+        self.send = send
+        self.ask = ask
+        self.coordinator = coordinator
+        self.members = members
+        self.role = role
+        self.clock = clock
+        self.weight_mode = weight_mode
+        fault = parse_fault(config.fault) if config.fault else None
+        self.recorder = StageRecorder(identity, send, coordinator, backend=backend, weight_mode=weight_mode,
+                                      fault=fault, retain_bytes=int(config.retain_mb * 2 ** 20), clock=clock.now)
+        self.ledger = Ledger(self.node_id, send, self._on_flag, audit_rate=config.audit_rate, actor=VERIFY_ACTOR,
+                             clock=clock.now, audit_seed=config.audit_seed)
+        self.auditor = Auditor(identity, model_path, backend, self._fetch, self._report, gather_s=config.gather_s,
+                               defer_s=config.defer_s, stage_idle_s=stage_idle_s, clock=clock,
+                               compute=audit_compute)
         self.flags: dict[str, dict] = {}
         self.summary = Summary(0, 0, 0, 0, 0, 0, 0)
         self._publish_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def observer(self) -> StageObserver | None:
+        """What watches this node's stage: the recorder, or nothing when verification is off."""
+        return self.recorder if self.config.enabled else None
 
     def handlers(self) -> dict:
         return {CommitBatch: self._on_batch, AuditRequest: self._on_request, AuditFetch: self.recorder.fetch,
@@ -55,7 +119,7 @@ class VerifyService:
 
     def verification(self) -> dict:
         # the coordinator reports its ledger as it is; the others the last summary it sent
-        role = self.node.coordinator
+        role = self.role
         s = self._summary() if role.active and self.ledger.term == role.term else self.summary
         return {"commitments": s.commitments, "verified_links": s.verified_links, "broken_links": s.broken_links,
                 "audits": s.audits, "audit_failures": s.audit_failures, "audits_pending": s.audits_pending,
@@ -70,30 +134,24 @@ class VerifyService:
 
     # -- coordinator side -------------------------------------------------------------------
 
-    def _coordinator(self) -> str | None:
-        return self.node.cluster.coordinator if self.node.cluster is not None else None
-
     def _ledger(self) -> Ledger | None:
-        role = self.node.coordinator
+        role = self.role
         if not role.active or role.current is None:
             return None
         self.ledger.take_office(role.term)
         return self.ledger
 
-    def _members(self) -> dict[str, str]:
-        return {c.node_id: c.backend for c in self.node._capacities()}
-
     def _on_batch(self, batch: CommitBatch) -> None:
         ledger = self._ledger()
         if ledger is not None:
-            rec = self.node.coordinator.current
-            ledger.on_batch(batch, rec.epoch, rec.update.stages, self._members())
+            rec = self.role.current
+            ledger.on_batch(batch, rec.epoch, rec.update.stages, self.members())
             self._publish_soon()
 
     def _on_report(self, report: AuditReport) -> None:
         ledger = self._ledger()
         if ledger is not None:
-            ledger.on_results(report.results, self._members())
+            ledger.on_results(report.results, self.members())
             self._publish_soon()
 
     def _on_wire_fault(self, report: WireFault) -> None:
@@ -102,16 +160,16 @@ class VerifyService:
             ledger.on_wire_fault(report)
 
     def _on_flag(self, flag: Flag) -> None:
-        msg = NodeFlagged(self.node.coordinator.term, flag.node, flag.reason, json.dumps(flag.evidence))
+        msg = NodeFlagged(self.role.term, flag.node, flag.reason, json.dumps(flag.evidence))
         self._on_flagged(msg)
-        for member in self._members():
-            if member != self.node.node_id:
-                self.node._send(member, VERIFY_ACTOR, msg)
+        for member in self.members():
+            if member != self.node_id:
+                self.send(member, VERIFY_ACTOR, msg)
         self._publish()
 
     def _publish_soon(self) -> None:
         if self._publish_handle is None:
-            self._publish_handle = asyncio.get_running_loop().call_later(PUBLISH_S, self._publish)
+            self._publish_handle = self.clock.call_later(PUBLISH_S, self._publish)
 
     def _publish(self) -> None:
         self._publish_handle = None
@@ -119,9 +177,9 @@ class VerifyService:
         if summary == self.summary:
             return
         self.summary = summary
-        for member in self._members():
-            if member != self.node.node_id:
-                self.node._send(member, VERIFY_ACTOR, self.summary)
+        for member in self.members():
+            if member != self.node_id:
+                self.send(member, VERIFY_ACTOR, self.summary)
 
     def _summary(self) -> Summary:
         ledger = self.ledger
@@ -136,24 +194,24 @@ class VerifyService:
 
     def _on_flagged(self, msg: NodeFlagged) -> None:
         if msg.node not in self.flags:
-            self.flags[msg.node] = {"node": msg.node, "reason": msg.reason, "term": msg.term, "at": time.time(),
+            self.flags[msg.node] = {"node": msg.node, "reason": msg.reason, "term": msg.term, "at": self.clock.wall(),
                                     "evidence": json.loads(msg.evidence)}
             log.error("node.flagged", node=msg.node, reason=msg.reason)
         # every node remembers, so whichever node coordinates next keeps it out of the plan; the
         # coordinator re-places its layers at once, as after a failure
-        self.node.coordinator.evict(msg.node, f"flagged by verification: {msg.reason}")
+        self.role.evict(msg.node, f"flagged by verification: {msg.reason}")
 
     def start(self) -> None:
         """Called once the node runs (after it measured its speed): start the audit process."""
-        if os.environ.get("MESH_VERIFY") != "off" and self.ledger.audit_rate > 0:
+        if self.config.auditing:
             self.auditor.warm()
 
     def on_plan_ready(self, plan) -> None:
         """Load the stages this node is first or second choice to audit, so an audit (and
         its escalation) never waits for a load."""
-        if os.environ.get("MESH_VERIFY") == "off" or self.ledger.audit_rate <= 0:
+        if not self.config.auditing:
             return
-        members, me, n = self._members(), self.node.node_id, len(plan.stages)
+        members, me, n = self.members(), self.node_id, len(plan.stages)
         mine = []  # (choice, stage): the stages this node audits first come first (loads run in turn)
         for entry in plan.stages:
             order = auditor_order(entry.index, entry.node, entry.backend, members, set(self.flags))[:2]
@@ -161,32 +219,17 @@ class VerifyService:
                 mine.append((order.index(me), entry.index, entry))
         for _, _, entry in sorted(mine, key=lambda m: m[:2]):
             spec = StageSpec(entry.start, entry.end, embed=entry.index == 0, head=entry.index == n - 1)
-            self.auditor.preload(spec, entry.backend, self.node.stage_host.weight_mode)
+            self.auditor.preload(spec, entry.backend, self.weight_mode)
 
     def _on_request(self, req: AuditRequest) -> None:
-        coordinator = self._coordinator()
+        coordinator = self.coordinator()
         if coordinator is not None:
             self.auditor.on_request(req, coordinator)
 
     async def _fetch(self, node: str, req: AuditFetch) -> AuditData:
-        return await self.node.system.ref(node, VERIFY_ACTOR).ask(req, timeout=15.0)
+        return await self.ask(node, VERIFY_ACTOR, req, 15.0)
 
     def _report(self, coordinator: str, report: AuditReport) -> None:
-        self.node._send(coordinator, VERIFY_ACTOR, report)
+        self.send(coordinator, VERIFY_ACTOR, report)
 
 
-def attach(node, *, audit_rate: float, fault_spec: str | None) -> VerifyService:
-    """Build the node's verification and hook it into its stage host; returns the handlers' owner."""
-    from mesh.verify.faults import parse_fault
-
-    fault = parse_fault(fault_spec) if fault_spec else None
-    service = VerifyService(node, audit_rate=audit_rate, fault=fault)
-    host = node.stage_host
-    node.system.spawn(node._inbox(service.handlers()), name=VERIFY_ACTOR, mailbox_size=10_000)
-    if os.environ.get("MESH_VERIFY") == "off":  # bench/verify.py's baseline: no commitments, no audits
-        return service
-
-    host.verifier = service.recorder
-    if fault is not None and fault.kind == "corrupt-wire":
-        host.wire_fault = lambda tensor: service.recorder.wire(host, tensor)
-    return service

@@ -224,3 +224,41 @@ class AuditProcess:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+class InlineAuditCompute:
+    """`AuditProcess`'s interface, computing on the event loop's thread. Only for meshes
+    on virtual time (``actors.clock.VirtualTimeLoop``), where a blocked loop costs no
+    simulated time and one thread keeps a many-node test deterministic."""
+
+    def __init__(self) -> None:
+        self.generation = 1
+        self._stages: dict[StageKey, object] = {}
+
+    async def warm(self, backend: str, model_path: Path) -> int:
+        return os.getpid()
+
+    async def load(self, model_path: Path, skey: StageKey) -> bytes:
+        if skey not in self._stages:
+            from kernels.stage import load_stage
+
+            self._stages[skey] = load_stage(Path(model_path), *skey)
+        return self._stages[skey].weights_digest
+
+    async def free(self, skey: StageKey, key: str) -> None:
+        stage = self._stages.get(skey)
+        if stage is not None:
+            stage.free(key)
+
+    async def check(self, skey: StageKey, key: str, records: dict, data, steps: list[int], *,
+                    producer_backend: str, weight_mode: str, last: bool, urgent: bool = False) -> tuple[dict, float]:
+        from mesh.verify.auditor import check_steps
+
+        await asyncio.sleep(0)
+        started = time.thread_time()
+        verdicts = check_steps(self._stages[skey], key, records, data, steps, producer_backend=producer_backend,
+                               weight_mode=weight_mode, last=last)
+        return verdicts, time.thread_time() - started
+
+    def close(self) -> None:
+        self._stages.clear()

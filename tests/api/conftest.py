@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.launcher import LocalCluster
+from mesh.testing.launcher import LocalCluster
 
 from api_settings import API_KEY, ARTIFACTS, MAX_TOKENS, PROMPT
 

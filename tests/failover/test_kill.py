@@ -14,8 +14,8 @@ import random
 import pytest
 from meshtest import MODES, PROMPTS, Request, run, running_cluster
 
-from mesh.faults import KillFault, stream_with_faults
-from mesh.launcher import LocalCluster
+from mesh.testing.kills import KillFault, stream_with_faults
+from mesh.testing.launcher import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from meshtest import Request, run, running_cluster
 
-from mesh.faults import KillFault, stream_with_faults
+from mesh.testing.kills import KillFault, stream_with_faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from meshtest import Reference, running_cluster
 
-from mesh.launcher import LocalCluster
+from mesh.testing.launcher import LocalCluster
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 from mesh.client import StreamResult, stream_chat
-from mesh.launcher import LocalCluster
+from mesh.testing.launcher import LocalCluster
 
 MAX_TOKENS = 48
 SEED = 1234

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from meshtest import PROMPTS, Request, ask, cluster_view, post_json, run, running_cluster
 
-from mesh.launcher import LocalCluster
+from mesh.testing.launcher import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -15,7 +15,7 @@ import contextlib
 import pytest
 from meshtest import MODES, PROMPTS, Request, ask_all, cluster_view, run
 
-from mesh.launcher import LocalCluster
+from mesh.testing.launcher import LocalCluster
 
 REQUESTS = [Request(p, t) for t in MODES.values() for p in PROMPTS[:5]]
 

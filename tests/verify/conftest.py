@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session")
 def stages(model_path):
     """Loaded kernels stages shared by every verify test (by spec, backend, mode, fault)."""
-    from mesh.verify.harness import StageCache
+    from mesh.testing.verify_harness import StageCache
 
     return StageCache(model_path)
 

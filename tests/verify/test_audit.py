@@ -11,8 +11,8 @@ import blake3
 import pytest
 
 from kernels.sampling import SamplingParams
-from mesh.verify.faults import parse_fault
-from mesh.verify.harness import Audit, run_pipeline, selected
+from mesh.testing.faults import parse_fault
+from mesh.testing.verify_harness import Audit, run_pipeline, selected
 
 SAMPLED = SamplingParams(temperature=0.8, seed=7)
 GREEDY = SamplingParams()

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from kernels.sampling import SamplingParams
-from mesh.verify.faults import parse_fault
-from mesh.verify.harness import Audit, run_pipeline
+from mesh.testing.faults import parse_fault
+from mesh.testing.verify_harness import Audit, run_pipeline
 from mesh.verify.worker import AuditProcess
 
 

@@ -9,7 +9,7 @@ from kernels.digest import tensor_digest
 from mesh.pipeline.messages import Forward, Retransmit, StageEntry
 from mesh.pipeline.stage_host import StageHost
 from mesh.verify.commitment import sign_batch
-from mesh.verify.faults import parse_fault
+from mesh.testing.faults import parse_fault
 from mesh.verify.ledger import Ledger
 from mesh.verify.messages import AuditRequest, AuditResult, CommitBatch, StepRecord, WireFault
 from mesh.verify.recorder import StageRecorder

@@ -21,7 +21,7 @@ from kernels.sampling import SamplingParams, sample
 from kernels.stage import Stage, StageSpec, StepInput, load_stage
 from mesh.verify.auditor import Verdict, check_steps
 from mesh.verify.commitment import leaf_hash
-from mesh.verify.faults import Fault
+from mesh.testing.faults import Fault
 from mesh.verify.messages import AuditData, StepRecord
 from mesh.verify.tolerance import audit_backend, audit_weight_mode
 
@@ -134,8 +134,7 @@ class Audit:
         outputs = [t.outputs[s].reshape(-1, t.outputs[s].shape[-1]) for s in audited]
         return AuditData(True, "", steps, [t.inputs[s][0] for s in steps], [t.records[s].length for s in steps],
                          np.concatenate([t.inputs[s][1] for s in steps]), list(audited), [len(o) for o in outputs],
-                         np.concatenate(outputs), temperature=self.sampling.temperature, top_k=self.sampling.top_k,
-                         top_p=self.sampling.top_p, seed=self.sampling.seed)
+                         np.concatenate(outputs), sampling=self.sampling)
 
     def close(self) -> None:
         self.stage.free(self.key)

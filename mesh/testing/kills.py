@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from mesh.errors import MeshError
-from mesh.launcher import LocalCluster
+from mesh.testing.launcher import LocalCluster
 
 
 class BadFaultSpec(MeshError):
