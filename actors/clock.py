@@ -132,3 +132,42 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def _external_done(self, _future: asyncio.Future) -> None:
         self.external -= 1
+
+
+class ManualClock:
+    """A clock a test moves by hand (``advance``); its timers fire as it passes them.
+    For one object under test; a whole mesh runs on a `VirtualTimeLoop` instead."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+        self._timers: list[tuple[float, int, asyncio.TimerHandle]] = []
+        self._count = 0
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return VIRTUAL_EPOCH + self._now
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
+        loop = asyncio.get_event_loop()
+        handle = asyncio.TimerHandle(self._now + max(0.0, delay), callback, args, loop)
+        self._count += 1
+        self._timers.append((handle.when(), self._count, handle))
+        self._timers.sort(key=lambda t: t[:2])
+        return handle
+
+    async def sleep(self, delay: float) -> None:
+        future = asyncio.get_event_loop().create_future()
+        self.call_later(delay, lambda: future.done() or future.set_result(None))
+        await future
+
+    def advance(self, seconds: float) -> None:
+        """Move time on, running every timer due by then in order."""
+        target = self._now + seconds
+        while self._timers and self._timers[0][0] <= target:
+            when, _, handle = self._timers.pop(0)
+            self._now = max(self._now, when)
+            if not handle.cancelled():
+                handle._run()
+        self._now = target

@@ -19,6 +19,7 @@ import hashlib
 import os
 import platform
 import random
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -51,7 +52,7 @@ from mesh.pipeline.messages import (
 )
 from mesh.pipeline.plan import Offer, PlanState
 from mesh.pipeline.serving import Serving
-from mesh.pipeline.stage_host import COORD_ACTOR, SERVE_ACTOR, STAGE_ACTOR, StageHost
+from mesh.pipeline.stage_host import COORD_ACTOR, SERVE_ACTOR, STAGE_ACTOR, StageHost, StageObserver
 from mesh.planner import NodeCapacity
 from mesh.verify.recorder import VERIFY_ACTOR
 from mesh.verify.service import VerifyConfig, VerifyService
@@ -179,10 +180,11 @@ class Node:
             clock=self.clock, audit_compute=self._audit_compute)
         self.stage_host = StageHost(self.node_id, self.model_path, backend=self.backend,
                                     weight_mode=cfg.weight_mode, runner=self.runner, send=self._send,
-                                    max_batch=cfg.max_batch, clock=self.clock, observer=self.verify.observer)
+                                    max_batch=cfg.max_batch, clock=self.clock, observer=self.stage_observer())
         self.stage_host.start()
         self.serving = Serving(self.node_id, self._send, self.plan.serving_view,
                                eos_ids=list(self.tokenizer.eos_token_ids), clock=self.clock,
+                               session_ids=self._session_ids(),
                                tokenizer_factory=lambda: IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True))
         self._spawn_inboxes()
         self.info = LocalFacts(
@@ -213,6 +215,11 @@ class Node:
                  api_port=self.info.api_port, backend=self.backend, model=str(self.model_path))
         return self
 
+    def stage_observer(self) -> StageObserver | None:
+        """What watches this node's stage: verification's recorder, or nothing with
+        verification off. A subclass may wrap it (a test's wire faults do)."""
+        return self.verify.observer
+
     def routes(self) -> dict[str, dict[type, Callable[[Any], Any]]]:
         """The actors peers address, and which part handles each message they take. A
         subclass may replace handlers (a test's rogue node does)."""
@@ -224,6 +231,12 @@ class Node:
             COORD_ACTOR: {StageReady: self.coordinator.on_stage_ready},
             VERIFY_ACTOR: self.verify.handlers(),
         }
+
+    def _session_ids(self) -> Callable[[], str]:
+        if self.seed is None:
+            return lambda: uuid.uuid4().hex
+        rng = random.Random(f"sessions {self.seed}")
+        return lambda: f"{rng.getrandbits(128):032x}"
 
     def _spawn_inboxes(self) -> None:
         for name, handlers in self.routes().items():

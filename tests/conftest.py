@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py: the single-device reference
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +16,11 @@ def model_path() -> Path:
     from mesh import models
 
     return models.resolve(models.DEFAULT_MODEL, fetch=True)
+
+
+@pytest.fixture(scope="session")
+def reference(model_path: Path):
+    """Single-device generation in this process, memoized (tests/reference.py)."""
+    from reference import Reference
+
+    return Reference(model_path)

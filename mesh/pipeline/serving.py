@@ -58,9 +58,11 @@ class Serving:
 
     def __init__(self, node_id: str, send: Send, plan: Callable[[], PlanView | None], *,
                  eos_ids: list[int], tokenizer_factory: Callable[[], IncrementalDetokenizer],
-                 stall_s: float = 5.0, stall_s_per_token: float = 0.01, clock: Clock = LOOP_CLOCK):
+                 stall_s: float = 5.0, stall_s_per_token: float = 0.01, clock: Clock = LOOP_CLOCK,
+                 session_ids: Callable[[], str] = lambda: uuid.uuid4().hex):
         self.node_id = node_id
         self.clock = clock
+        self.session_ids = session_ids  # seeded in deterministic meshes: which steps are audited hangs on it
         self.send = send
         self.plan = plan
         self.eos_ids = list(eos_ids)
@@ -78,7 +80,7 @@ class Serving:
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[TokenEvent]:
         """Run one session; yield its tokens in order. Closing the iterator cancels it."""
         session = _Session(
-            id=uuid.uuid4().hex,
+            id=self.session_ids(),
             prompt_ids=list(prompt_ids),
             params=params,
             meta=SessionMeta(serve_node=self.node_id, prompt_len=len(prompt_ids), max_tokens=params.max_tokens,

@@ -44,6 +44,7 @@ from kernels.runner import InlineRunner
 from mesh import models
 from mesh.generation import TokenEvent
 from mesh.node import Node, NodeConfig
+from mesh.pipeline.stage_host import NoObserver, StageObserver
 from mesh.verify.service import VerifyConfig
 from mesh.verify.worker import InlineAuditCompute
 
@@ -74,6 +75,7 @@ class InProcessMesh:
         self.base = replace(self.base, **config)
         self.nodes: list[Node] = []
         self.hosts: list[str] = []
+        self._made: list[tuple[NodeConfig, Any, Any]] = []  # how each node was built (restart)
         self.down: set[int] = set()
 
     # -- building ---------------------------------------------------------------------
@@ -81,21 +83,37 @@ class InProcessMesh:
     def host(self, index: int) -> str:
         return f"n{index}"
 
-    async def add(self, *, handlers: dict[str, dict[type, Handler]] | None = None, **config: Any) -> Node:
-        """Start one more node, known to every other as a static peer. ``handlers``:
-        actor name -> {message type: handler(node, msg)} replacing the node's own."""
+    async def add(self, *, handlers: dict[str, dict[type, Handler]] | None = None,
+                  observe: Callable[[Node, StageObserver], StageObserver] | None = None, **config: Any) -> Node:
+        """Start one more node, known to every other as a static peer (``config``: its
+        NodeConfig fields). ``handlers``: actor name -> {message type: handler(node, msg)}
+        replacing the node's own; ``observe(node, observer)``: wraps its stage's observer."""
         index = len(self.nodes)
         host = self.host(index)
         cfg = replace(self.base, host=host, name=host, state_dir=self.workdir / host,
                       peers=[f"{h}:{PORT}" for h in self.hosts], **config)
         _seeded_key(cfg.state_dir, self.seed, index)
-        parts = dict(transport=self.net.transport(host), runner=InlineRunner(host),
-                     audit_compute=InlineAuditCompute(), seed=self.seed * 1000 + index)
-        node = _RogueNode(cfg, handlers=handlers, **parts) if handlers else Node(cfg, **parts)
-        self.nodes.append(node)
+        self._made.append((cfg, handlers, observe))
+        self.nodes.append(self._make(index))
         self.hosts.append(host)
-        await node.start()
-        return node
+        await self.nodes[index].start()
+        return self.nodes[index]
+
+    def _make(self, index: int) -> Node:
+        cfg, handlers, observe = self._made[index]
+        parts = dict(transport=self.net.transport(cfg.host), runner=InlineRunner(cfg.host),
+                     audit_compute=InlineAuditCompute(), seed=self.seed * 1000 + index)
+        if handlers or observe:
+            return _RogueNode(cfg, handlers=handlers or {}, observe=observe, **parts)
+        return Node(cfg, **parts)
+
+    async def restart(self, index: int) -> Node:
+        """A crashed node comes back: same key, state dir and address."""
+        self.net.revive(self.host(index))
+        self.nodes[index] = self._make(index)
+        self.down.discard(index)
+        await self.nodes[index].start()
+        return self.nodes[index]
 
     async def start(self, n: int) -> None:
         for _ in range(n):
@@ -163,12 +181,20 @@ class InProcessMesh:
 
 
 class _RogueNode(Node):
-    """A node some of whose handlers a test replaced: ``handlers`` is actor name ->
-    {message type: handler(node, msg)}."""
+    """A node a test changed: ``handlers`` is actor name -> {message type: handler(node,
+    msg)} replacing its own; ``observe(node, observer)`` wraps its stage's observer."""
 
-    def __init__(self, *args: Any, handlers: dict[str, dict[type, Handler]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handlers: dict[str, dict[type, Handler]],
+                 observe: Callable[[Node, StageObserver], StageObserver] | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.replaced = handlers
+        self.observe = observe
+
+    def stage_observer(self) -> StageObserver | None:
+        inner = super().stage_observer()
+        if self.observe is None:
+            return inner
+        return self.observe(self, inner if inner is not None else NoObserver())
 
     def routes(self) -> dict[str, dict[type, Callable[[Any], Any]]]:
         routes = super().routes()

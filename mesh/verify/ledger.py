@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import blake3
 import structlog
 
+from mesh.pipeline.plan import Epoch
 from mesh.verify.commitment import CommitmentRejected, leaf_hash, verify_batch
 from mesh.verify.messages import (
     AuditRequest,
@@ -97,9 +98,9 @@ class Ledger:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def on_batch(self, b: CommitBatch, epoch: tuple[int, int], stages: list, members: dict[str, str]) -> None:
+    def on_batch(self, b: CommitBatch, epoch: Epoch, stages: list, members: dict[str, str]) -> None:
         """``epoch``/``stages``: the current plan; ``members``: live node -> backend."""
-        if (b.term, b.version) != epoch:
+        if Epoch.of(b) != epoch:
             return  # a plan that is gone: nobody will audit it
         entry = stages[b.stage] if 0 <= b.stage < len(stages) else None
         try:

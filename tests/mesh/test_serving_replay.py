@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
+from actors.clock import ManualClock
 from mesh.generation import GenerationParams
 from mesh.pipeline.messages import Forward, TokenOut
-from mesh.pipeline.serving import PlanView, Serving
+from mesh.pipeline.plan import Epoch, PlanView
+from mesh.pipeline.serving import Serving
 
 
 class _Detok:
@@ -18,28 +19,31 @@ class _Detok:
         return ""
 
 
-def _serving(plan: list[PlanView | None]) -> tuple[Serving, list]:
+def _serving(plan: list[PlanView | None], clock: ManualClock) -> tuple[Serving, list]:
     sent: list = []
     serving = Serving("serve", lambda node, actor, msg: sent.append((node, actor, msg)), lambda: plan[0],
-                      eos_ids=[2], tokenizer_factory=_Detok, stall_s=1.0, stall_s_per_token=0.0)
+                      eos_ids=[2], tokenizer_factory=_Detok, stall_s=1.0, stall_s_per_token=0.0, clock=clock)
     return serving, sent
 
 
 async def test_a_stalled_session_is_replayed_from_what_it_holds():
-    plan = [PlanView(1, 1, ["a", "b"])]
-    serving, sent = _serving(plan)
-    stream = serving.generate([5, 6, 7], GenerationParams(max_tokens=4))
+    plan = [PlanView(Epoch(1, 1), ["a", "b"])]
+    clock = ManualClock()
+    serving, sent = _serving(plan, clock)
+    stream = serving.generate([5, 6, 7], GenerationParams.create(max_tokens=4))
     first = asyncio.ensure_future(stream.__anext__())
     await asyncio.sleep(0)
     (node, _, fwd), = sent
     assert node == "a" and isinstance(fwd, Forward) and list(fwd.tokens) == [5, 6, 7]
     serving.on_token(TokenOut(1, 1, fwd.session, 0, 42))
     assert (await first).token_id == 42
-    assert serving.check_stalls(time.monotonic()) == 0  # it just made progress
-    assert serving.check_stalls(time.monotonic() + 2.0) == 0  # slow, but nothing can have been lost
+    assert serving.check_stalls() == 0  # it just made progress
+    clock.advance(2.0)
+    assert serving.check_stalls() == 0  # slow, but nothing can have been lost
     serving.links_lost += 1  # a connection dropped: a message may have gone with it
-    assert serving.check_stalls(time.monotonic()) == 0  # not idle long enough yet
-    assert serving.check_stalls(time.monotonic() + 2.0) == 1  # then nothing for 2 s: replay
+    clock.advance(0.5)
+    assert serving.check_stalls() == 1  # idle for 2.5 s since its last progress: replay
+    assert serving.check_stalls() == 0  # and not again at once (it backs off)
     replay = sent[-1][2]
     assert list(replay.tokens) == [5, 6, 7, 42] and replay.start_pos == 0 and replay.step == 1
     serving.on_token(TokenOut(1, 1, fwd.session, 0, 42))  # the old pipeline's duplicate: dropped
@@ -51,12 +55,14 @@ async def test_a_stalled_session_is_replayed_from_what_it_holds():
 
 async def test_sessions_wait_for_a_plan_and_replay_when_it_is_ready():
     plan: list[PlanView | None] = [None]
-    serving, sent = _serving(plan)
-    stream = serving.generate([9], GenerationParams(max_tokens=2))
+    clock = ManualClock()
+    serving, sent = _serving(plan, clock)
+    stream = serving.generate([9], GenerationParams.create(max_tokens=2))
     pending = asyncio.ensure_future(stream.__anext__())
     await asyncio.sleep(0)
-    assert sent == [] and serving.check_stalls(time.monotonic() + 10) == 0  # no plan: nothing to replay on
-    plan[0] = PlanView(2, 5, ["c"])
+    clock.advance(10.0)
+    assert sent == [] and serving.check_stalls() == 0  # no plan: nothing to replay on
+    plan[0] = PlanView(Epoch(2, 5), ["c"])
     serving.on_plan_ready()
     (node, _, fwd), = sent
     assert node == "c" and (fwd.term, fwd.version) == (2, 5)

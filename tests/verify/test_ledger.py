@@ -7,6 +7,7 @@ import numpy as np
 from actors import NodeIdentity
 from kernels.digest import tensor_digest
 from mesh.pipeline.messages import Forward, Retransmit, StageEntry
+from mesh.pipeline.plan import Epoch
 from mesh.pipeline.stage_host import StageHost
 from mesh.verify.commitment import sign_batch
 from mesh.testing.faults import parse_fault
@@ -14,7 +15,7 @@ from mesh.verify.ledger import Ledger
 from mesh.verify.messages import AuditRequest, AuditResult, CommitBatch, StepRecord, WireFault
 from mesh.verify.recorder import StageRecorder
 
-EPOCH = (1, 1)
+EPOCH = Epoch(1, 1)
 
 
 class Net:
@@ -132,9 +133,10 @@ def test_one_report_escalates_its_failures_in_one_request_and_a_result_for_anoth
 def test_corrupt_wire_is_caught_on_the_same_step_and_flags_the_sender():
     sender, receiver = NodeIdentity.generate(), NodeIdentity.generate()
     net = Net()
-    host = StageHost(receiver.node_id, None, backend="torch", weight_mode="float32", runner=None, send=net)
+    recorder = StageRecorder(receiver, net, lambda: "coord", backend="torch", weight_mode="float32")
+    host = StageHost(receiver.node_id, None, backend="torch", weight_mode="float32", runner=None, send=net,
+                     observer=recorder)
     host.epoch, host.entry = EPOCH, StageEntry(1, receiver.node_id, 10, 20, "torch")
-    host.verifier = StageRecorder(receiver, net, lambda: "coord")
     wire = parse_fault("corrupt-wire").wire
     for step in (5, 6):
         hidden = np.random.default_rng(step).standard_normal((1, 576)).astype(np.float32)
@@ -192,15 +194,14 @@ def test_commitment_chunks_start_with_the_prefill_alone_and_double_up_to_eight()
     from types import SimpleNamespace
 
     ident, net = NodeIdentity.generate(), Net()
-    recorder = StageRecorder(ident, net, lambda: "coord", flush_s=60.0)
-    host = SimpleNamespace(entry=StageEntry(1, ident.node_id, 10, 20, "torch"), epoch=EPOCH, backend="torch",
-                           weight_mode="float32", stage=SimpleNamespace(weights_digest=b"w" * 32))
+    recorder = StageRecorder(ident, net, lambda: "coord", flush_s=60.0, backend="torch", weight_mode="float32")
+    recorder.on_loaded(SimpleNamespace(weights_digest=b"w" * 32), StageEntry(1, ident.node_id, 10, 20, "torch"), EPOCH)
     hidden = np.zeros((1, 4), np.float32)
     for step in range(33):
         src = Forward(1, 1, "s", step, 7 + step, "prev", tensor_digest(hidden), hidden=hidden)
-        recorder.commit(host, src, hidden)
+        recorder.on_sent(src, hidden, tensor_digest(hidden))
     assert [len(b.records) for b in net.of(CommitBatch)] == [1, 2, 4, 8, 8, 8]
-    recorder.on_end(host, "s")  # the answer's end sends what is left
+    recorder.on_end("s", EPOCH)  # the answer's end sends what is left
     assert [r.step for r in net.of(CommitBatch)[-1].records] == [31, 32]
 
 
@@ -215,13 +216,12 @@ def test_outputs_stay_fetchable_for_the_retention_time_within_a_byte_budget():
     ident, net = NodeIdentity.generate(), Net()
     out = np.zeros((1, 256), np.float32)  # 1 KiB
     recorder = StageRecorder(ident, net, lambda: "coord", retain_s=60.0, retain_bytes=100 * out.nbytes,
-                             clock=lambda: now[0])
-    host = SimpleNamespace(entry=StageEntry(1, ident.node_id, 10, 20, "torch"), epoch=EPOCH, backend="torch",
-                           weight_mode="float32", stage=SimpleNamespace(weights_digest=b"w" * 32))
+                             clock=lambda: now[0], backend="torch", weight_mode="float32")
+    recorder.on_loaded(SimpleNamespace(weights_digest=b"w" * 32), StageEntry(1, ident.node_id, 10, 20, "torch"), EPOCH)
 
     def commit(session, step):
         src = Forward(1, 1, session, step, step, "prev", tensor_digest(out), hidden=out)
-        recorder.commit(host, src, out.copy())
+        recorder.on_sent(src, out.copy(), tensor_digest(out))
 
     for step in range(90):  # 90 steps in 45 s: more than the old 64-output window, all kept
         now[0] = step * 0.5
