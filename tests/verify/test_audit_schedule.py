@@ -341,3 +341,43 @@ def test_every_request_runs_in_exactly_one_pass_started_within_its_bounds(reques
             if start < deadline - 1e-9:  # started before its deadline: only because the stage idled
                 assert stage.idle_s(start) >= IDLE_S
             assert all(b - a <= RECHECK_S + 1e-9 for a, b in zip(p.checks, p.checks[1:]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["ask", "ask", "release", "withdraw"]), st.sampled_from(list(Turn)),
+                              st.integers(0, 1000)), max_size=60))
+def test_turns_hand_the_audit_process_to_each_waiter_once_most_urgent_first(ops):
+    """Whatever the asks, releases and withdrawals: one holder at a time; a release hands
+    the audit process to the waiter of the lowest turn, the earliest among equals; every
+    ticket not withdrawn while it waited holds it exactly once."""
+    turns = Turns()
+    waiting: list[tuple[int, int, int]] = []  # the model: (turn, arrival, ticket)
+    held: list[int] = []
+    withdrawn: set[int] = set()
+    tickets = 0
+
+    def release() -> None:
+        expected = min(waiting)[2] if waiting else None
+        assert turns.release() == expected == turns.holder
+        if waiting:
+            waiting.remove(min(waiting))
+            held.append(expected)
+
+    for op, turn, pick in ops:
+        if op == "ask":
+            tickets += 1
+            if turns.ask(tickets, turn):
+                assert turns.holder == tickets and not waiting
+                held.append(tickets)
+            else:
+                waiting.append((int(turn), tickets, tickets))
+        elif op == "release" and turns.holder is not None:
+            release()
+        elif op == "withdraw" and waiting:
+            gone = waiting.pop(pick % len(waiting))[2]
+            withdrawn.add(gone)
+            assert turns.withdraw(gone) is None
+    while turns.holder is not None:  # everyone still waiting gets it in the end, in order
+        release()
+    assert not waiting
+    assert sorted(held) == sorted(set(range(1, tickets + 1)) - withdrawn)  # each once

@@ -20,6 +20,7 @@ from mesh.verify.schedule import Turn
 from mesh.verify.worker import InlineAuditCompute
 
 SPEC = StageSpec(10, 20, embed=False, head=False)
+pytestmark = pytest.mark.timeout(60)  # a lost turn deadlocks the loop: fail fast
 
 
 def _request(producer: NodeIdentity, step: int, digest: bytes, round_: int = 1) -> AuditRequest:
