@@ -22,7 +22,9 @@ failure. A removed node that comes back asks to join again.
 Bootstrap of a new home cluster: a node with no persisted state waits `bootstrap_after`
 seconds for peers. If one of them is already part of a cluster, it asks to join. If
 none is and its own id is the lowest among the new nodes it sees, it founds a cluster
-of itself alone; the others then join it one at a time.
+of itself alone; the others then join it one at a time. The decision is the pure
+`Bootstrap` (mesh/cluster/bootstrap.py); this service feeds it the heartbeats and the
+detector's verdicts.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import structlog
 from actors import Actor, ActorSystem, PeerEvent
 from actors.clock import LOOP_CLOCK, Clock
 
+from mesh.cluster.bootstrap import Bootstrap, Decision, Peer
 from mesh.cluster.detector import DetectorConfig, FailureDetector, Liveness
 from mesh.cluster.discovery import MdnsDiscovery, PeerHint, parse_peer
 from mesh.cluster.election import Election, ElectionConfig, Outbox, Role
@@ -154,7 +157,7 @@ class ClusterService:
         self.secret = secret
         self.tick_s, self.heartbeat_s = tick, heartbeat
         self.detector = FailureDetector(detector)
-        self.bootstrap_after = bootstrap_after
+        self.bootstrap = Bootstrap(self.node_id, bootstrap_after, campaign=self.election.cfg.campaign)
         self.fence = Fence(self.election.term, self.node_id, on_raise=self._on_fenced_term)
         self._info: dict[str, Heartbeat] = {}
         self._states: dict[str, str] = {}
@@ -165,8 +168,6 @@ class ClusterService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mdns: MdnsDiscovery | None = None
         self._last_view: tuple[str | None, int] = (None, self.election.term)
-        self._started_at = math.inf  # set once discovery runs; no bootstrap before that
-        self._hinted: dict[str, float] = {}  # discovered node -> when; bootstrap waits to hear from it
 
     # ---- public API ------------------------------------------------------------------
 
@@ -244,7 +245,7 @@ class ClusterService:
             )
             await self._mdns.start()
         # The bootstrap wait counts from the moment discovery runs (mDNS start takes ~1 s).
-        self._started_at = self.clock.now()
+        self.bootstrap.start(self.clock.now())
         log.info("cluster_started", node=self.node_id, term=self.term, voters=self.election.voters)
 
     async def stop(self) -> None:
@@ -268,7 +269,7 @@ class ClusterService:
     def add_hint(self, hint: PeerHint) -> None:
         """A discovered address (mDNS or static); connects unless already connected."""
         if hint.node_id not in self.system.peers():
-            self._hinted.setdefault(hint.node_id, self.clock.now())
+            self.bootstrap.hint(hint.node_id, self.clock.now())
             self._spawn(self._connect_once(hint.host, hint.port))
 
     # ---- loops -----------------------------------------------------------------------
@@ -336,34 +337,21 @@ class ClusterService:
             self._left.discard(hb.node_id)
 
     def _maybe_bootstrap(self) -> None:
-        e = self.election
-        if e.log or self.clock.now() - self._started_at < self.bootstrap_after:
-            return
-        alive = [hb for n, hb in self._info.items() if self.detector.is_alive(n, self.clock.now())]
-        if any(hb.configured for hb in alive):
-            return  # a cluster exists: the election keeps asking it to add us
         now = self.clock.now()
-        if any(n not in self._info and now - t < self.bootstrap_after for n, t in self._hinted.items()):
-            return  # a discovered node we have not heard from yet may already be a cluster
-        if not e.cfg.campaign:
-            return  # a node that never leads never founds: it waits to be added
-        founders = [hb for hb in alive if NO_CAMPAIGN not in hb.roles]
-        if all(self.node_id < hb.node_id for hb in founders):
+        heard = [Peer(n, self.detector.is_alive(n, now), hb.configured, NO_CAMPAIGN not in hb.roles)
+                 for n, hb in self._info.items()]
+        if self.bootstrap.decide(now, has_log=bool(self.election.log), heard=heard) is Decision.FOUND:
             log.info("cluster_founded", node=self.node_id)
-            e.bootstrap((self.node_id,))
+            self.election.bootstrap((self.node_id,))
 
     def _on_fenced_term(self, term: int) -> None:
         self._dispatch(self.election.observe_term(term))
 
     def _dead_voters(self) -> list[str]:
         now = self.clock.now()
-        # A voter never heard since start counts as dead only once the links had time to form.
-        settled = now - self._started_at > self.bootstrap_after + 1.0
-        return [
-            v for v in self.election.voters
-            if v != self.node_id
-            and (not self.detector.is_alive(v, now) if v in self.detector.peers else settled)
-        ]
+        voters = self.election.voters
+        watched = {v: self.detector.is_alive(v, now) for v in voters if v in self.detector.peers}
+        return self.bootstrap.dead_voters(now, voters, watched)
 
     def _send_heartbeats(self) -> None:
         host, port = self.system.address or ("", 0)

@@ -5,6 +5,7 @@
 - ``ledger``: the coordinator side — the commitment log, chain links, audit selection
   from a secret beacon, escalation to a second auditor, flags;
 - ``auditor``: re-run a committed stage step and compare within the tolerance;
+- ``schedule``: when the auditor runs its passes (gather, probation, deferral, turn order), pure;
 - ``tolerance``: calibrated tolerances per numeric class, the canonical-grid baseline;
 - ``faults``: test-only misbehaviour (``--fault``);
 - ``service``: wires all of it into a Node.

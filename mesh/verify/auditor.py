@@ -7,19 +7,17 @@ then one position per step) for the bfloat16 class, the only way it reproduces. 
 fetched input is checked against the digest its stage signed.
 
 Audit requests of one session and stage are gathered and checked in one pass: the
-stage's weights are read once per pass instead of once per audited step. While the
-audited node is on probation for the stage (until the first passes of two of its
-sessions came back clean, or again after a failure), a session's first pass gathers
-for 0.25 s and runs at normal priority (a cheat shows at once: catch it early); after,
-it is scheduled like a later pass. An escalation runs at once. Later passes wait while
-this node's own stage is computing, up to ``VerifyConfig.defer_s`` (default 20 s) after
-their first request, and otherwise gather for ``VerifyConfig.gather_s`` (default 1 s).
-A pass on the core next to a decoding stage slows it (decode is bound by memory
-bandwidth, and the pass reads the same layers' weights again:
-bench/audit_contention.py), so passes run between answers where they can and at a
-bounded delay where they cannot. At 6 s, the passes of a 64-token answer ran during
-its last second and cost 5% of its decode speed (docs/verification.md). The stages keep
-their outputs for 60 s (recorder.RETAIN_S), so a deferred pass finds them.
+stage's weights are read once per pass instead of once per audited step. When a pass
+starts, and which waiting pass runs next, is decided by the pure `AuditSchedule` and
+`Turns` (mesh/verify/schedule.py: escalations at once, a session's first pass soon while
+its node is on probation, later passes between answers but at most
+``VerifyConfig.defer_s`` after their first request); the `Auditor` feeds them requests
+and timer firings read from its injected clock and carries out what they answer. A pass
+on the core next to a decoding stage slows it (decode is bound by memory bandwidth, and
+the pass reads the same layers' weights again: bench/audit_contention.py), so passes
+run between answers where they can and at a bounded delay where they cannot
+(docs/verification.md). The stages keep their outputs for 60 s (recorder.RETAIN_S), so
+a deferred pass finds them.
 Compute runs in a low-priority child process (mesh/verify/worker.py): generation never
 waits for it, and it never holds the node's GIL.
 """
@@ -28,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -55,6 +53,17 @@ from mesh.verify.messages import (
     AuditResult,
     StepRecord,
 )
+from mesh.verify.schedule import (
+    DEFER_S,
+    GATHER_S,
+    AuditSchedule,
+    CheckAt,
+    Outcome,
+    StartPass,
+    TrackKey,
+    Turn,
+    Turns,
+)
 from mesh.verify.tolerance import (
     audit_backend,
     audit_weight_mode,
@@ -65,19 +74,7 @@ from mesh.verify.tolerance import (
 from mesh.verify.worker import AuditProcess
 
 log = structlog.get_logger("mesh.verify.auditor")
-# How long requests gather before a later pass (each pass reads the stage's weights once).
-GATHER_S = 1.0  # VerifyConfig.gather_s
-FIRST_GATHER_S = 0.25  # a session's first pass on a stage: a cheat shows at once, catch it early
-# A node is on probation for a stage (in one plan) until its first passes of this many
-# sessions came back clean: until then a session's first pass runs at once and at normal
-# priority; after, it waits for the answer's end like the later passes (a pass during
-# decode costs the stages several percent; see docs/verification.md). A failure puts
-# the node back on probation.
-PROBATION_SESSIONS = 2
-# A later pass waits while this node's stage computed within IDLE_S, at most DEFER_S after
-# its first request: that bounds how late a cheat that starts mid-answer is caught.
-DEFER_S = 20.0  # VerifyConfig.defer_s
-IDLE_S = 0.5
+__all__ = ["DEFER_S", "GATHER_S", "Auditor", "Verdict", "check_steps"]
 
 
 @dataclass
@@ -190,8 +187,7 @@ class Auditor:
         self.fetch = fetch
         self.report = report
         self.max_tracks = max_tracks
-        self.gather_s = gather_s
-        self.defer_s = defer_s
+        self.schedule = AuditSchedule(gather_s=gather_s, defer_s=defer_s)
         self.stage_idle_s = stage_idle_s  # seconds since this node's own stage last computed
         self.clock = clock
         # where audit compute runs: a low-priority child process, or (virtual-time meshes) inline
@@ -201,18 +197,17 @@ class Auditor:
         # (term, version, session, stage, node) -> step -> record: the coordinator sends each once
         self.records: OrderedDict[tuple, dict[int, StepRecord]] = OrderedDict()
         self.max_records = 256
-        self.waiting: dict[tuple, list[tuple[AuditRequest, str]]] = {}  # track key -> requests not yet run
+        self.waiting: dict[TrackKey, list[tuple[AuditRequest, str]]] = {}  # requests not yet run
         self.audits = 0
         self.passes = 0
         self.compute_s = 0.0  # CPU seconds of audit compute in the audit process
-        self._timers: dict[tuple, asyncio.TimerHandle] = {}
-        self._busy = False
-        self._seq = 0
-        self._waiting_passes: list[tuple[int, int, asyncio.Future]] = []
+        self._timers: dict[TrackKey, asyncio.TimerHandle] = {}
+        self._turns = Turns()
+        self._tickets = itertools.count(1)
+        self._turn_waiters: dict[int, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loading = asyncio.Lock()
         self._generation = 0
-        self.cleared: dict[tuple, int] = {}  # (term, version, stage, node) -> sessions whose first pass was clean
 
     def on_request(self, req: AuditRequest, coordinator: str) -> None:
         b = req.batch
@@ -222,44 +217,46 @@ class Auditor:
             verdict = Verdict(False, f"commitment rejected: {exc}")
             self.report(coordinator, AuditReport(self._results(req, {s: verdict for s in req.steps})))
             return
-        tkey = (b.term, b.version, req.session, b.stage, b.node, req.round)
+        tkey = TrackKey(b.term, b.version, req.session, b.stage, b.node, req.round)
         log.debug("audit.requested", node=b.node, stage=b.stage, steps=req.steps, round=req.round)
         self.waiting.setdefault(tkey, []).append((req, coordinator))
-        if tkey not in self._timers:  # the first of a gathering; an escalation is checked at once
-            if req.round > 1:
-                delay, deadline = 0.0, None
-            elif tkey not in self.tracks and self._probation(tkey):
-                delay, deadline = min(self.gather_s, FIRST_GATHER_S), None
-            else:
-                delay, deadline = self.gather_s, self.clock.now() + self.defer_s
-            self._timers[tkey] = self.clock.call_later(delay, self._start_pass, tkey, deadline)
+        self._carry_out(self.schedule.request(tkey, self.clock.now(), track_open=tkey in self.tracks))
+
+    def _wake(self, tkey: TrackKey) -> None:
+        self._timers.pop(tkey, None)
+        self._carry_out(self.schedule.wake(tkey, self.clock.now(), self.stage_idle_s()))
+
+    def _carry_out(self, action: CheckAt | StartPass | None) -> None:
+        if isinstance(action, CheckAt):
+            self._timers[action.key] = self.clock.call_later(action.at - self.clock.now(), self._wake, action.key)
+        elif isinstance(action, StartPass):
+            task = asyncio.get_running_loop().create_task(self._pass(action.key), name="audit")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     @contextlib.asynccontextmanager
-    async def _turn(self, priority: int):
-        """One pass in the audit process at a time, the most urgent waiting pass next."""
-        if self._busy:
-            self._seq += 1
-            waiter = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiting_passes, (priority, self._seq, waiter))
+    async def _turn(self, turn: Turn):
+        """One pass in the audit process at a time, the most urgent waiting pass next (`Turns`)."""
+        ticket = next(self._tickets)
+        if not self._turns.ask(ticket, turn):
+            waiter = self._turn_waiters[ticket] = asyncio.get_running_loop().create_future()
             try:
                 await waiter
             except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._next()  # handed the turn as we were cancelled: pass it on
+                self._hand_on(self._turns.withdraw(ticket))  # if it was handed the turn, pass it on
                 raise
-        self._busy = True
+            finally:
+                self._turn_waiters.pop(ticket, None)
         try:
             yield
         finally:
-            self._next()
+            self._hand_on(self._turns.release())
 
-    def _next(self) -> None:
-        while self._waiting_passes:
-            waiter = heapq.heappop(self._waiting_passes)[2]
-            if not waiter.done():
-                waiter.set_result(None)  # the turn moves on; _busy stays set
-                return
-        self._busy = False
+    def _hand_on(self, ticket: int | None) -> None:
+        waiter = self._turn_waiters.get(ticket)
+        # a waiter cancelled while it was handed the turn withdraws as it wakes, and passes it on
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def warm(self) -> None:
         """Start the audit process now: spawning it and importing torch takes seconds."""
@@ -307,18 +304,7 @@ class Auditor:
             task.cancel()
         self.compute.close()
 
-    def _start_pass(self, tkey: tuple, deadline: float | None = None) -> None:
-        now = self.clock.now()
-        if deadline is not None and now < deadline and self.stage_idle_s() < IDLE_S:
-            # our stage is decoding: wait for a gap (the answer's end) or the deadline
-            self._timers[tkey] = self.clock.call_later(min(0.25, deadline - now), self._start_pass, tkey, deadline)
-            return
-        del self._timers[tkey]
-        task = asyncio.get_running_loop().create_task(self._pass(tkey), name="audit")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _pass(self, tkey: tuple) -> None:
+    async def _pass(self, tkey: TrackKey) -> None:
         requests = self.waiting.pop(tkey, [])
         if not requests:
             return
@@ -338,32 +324,12 @@ class Auditor:
             log.exception("audit.error", node=first.batch.node, session=first.session, steps=steps)
             verdicts = {s: Verdict(False, f"{type(exc).__name__}: {exc}") for s in steps}
         self.passes += 1
-        self._judged(tkey, opens_session, verdicts.values())
+        self.schedule.judged(tkey, opened_session=opens_session, outcome=_outcome(verdicts.values()))
         reports: dict[str, list[AuditResult]] = {}  # one report per coordinator (one, but for a term change)
         for req, coordinator in requests:
             reports.setdefault(coordinator, []).extend(self._results(req, verdicts))
         for coordinator, results in reports.items():
             self.report(coordinator, AuditReport(results))
-
-    @staticmethod
-    def _producer(tkey: tuple) -> tuple:
-        """(term, version, stage, node) of a track key: whose record probation keeps."""
-        return tkey[:2] + tkey[3:5]
-
-    def _probation(self, tkey: tuple) -> bool:
-        """Whether the audited node is still on probation for this stage and plan."""
-        return self.cleared.get(self._producer(tkey), 0) < PROBATION_SESSIONS
-
-    def _judged(self, tkey: tuple, opens_session: bool, verdicts) -> None:
-        """Count a session's clean first pass towards the node's probation; a failure resets it."""
-        pkey = self._producer(tkey)
-        verdicts = list(verdicts)
-        if any(not v.ok and not v.inconclusive for v in verdicts):
-            self.cleared[pkey] = 0
-        elif opens_session and tkey[5] == 1 and verdicts and all(v.ok for v in verdicts):
-            self.cleared[pkey] = self.cleared.get(pkey, 0) + 1
-        while len(self.cleared) > 256:
-            self.cleared.pop(next(iter(self.cleared)))
 
     def _results(self, req: AuditRequest, verdicts: dict[int, Verdict]) -> list[AuditResult]:
         """The signed results of ``req``'s audits."""
@@ -383,7 +349,7 @@ class Auditor:
             results.append(result)
         return results
 
-    async def _check(self, tkey: tuple, req: AuditRequest, requests: list[AuditRequest],
+    async def _check(self, tkey: TrackKey, req: AuditRequest, requests: list[AuditRequest],
                      steps: list[int]) -> dict[int, Verdict]:
         b = req.batch
         spec = StageSpec(b.start, b.end, embed=b.stage == 0, head=b.stage == req.n_stages - 1)
@@ -414,17 +380,14 @@ class Auditor:
                                                        steps))
             if not data.ok:
                 return {s: Verdict(False, f"the audited node could not supply the step: {data.error}") for s in steps}
-            # escalations first, then a session's first pass on a stage while its node is on
-            # probation (where a cheat shows first), then the rest in order of arrival
-            first_pass = track.next_step == 0 and self._probation(tkey)
-            priority = 0 if req.round > 1 else 1 if first_pass else 2
+            turn = self.schedule.turn(tkey, from_start=track.next_step == 0)
             queued = time.perf_counter()
-            async with self._turn(priority):
+            async with self._turn(turn):
                 started = time.perf_counter()
                 needed = {s: records[s] for s in data.steps if s in records}
                 verdicts, cpu = await self.compute.check(track.skey, track.key, needed, data, steps,
                                                          producer_backend=b.backend, weight_mode=b.weight_mode,
-                                                         last=spec.head, urgent=priority < 2)
+                                                         last=spec.head, urgent=turn < Turn.LATER)
             self.compute_s += cpu
             log.info("audit.pass", node=b.node, stage=b.stage, steps=steps, round=req.round,
                      waited_ms=round((started - queued) * 1e3, 1), pass_ms=round((time.perf_counter() - started) * 1e3, 1),
@@ -435,3 +398,13 @@ class Auditor:
                 track.next_step = 0
                 await self.compute.free(track.skey, track.key)
             return verdicts
+
+
+def _outcome(verdicts) -> Outcome:
+    """A pass's verdicts as probation counts them."""
+    verdicts = list(verdicts)
+    if any(not v.ok and not v.inconclusive for v in verdicts):
+        return Outcome.FAILED
+    if verdicts and all(v.ok for v in verdicts):
+        return Outcome.CLEAN
+    return Outcome.INCONCLUSIVE
