@@ -39,7 +39,7 @@ class Debounce:
 
     def fire(self, now: float) -> bool:
         """True once, when the wait is over."""
-        if self.due is None or now < self.due:
+        if self.due is None or now < self.due - 1e-9:  # a timer may fire a rounding error early
             return False
         self.due = None
         return True
@@ -183,8 +183,11 @@ class CoordinatorRole:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._debounce.fire(self.clock.now()):
+        now = self.clock.now()
+        if self._debounce.fire(now):
             self._maybe_replan()
+        elif self._debounce.due is not None:  # not yet (a later request restarted the wait)
+            self._timer = self.clock.call_later(self._debounce.due - now, self._on_timer)
 
     def _maybe_replan(self) -> None:
         if not self.active:

@@ -145,7 +145,7 @@ class AuditSchedule:
         if gathering is None:
             return None
         deadline = gathering.deadline
-        if deadline is not None and now < deadline and stage_idle_s < self.idle_s:
+        if deadline is not None and now < deadline - 1e-9 and stage_idle_s < self.idle_s:
             return CheckAt(key, now + min(self.recheck_s, deadline - now))
         del self.gathering[key]
         return StartPass(key)

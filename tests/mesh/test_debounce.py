@@ -44,3 +44,12 @@ def test_a_cancelled_wait_never_fires_until_requested_again():
     assert debounce.due is None and not debounce.fire(11.0)
     debounce.request(20.0, 0.3)
     assert debounce.fire(20.3)
+
+
+def test_a_timer_that_fires_a_rounding_error_early_still_fires():
+    """asyncio runs a timer up to its clock's resolution early, and now + (due - now) need
+    not round back to due: a debounce that refused then never re-planned (a node that
+    rejoined after a crash was never given layers again)."""
+    d = Debounce()
+    due = d.request(1.7359999999999984, 0.3)
+    assert d.fire(due - 1e-12)
