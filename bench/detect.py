@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 
 from mesh import models
-from mesh.client import StreamResult, stream_chat
+from mesh.http.client import StreamResult, stream_chat
 from mesh.errors import MeshError
 from mesh.testing.launcher import LocalCluster
 from mesh.testing.faults import verify_args

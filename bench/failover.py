@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from mesh.client import stream_chat
+from mesh.http.client import stream_chat
 from mesh.testing.kills import KillFault, stream_with_faults
 from mesh.testing.launcher import LocalCluster
 

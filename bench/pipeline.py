@@ -66,7 +66,7 @@ class SingleDevice:
 
 
 async def mesh_figures(args: argparse.Namespace, single: SingleDevice) -> dict:
-    from mesh.client import stream_chat
+    from mesh.http.client import stream_chat
     from mesh.testing.launcher import LocalCluster
 
     extra = ["--threads", str(args.threads)] if args.threads else []

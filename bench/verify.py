@@ -222,7 +222,7 @@ async def mesh_speed(tokens: int, rounds: int, prompts: list[str], rate: float =
 
     import aiohttp
 
-    from mesh.client import stream_chat
+    from mesh.http.client import stream_chat
     from mesh.testing.launcher import LocalCluster
 
     speeds: dict[str, list[float]] = {"on": [], "off": []}

@@ -21,3 +21,8 @@ class ModelChecksumMismatch(MeshError):
 
 class BadRequest(MeshError):
     pass
+
+
+class Unavailable(MeshError):
+    """The cluster cannot serve right now (no pipeline, cut off, too little memory); the
+    message says why."""

@@ -34,10 +34,10 @@ from kernels.config import load_config
 from kernels.runner import ComputeRunner
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 from mesh import models, sizing, views
-from mesh.api import Api, Unavailable
+from mesh.http.app import Api
 from mesh.cluster.election import ElectionConfig
 from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
-from mesh.errors import MeshError
+from mesh.errors import MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
 from mesh.pipeline.messages import (
@@ -235,7 +235,8 @@ class Node:
     def _session_ids(self) -> Callable[[], str]:
         if self.seed is None:
             return lambda: uuid.uuid4().hex
-        rng = random.Random(f"sessions {self.seed}")
+        # the start time too: a node restarted with the same seed must not reuse its session ids
+        rng = random.Random(f"sessions {self.seed} {self.clock.wall()}")
         return lambda: f"{rng.getrandbits(128):032x}"
 
     def _spawn_inboxes(self) -> None:

@@ -10,7 +10,7 @@ final norm and the head (and samples).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from mesh.errors import MeshError
 
@@ -66,12 +66,6 @@ class StageAssignment:
 class Plan:
     stages: tuple[StageAssignment, ...]
     n_layers: int
-
-    def as_json(self) -> list[dict]:
-        return [{"node": s.node_id, "layers": [s.start, s.end], "backend": s.backend} for s in self.stages]
-
-    def stage_of(self, node_id: str) -> StageAssignment | None:
-        return next((s for s in self.stages if s.node_id == node_id), None)
 
     @property
     def nodes(self) -> list[str]:
@@ -171,6 +165,3 @@ def _share_by_speed(slots: list[_Slot], n_layers: int) -> None:
                 donor.layers -= 1
                 s.layers = 1
 
-
-def plan_to_dict(p: Plan) -> dict:
-    return {"n_layers": p.n_layers, "stages": [asdict(s) for s in p.stages]}

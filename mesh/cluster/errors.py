@@ -11,11 +11,3 @@ class ClusterError(MeshError):
 
 class CorruptClusterState(ClusterError):
     """The persisted election state could not be read."""
-
-
-class StaleTerm(ClusterError):
-    """A command carried a term lower than the highest this node has seen (fenced)."""
-
-
-class NotCoordinator(ClusterError):
-    """A request that only the coordinator may handle reached another node."""

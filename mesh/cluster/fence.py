@@ -17,7 +17,6 @@ import structlog
 
 from collections.abc import Callable
 
-from mesh.cluster.errors import StaleTerm
 
 log = structlog.get_logger("mesh.cluster.fence")
 
@@ -47,11 +46,3 @@ class Fence:
             if self.on_raise is not None:
                 self.on_raise(term)
         return True
-
-    def require(self, term: int, *, src: str = "", command: str = "") -> None:
-        """Like `check`, but raises `StaleTerm` for a stale command."""
-        if not self.check(term, src=src, command=command):
-            raise StaleTerm(
-                f"{command or 'command'} from {src or 'a coordinator'} carries term {term}, but this node has "
-                f"seen term {self.highest}; it comes from a replaced coordinator and was ignored"
-            )

@@ -36,7 +36,7 @@ async def find_api(args: argparse.Namespace) -> str:
     """The API URL to use: --api, or the first node found by mDNS on the given interfaces."""
     if args.api:
         return args.api if "://" in args.api else "http://" + args.api
-    from mesh.api_discovery import find_apis
+    from mesh.http.discovery import find_apis
 
     interfaces = args.interfaces or ["127.0.0.1"]
     hints = await find_apis(interfaces, timeout=args.discover_timeout)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from mesh.client import stream_chat
+    from mesh.http.client import stream_chat
 
     api = await find_api(args)
 

@@ -119,6 +119,14 @@ class InProcessMesh:
         for _ in range(n):
             await self.add()
 
+    @classmethod
+    async def started(cls, n: int, *, stages: int | None = None, **options: Any) -> "InProcessMesh":
+        """``n`` nodes, once they serve a ready plan of ``stages`` stages (default ``n``)."""
+        mesh = cls(**options)
+        await mesh.start(n)
+        await mesh.wait_ready(stages=n if stages is None else stages)
+        return mesh
+
     async def stop(self) -> None:
         for i, node in enumerate(self.nodes):
             if i not in self.down and node.system is not None:
@@ -154,14 +162,20 @@ class InProcessMesh:
         return None
 
     async def wait_ready(self, stages: int | None = None, timeout: float = 60.0) -> None:
-        """Until every live node serves the same ready plan (of ``stages`` stages)."""
+        """Until every live node serves the same ready plan (of ``stages`` stages) and is a
+        voter in every live node's configuration (a plan uses nodes that are still joining:
+        a scenario that kills voters must start from a formed cluster)."""
         deadline = LOOP_CLOCK.now() + timeout
         while True:
             await asyncio.gather(*(n.wait_ready(timeout=max(0.0, deadline - LOOP_CLOCK.now()), stages=stages)
                                    for n in self.alive))
             epochs = {n.plan.epoch for n in self.alive}
-            if len(epochs) == 1 and all(n.plan.ready for n in self.alive):
+            ids = {n.node_id for n in self.alive}
+            formed = all(ids <= set(n.cluster.election.voters) for n in self.alive)
+            if len(epochs) == 1 and formed and all(n.plan.ready for n in self.alive):
                 return
+            if LOOP_CLOCK.now() > deadline:
+                raise TimeoutError(f"no formed cluster on one ready plan within {timeout} s of virtual time")
             await LOOP_CLOCK.sleep(0.1)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "a condition") -> None:

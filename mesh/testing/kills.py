@@ -123,7 +123,7 @@ async def stream_with_faults(cluster: LocalCluster, view: dict, prompt: str, kil
                              quiet: bool = True, on_text=None, serving: int | None = None, **params):
     """Stream one answer from a node no fault targets (or node ``serving``) while the
     faults happen. Returns (StreamResult, failover records, serving node index)."""
-    from mesh.client import stream_chat
+    from mesh.http.client import stream_chat
 
     killer = Killer(cluster, view, kills, quiet=quiet)
     killer.serving = killer.serving_index() if serving is None else serving

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.cluster.detector import DetectorConfig, FailureDetector, Liveness
-from mesh.cluster.errors import StaleTerm
 from mesh.cluster.fence import Fence
 
 
@@ -24,12 +22,11 @@ def test_fence_never_accepts_below_highest(terms: list[int]) -> None:
     assert fence.highest == highest
 
 
-def test_fence_observe_and_require() -> None:
+def test_fence_observe_then_check() -> None:
     fence = Fence(3)
     fence.observe(5)
-    with pytest.raises(StaleTerm, match="seen term 5"):
-        fence.require(4, src="n1", command="place")
-    fence.require(5)
+    assert not fence.check(4, src="n1", command="place")
+    assert fence.check(5)
     assert fence.rejected == 1
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from actors.clock import VirtualTimeLoop
-from mesh.testing.inproc import InProcessMesh
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +18,3 @@ def vrun() -> Iterator[Callable[[Any], Any]]:
     mesh started on it, lives until the module's last test)."""
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         yield runner.run
-
-
-def start_mesh(vrun, n: int, *, stages: int | None = None, **options: Any) -> InProcessMesh:
-    mesh = InProcessMesh(**options)
-    vrun(mesh.start(n))
-    vrun(mesh.wait_ready(stages=n if stages is None else stages))
-    return mesh
-
-
-@pytest.fixture(scope="module")
-def mesh3(vrun, model_path) -> Iterator[InProcessMesh]:
-    mesh = start_mesh(vrun, 3)
-    yield mesh
-    vrun(mesh.stop())

@@ -6,14 +6,14 @@ minority refusing, and heals into one cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
-from conftest import start_mesh
 from reference import MODES, PROMPTS, Request
 
 from actors.clock import LOOP_CLOCK
-from mesh.api import Unavailable
+from mesh.errors import Unavailable
 from mesh.testing.inproc import InProcessMesh
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -52,6 +52,8 @@ async def _stream_with_kills(mesh: InProcessMesh, serving: int, req: Request, ki
         while pending and len(tokens) >= pending[0][0]:
             _, pick = pending.pop(0)
             victim = pick()
+            if asyncio.iscoroutine(victim):
+                victim = await victim
             assert victim != serving, "the test must not kill the serving node"
             await mesh.crash(victim)
             killed_at = LOOP_CLOCK.now()
@@ -61,7 +63,7 @@ async def _stream_with_kills(mesh: InProcessMesh, serving: int, req: Request, ki
 
 @pytest.fixture(scope="module")
 def mesh(vrun, model_path):
-    m = start_mesh(vrun, 3, seed=21)
+    m = vrun(InProcessMesh.started(3, seed=21))
     yield m
     vrun(m.stop())
 
@@ -83,7 +85,7 @@ def test_kill_mid_generation_gives_identical_tokens(mesh, vrun, reference, kind,
     victim = coordinator if kind == "coordinator" else _stage_node(mesh, stage)
     serving = next(i for i in range(3) if i not in (victim, coordinator))
     killed_id = mesh.nodes[victim].node_id
-    got, kills = vrun(_stream_with_kills(mesh, serving, req, [(after, lambda: victim)]))
+    got, kills = vrun(asyncio.wait_for(_stream_with_kills(mesh, serving, req, [(after, lambda: victim)]), 120))
     assert got == expected, f"kill {kind} {stage} after {after} tokens changed the answer"
     assert len(kills) == 1 and kills[0][1] >= after
     assert kills[0][2] is None or kills[0][2] < 5.0, f"{kills[0][2]:.2f} virtual s from the kill to the next token"
@@ -112,12 +114,21 @@ def test_stage_then_new_coordinator_die_and_the_answer_is_unchanged(vrun, refere
             assert not mesh.nodes[3].coordinator.active
             coordinators = []
 
-            def the_coordinator() -> int:
+            async def the_coordinator() -> int:
+                # Raft survives one voter lost at a time: the cluster first removes the dead
+                # one (after remove_dead_after), else two of four voters are gone at once.
+                # Tokens take no virtual time here, so the 15th token can come before that.
+                await mesh.wait_for(lambda: all(set(n.cluster.election.voters) <= {a.node_id for a in mesh.alive}
+                                                for n in mesh.alive) and mesh.coordinator() is not None,
+                                    timeout=30, what="the dead voter's removal")
                 index = mesh.nodes.index(mesh.coordinator())
                 coordinators.append(mesh.nodes[index].node_id)
                 return index
 
-            got, kills = await _stream_with_kills(mesh, 3, req, [(5, the_coordinator), (15, the_coordinator)])
+            got, kills = await asyncio.wait_for(
+                _stream_with_kills(mesh, 3, req, [(5, the_coordinator), (15, the_coordinator)]), 120)
+            # the answer can end before the second failover is planned (tokens take no virtual time)
+            await mesh.wait_ready(stages=2)
             return got, kills, coordinators, mesh.nodes[3].plan
         finally:
             await mesh.stop()
@@ -125,8 +136,8 @@ def test_stage_then_new_coordinator_die_and_the_answer_is_unchanged(vrun, refere
     got, kills, coordinators, plan = vrun(scenario())
     assert got == expected
     assert len(kills) == 2 and coordinators[0] != coordinators[1]
-    kinds = {f["node"]: f["kind"] for f in plan.failovers}
-    assert [kinds.get(c) for c in coordinators] == ["coordinator", "coordinator"], plan.failovers
+    for c in coordinators:
+        assert "coordinator" in {f["kind"] for f in plan.failovers if f["node"] == c}, (plan.update, coordinators)
     assert len(plan.update.stages) == 2  # the two survivors hold the model
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import start_mesh
 from reference import MODES, PROMPTS, Request
+
+from mesh.testing.inproc import InProcessMesh
 
 REQUESTS = [Request(p, t) for t in MODES.values() for p in PROMPTS[:5]]
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.timeout(300)]
 def mesh_run(request, vrun, reference, model_path):
     """(n, {request: token ids}, [(stage stats before, after) per node], the plan) for one mesh size."""
     n = request.param
-    mesh = start_mesh(vrun, n, seed=n)
+    mesh = vrun(InProcessMesh.started(n, seed=n))
     try:
         before = [(node.stage_host.stats.steps, node.stage_host.stats.batches) for node in mesh.nodes]
 

@@ -9,7 +9,6 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import start_mesh
 from reference import PROMPTS, Request
 
 from actors.clock import LOOP_CLOCK

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import aiohttp
 from reference import MAX_TOKENS, MODES, PROMPTS, SEED, TEMPERATURE, Reference, Request  # noqa: F401
 
-from mesh.client import StreamResult, stream_chat
+from mesh.http.client import StreamResult, stream_chat
 from mesh.testing.launcher import LocalCluster
 
 

@@ -18,7 +18,7 @@ import structlog
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-log = structlog.get_logger("mesh.api_discovery")
+log = structlog.get_logger("mesh.http.discovery")
 
 API_SERVICE = "_mesh-api._tcp.local."
 _WILDCARD = ("0.0.0.0", "::", "")

@@ -14,16 +14,12 @@ from typing import Any, AsyncIterator, Protocol
 import structlog
 from aiohttp import web
 
-from mesh.api_requests import FieldError, HttpStats, StopMatcher, parse_messages, parse_params
-from mesh.errors import BadRequest, MeshError
+from mesh.http.requests import FieldError, HttpStats, StopMatcher, parse_messages, parse_params
+from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 
 WEB_DIR = Path(__file__).parent / "web"
-log = structlog.get_logger("mesh.api")
-
-
-class Unavailable(MeshError):
-    """The cluster cannot serve right now (no pipeline); the message says why."""
+log = structlog.get_logger("mesh.http.app")
 
 
 class ServingBackend(Protocol):
@@ -76,7 +72,7 @@ class Api:
 
     async def announce(self, interfaces: list[str], *, node_id: str, name: str) -> None:
         """Announce this API by mDNS (`_mesh-api._tcp`) where it is reachable, for `mesh run`."""
-        from mesh.api_discovery import ApiAnnouncer, reachable_on
+        from mesh.http.discovery import ApiAnnouncer, reachable_on
 
         where = reachable_on(self.host, interfaces)
         if not where or self.port is None:
