@@ -1,0 +1,128 @@
+"""Text <-> token ids for one model, its special tokens, stop ids and chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+from kernels.tokenizer.chat_template import ChatTemplate, ChatTemplateMissing
+from kernels.tokenizer.gguf_vocab import read_gguf_tokenizer
+from kernels.tokenizer.hf_dir import read_hf_tokenizer
+from kernels.tokenizer.spec import TokenizerLoadError, TokenizerSpec
+
+__all__ = ["Tokenizer"]
+
+_GGUF_MAGIC = b"GGUF"
+
+# Markers that end an assistant turn in common chat templates. Generation stops on the ones
+# the model's own template writes, besides the declared EOS.
+_END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, and its chat template.
+
+    ``encode(text)`` adds BOS/EOS only where the model asks for them (Gemma and Llama 2
+    want a BOS, Qwen and SmolLM nothing); a rendered chat template already writes its own,
+    so encode it with ``add_special_tokens=False``.
+    """
+
+    def __init__(self, spec: TokenizerSpec) -> None:
+        self.spec = spec
+        self.backend: BackendTokenizer = spec.backend
+        self.bos_token, self.eos_token = spec.bos_token, spec.eos_token
+        self.unk_token, self.pad_token = spec.unk_token, spec.pad_token
+        self.chat_template: str | None = spec.chat_template
+        self._template = ChatTemplate(spec.chat_template) if spec.chat_template else None
+        self.bos_token_id: int | None = self.token_to_id(self.bos_token)
+        self.eos_token_id: int | None = self.token_to_id(self.eos_token)
+        self.eos_token_ids: tuple[int, ...] = self._stop_ids(spec.stop_token_ids)
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer of a GGUF file or of a Hugging Face model directory."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / "tokenizer.json").is_file():
+                return cls.from_hf_dir(path)
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return cls.from_gguf(ggufs[0])
+            raise TokenizerLoadError(f"{path} has no tokenizer.json and not exactly one .gguf file; "
+                                     "point at the .gguf file itself")
+        if path.suffix == ".gguf" or _starts_with(path, _GGUF_MAGIC):
+            return cls.from_gguf(path)
+        raise TokenizerLoadError(f"{path} is neither a GGUF file nor a model directory with tokenizer.json")
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        return cls(read_gguf_tokenizer(path))
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> Tokenizer:
+        return cls(read_hf_tokenizer(path))
+
+    # -- text and ids ----------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; special-token strings in it (``<|im_start|>``) become their ids."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # -- chat ------------------------------------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        """False for a base model: it takes raw completion prompts only."""
+        return self._template is not None
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        """The prompt text for a conversation, rendered by the model's own chat template.
+
+        Raises ChatTemplateMissing for a model without one and ChatTemplateError when the
+        template refuses the conversation.
+        """
+        if self._template is None:
+            raise ChatTemplateMissing(
+                "this model has no chat template (it is a base model, not an instruct one): send the text as a raw "
+                "completion prompt instead (POST /v1/completions, or `mesh generate --raw`)"
+            )
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
+                    "pad_token": self.pad_token}
+        return self._template.render(messages, add_generation_prompt=add_generation_prompt, special_tokens=specials,
+                                     **kwargs)
+
+    def _stop_ids(self, extra: Sequence[int]) -> tuple[int, ...]:
+        ids: list[int] = []
+        if self.eos_token_id is not None:
+            ids.append(self.eos_token_id)
+        ids.extend(int(i) for i in extra)
+        for marker in _END_OF_TURN_MARKERS:
+            if self.chat_template and marker in self.chat_template:
+                token_id = self.backend.token_to_id(marker)
+                if token_id is not None:
+                    ids.append(token_id)
+        return tuple(dict.fromkeys(ids))
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError as exc:
+        raise TokenizerLoadError(f"cannot read {path}: {exc}") from None

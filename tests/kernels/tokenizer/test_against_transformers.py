@@ -1,0 +1,170 @@
+"""Our GGUF tokenizers against transformers' tokenizer of the same file: pipeline, ids, decode, chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizer_models import ours, reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels.tokenizer import ChatTemplateMissing
+
+TEXTS = [
+    "Hello world",
+    "",
+    " ",
+    "  ",
+    "   leading and trailing   ",
+    " one leading space",
+    "multiple    spaces  between\twords",
+    "\ttabs\t\tand\nnewlines\n\n\nend\n",
+    "\n\nstarts with newlines",
+    "mixed \t \n \t\n  \n whitespace",
+    " " * 40 + "forty spaces",
+    "\r\nwindows line\r\n",
+    "digits 0 1 12 123 1234 12345 1234567890 3.14159 -42 1e10 1,234,567.89 0x1F 2024-01-01",
+    "emoji 😀 👍🏽 family 👨‍👩‍👧‍👦 flag 🇫🇷 rainbow 🏳️‍🌈 🤖",
+    "中文测试：你好，世界！日本語のテキスト、한국어 全角　スペース",
+    "Arabic مرحبا بالعالم, Hindi नमस्ते दुनिया, Thai สวัสดี, Russian Привет мир",
+    "combining: e\u0301 n\u0303 a\u0308\u0304 Zalgo Z\u0351\u0357a\u0334l\u0335g\u0336o",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\tpass\n",
+    "<table><tr><td>cell</td></tr></table> <b>bold</b>",
+    "café naïve résumé Ærøskøbing straße",
+    "I'm, you're, it's, we'll, they'd -- 'quoted' \"double\" I'M SHOUTING",
+    "URL https://example.com/a?b=c&d=e#frag",
+    "\u200b zero width \ufeff bom \u00a0 nbsp",
+]
+
+# Special-token strings inside text: the ones a vocabulary has are matched whole.
+SPECIAL_TEXTS = [
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "special mid-text <|endoftext|> and <file_sep>!",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "<bos>text<eos> <pad> <unk> <mask>",
+    "almost special <|im_start and im_end|> <start_of_turn",
+    "<|im_start|><|im_start|>  <|im_end|>x",
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}],
+    [
+        {"role": "user", "content": "Write a haiku about the sea."},
+        {"role": "assistant", "content": "Waves fold into foam"},
+        {"role": "user", "content": "Another one, with emoji 🌊 and 中文"},
+    ],
+    [{"role": "system", "content": "Système: réponds en français."}, {"role": "user", "content": "  spaces \t\n\n"}],
+    [{"role": "user", "content": "def f():\n\treturn 1\n", "name": None}],
+]
+
+# The special token each model's own text uses, and the single id it must become.
+SPECIAL_TOKEN_STRINGS = {
+    "smollm2-135m": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    "qwen2.5-coder-0.5b": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|fim_prefix|>"],
+    "gemma-3-270m": ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"],
+}
+
+
+@pytest.fixture(scope="module")
+def pair(gguf_model):
+    name, path = gguf_model
+    return name, ours(path), reference(path)
+
+
+def test_pipeline_equals_transformers(pair):
+    # The whole tokenizers pipeline -- normalizer, split, vocabulary, merges (derived ones
+    # for SentencePiece), added tokens, post-processor, decoder -- is transformers' own.
+    _, tok, ref = pair
+    assert json.loads(tok.backend.to_str()) == json.loads(ref.backend_tokenizer.to_str())
+
+
+@pytest.mark.parametrize("text", TEXTS + SPECIAL_TEXTS)
+def test_encode_matches_transformers(pair, text):
+    _, tok, ref = pair
+    assert tok.encode(text) == ref(text)["input_ids"]
+    assert tok.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("text", TEXTS + SPECIAL_TEXTS)
+def test_decode_matches_transformers(pair, text):
+    _, tok, ref = pair
+    ids = tok.encode(text)
+    assert tok.decode(ids) == ref.decode(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_plain_text_round_trips(pair, text):
+    _, tok, _ = pair
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+
+
+def test_special_tokens(pair):
+    name, tok, ref = pair
+    assert (tok.bos_token, tok.eos_token, tok.bos_token_id, tok.eos_token_id) == (
+        ref.bos_token, ref.eos_token, ref.bos_token_id, ref.eos_token_id)
+    assert tok.vocab_size == len(ref)
+    for special in SPECIAL_TOKEN_STRINGS[name]:
+        token_id = tok.token_to_id(special)
+        assert token_id is not None
+        assert tok.encode(f"a{special}b", add_special_tokens=False) == (
+            tok.encode("a", add_special_tokens=False) + [token_id] + tok.encode("b", add_special_tokens=False))
+        assert tok.decode([token_id], skip_special_tokens=True) == ""
+
+
+# Any text, including whitespace runs and astral characters (surrogates cannot be encoded).
+ANY_TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",)) | st.sampled_from(" \t\n\r▁"), max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=ANY_TEXT)
+def test_random_text_matches_transformers(pair, text):
+    _, tok, ref = pair
+    ids = tok.encode(text)
+    assert ids == ref(text)["input_ids"]
+    assert tok.decode(ids) == ref.decode(ids)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(pair, messages, add_generation_prompt):
+    name, tok, ref = pair
+    if not tok.has_chat_template:
+        pytest.skip(f"{name} has no chat template (see test_base_model_has_no_chat_template)")
+    ours_text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    theirs = ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    assert ours_text == theirs
+    theirs_ids = ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                         return_dict=False)
+    assert tok.encode(ours_text, add_special_tokens=False) == list(theirs_ids)
+
+
+def test_default_system_prompt(pair):
+    # Without a system message the template writes its own (Qwen's and SmolLM's do).
+    name, tok, _ = pair
+    if not tok.has_chat_template:
+        pytest.skip(f"{name} has no chat template")
+    expected = {"smollm2-135m": "You are a helpful AI assistant named SmolLM",
+                "qwen2.5-coder-0.5b": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}[name]
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text.startswith(f"<|im_start|>system\n{expected}")
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    own = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert expected not in own and own.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    # The turn end the template writes is a stop id.
+    assert tok.token_to_id("<|im_end|>") in tok.eos_token_ids
+
+
+def test_base_model_has_no_chat_template(pair):
+    name, tok, ref = pair
+    if name != "gemma-3-270m":
+        assert tok.has_chat_template
+        return
+    assert not tok.has_chat_template and ref.chat_template is None
+    with pytest.raises(ChatTemplateMissing, match="raw completion"):
+        tok.apply_chat_template(CONVERSATIONS[0])
+    # A raw completion prompt gets the BOS this model asks for, and stops at its EOS.
+    assert tok.encode("Once upon a time")[0] == tok.bos_token_id == 2
+    assert tok.eos_token_ids == (1,)
