@@ -98,13 +98,14 @@ def spec_from_gguf_metadata(metadata: Mapping[str, Any]) -> TokenizerSpec:
             f"GGUF tokenizer type {kind!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)}); "
             "use a model whose tokenizer.ggml.model is one of those, or its Hugging Face directory with tokenizer.json"
         )
-    _add_marked_tokens(backend, tokens, types, spelling)
 
     def token_at(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}")
         return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
 
     bos, eos = token_at("bos_token_id"), token_at("eos_token_id")
+    unk, pad = token_at("unknown_token_id"), token_at("padding_token_id")
+    _add_marked_tokens(backend, tokens, types, spelling, named=(bos, eos, unk, pad))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     set_bos_eos_post_processor(backend, bos if add_bos else None, eos if add_eos else None)
     stops = tuple(meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta)
@@ -112,8 +113,8 @@ def spec_from_gguf_metadata(metadata: Mapping[str, Any]) -> TokenizerSpec:
         backend=backend,
         bos_token=bos,
         eos_token=eos,
-        unk_token=token_at("unknown_token_id"),
-        pad_token=token_at("padding_token_id"),
+        unk_token=unk,
+        pad_token=pad,
         chat_template=meta.get("tokenizer.chat_template") or None,
         stop_token_ids=stops,
     )
@@ -178,8 +179,9 @@ def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str]) -> tu
                 raise TokenizerLoadError("a SentencePiece ('llama') vocabulary needs tokenizer.ggml.scores, one per token")
             rank = dict(zip(tokens, scores))
         merges = merges_from_vocab(vocab, rank)
+    # Only Gemma's BPE names an unknown token; with byte fallback it is never produced anyway.
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    unk = tokens[unk_id] if by_position and isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=unk, fuse_unk=True,
                                    byte_fallback=True))
     space_to_metaspace = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -220,8 +222,9 @@ def merges_from_vocab(vocab: Mapping[str, int], rank: Mapping[str, float]) -> li
 
 
 def _add_marked_tokens(backend: BackendTokenizer, tokens: Sequence[str], types: Iterable[int],
-                       spelled: frozenset[str] | None) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens.
+                       spelled: frozenset[str] | None, named: Iterable[str | None]) -> None:
+    """Control tokens and the ``named`` ones (BOS, EOS, UNK, PAD) become special added tokens,
+    user-defined ones plain added tokens.
 
     In a byte-level vocabulary a control token spelled outside the byte alphabet is a
     converter mislabel and is left alone (transformers does the same; adding it would grow
@@ -235,3 +238,7 @@ def _add_marked_tokens(backend: BackendTokenizer, tokens: Sequence[str], types: 
     user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab]
     if user:
         backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    added = {*control, *user}
+    others = [t for t in dict.fromkeys(named) if t is not None and t not in added]
+    if others:
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in others])

@@ -49,3 +49,51 @@ def reference(path: Path):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+# -- tiny synthetic SentencePiece GGUFs, written with the gguf library ----------------------------
+
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+# Pieces with several ways to cut them, and scores with ties, so the merge order is exercised.
+PIECES = ["▁", "e", "h", "l", "o", "w", "r", "d", "a", "中", "文", "el", "▁h", "he", "ll", "lo", "hel", "▁he",
+          "▁hel", "llo", "ello", "▁hello", "▁w", "or", "▁wor", "ld", "▁world", "中文", "▁中", "▁中文", "▁▁", "▁▁▁"]
+
+
+def write_sentencepiece_gguf(path: Path, arch: str, *, gemma_specials: bool = False, **flags) -> Path:
+    """A vocabulary-only GGUF of ``tokenizer.ggml.model == "llama"``; ``flags`` name GGUFWriter.add_* calls."""
+    import gguf
+
+    if gemma_specials:  # Gemma's layout: specials first, whitespace runs and markup user-defined
+        head = [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 3), ("<mask>", 3), ("<start_of_turn>", 3),
+                ("<end_of_turn>", 3), ("\n", 4), ("\n\n", 4), ("  ", 4), ("   ", 4), ("<b>", 4)]
+        ids = {"pad": 0, "eos": 1, "bos": 2, "unk": 3}
+    else:  # Llama 2's: <unk> <s> </s>
+        head = [("<unk>", 2), ("<s>", 3), ("</s>", 3), ("<|user|>", 3), ("<think>", 4)]
+        ids = {"unk": 0, "bos": 1, "eos": 2}
+    tokens = [t for t, _ in head] + BYTE_TOKENS + PIECES
+    types = [k for _, k in head] + [6] * 256 + [1] * len(PIECES)
+    scores = [-1000.0] * len(head) + [0.0] * 256 + [-float(i // 3) for i in range(len(PIECES))]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(ids["unk"])
+    writer.add_bos_token_id(ids["bos"])
+    writer.add_eos_token_id(ids["eos"])
+    if "pad" in ids:
+        writer.add_pad_token_id(ids["pad"])
+    for name, value in flags.items():
+        getattr(writer, f"add_{name}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
