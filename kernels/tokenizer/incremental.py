@@ -11,6 +11,9 @@ _REPLACEMENT = "\ufffd"
 
 
 class Decoder(Protocol):
+    byte_fallback_ids: frozenset[int]
+    special_token_ids: frozenset[int]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
 
@@ -22,13 +25,19 @@ class IncrementalDetokenizer:
     space). So each ``feed`` decodes a short window -- the tokens already emitted since the
     last cut, as context, plus the new ones -- and returns only what the new tokens add. While
     the window ends in U+FFFD (an unfinished character) nothing is returned; the bytes wait for
-    the tokens that finish them. ``"".join(feeds) + flush() == tokenizer.decode(all_ids)``,
-    and every prefix of that join is a prefix of the full decode.
+    the tokens that finish them. SentencePiece byte tokens (``<0xNN>``) are held while their
+    run lasts, because the decoder turns a whole run into U+FFFDs if any of it is invalid.
+    ``"".join(feeds) + flush() == tokenizer.decode(all_ids)``, and every prefix of that join
+    is a prefix of the full decode.
     """
 
     def __init__(self, tokenizer: Decoder, skip_special_tokens: bool = False) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._bytes = tokenizer.byte_fallback_ids
+        # Tokens the decode drops: they do not end a run of byte tokens.
+        self._invisible = tokenizer.special_token_ids if skip_special_tokens else frozenset()
+        self._in_byte_run = False
         self._ids: list[int] = []
         # The text of _ids[_prefix:_read] is already emitted; it is decoded again as context.
         self._prefix = 0
@@ -41,6 +50,10 @@ class IncrementalDetokenizer:
     def feed(self, token_id: int) -> str:
         """The text ``token_id`` completes (often all of its own, sometimes "" while a character is unfinished)."""
         self._ids.append(int(token_id))
+        if token_id in self._bytes or (self._in_byte_run and token_id in self._invisible):
+            self._in_byte_run = True
+            return ""
+        self._in_byte_run = False
         emitted, window = self._decode_window()
         if len(window) > len(emitted) and not window.endswith(_REPLACEMENT):
             self._prefix, self._read = self._read, len(self._ids)
@@ -51,6 +64,7 @@ class IncrementalDetokenizer:
         """The held-back text at the end of the stream (U+FFFD for bytes that never completed)."""
         emitted, window = self._decode_window()
         self._prefix = self._read = len(self._ids)
+        self._in_byte_run = False
         return window[len(emitted):]
 
     def _decode_window(self) -> tuple[str, str]:

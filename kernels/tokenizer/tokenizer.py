@@ -40,6 +40,12 @@ class Tokenizer:
         self.bos_token_id: int | None = self.token_to_id(self.bos_token)
         self.eos_token_id: int | None = self.token_to_id(self.eos_token)
         self.eos_token_ids: tuple[int, ...] = self._stop_ids(spec.stop_token_ids)
+        self.special_token_ids: frozenset[int] = frozenset(
+            i for i, token in self.backend.get_added_tokens_decoder().items() if token.special)
+        # SentencePiece's <0xNN> tokens: a run of them decodes as one unit (see IncrementalDetokenizer).
+        self.byte_fallback_ids: frozenset[int] = frozenset(
+            i for i in (self.backend.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None
+        ) if getattr(self.backend.model, "byte_fallback", False) else frozenset()
 
     # -- loading ---------------------------------------------------------------------------------
 
