@@ -36,7 +36,7 @@ class Tokenizer:
         self.bos_token, self.eos_token = spec.bos_token, spec.eos_token
         self.unk_token, self.pad_token = spec.unk_token, spec.pad_token
         self.chat_template: str | None = spec.chat_template
-        self._template = ChatTemplate(spec.chat_template) if spec.chat_template else None
+        self._template: ChatTemplate | None = None  # compiled on first use: a broken one still allows raw prompts
         self.bos_token_id: int | None = self.token_to_id(self.bos_token)
         self.eos_token_id: int | None = self.token_to_id(self.eos_token)
         self.eos_token_ids: tuple[int, ...] = self._stop_ids(spec.stop_token_ids)
@@ -94,7 +94,7 @@ class Tokenizer:
     @property
     def has_chat_template(self) -> bool:
         """False for a base model: it takes raw completion prompts only."""
-        return self._template is not None
+        return bool(self.chat_template)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
@@ -103,11 +103,13 @@ class Tokenizer:
         Raises ChatTemplateMissing for a model without one and ChatTemplateError when the
         template refuses the conversation.
         """
-        if self._template is None:
+        if not self.chat_template:
             raise ChatTemplateMissing(
                 "this model has no chat template (it is a base model, not an instruct one): send the text as a raw "
                 "completion prompt instead (POST /v1/completions, or `mesh generate --raw`)"
             )
+        if self._template is None:
+            self._template = ChatTemplate(self.chat_template)
         specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
                     "pad_token": self.pad_token}
         return self._template.render(messages, add_generation_prompt=add_generation_prompt, special_tokens=specials,
