@@ -29,6 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
@@ -206,16 +207,30 @@ def merges_from_vocab(vocab: Mapping[str, int], rank: Mapping[str, float]) -> li
     Equal keys keep vocabulary order (the sort is stable), and within one token the cuts are in
     the order of their parts' ids -- transformers' order, so the two agree tie for tie.
     """
-    keyed: list[tuple[float, int, int, str, str]] = []
+    lefts: list[str] = []
+    rights: list[str] = []
+    scores: list[float] = []
     for token, score in rank.items():
-        cuts = [(vocab[left], vocab[right], left, right)
-                for left, right in ((token[:k], token[k:]) for k in range(1, len(token)))
-                if left in vocab and right in vocab]
+        cuts = []
+        for k in range(1, len(token)):
+            left = token[:k]
+            if left in vocab:
+                right = token[k:]
+                if right in vocab:
+                    cuts.append((vocab[left], vocab[right], left, right))
         if len(cuts) > 1:
             cuts.sort()
-        keyed.extend((score, len(left), len(right), left, right) for _, _, left, right in cuts)
-    keyed.sort(key=lambda m: (m[0], m[1], m[2]), reverse=True)
-    return [(left, right) for _, _, _, left, right in keyed]
+        for _, _, left, right in cuts:
+            lefts.append(left)
+            rights.append(right)
+            scores.append(score)
+    if not lefts:
+        return []
+    left_len = np.fromiter(map(len, lefts), dtype=np.int64, count=len(lefts))
+    right_len = np.fromiter(map(len, rights), dtype=np.int64, count=len(rights))
+    # lexsort is stable and sorts by its last key first: score, then left length, then right length.
+    order = np.lexsort((-right_len, -left_len, -np.asarray(scores, dtype=np.float64)))
+    return [(lefts[i], rights[i]) for i in order.tolist()]
 
 
 # -- tokens matched whole -------------------------------------------------------------------------
