@@ -100,3 +100,11 @@ def test_file_without_tokenizer_is_refused():
         spec_from_gguf_metadata({"general.architecture": "llama"})
     with pytest.raises(TokenizerLoadError, match="needs tokenizer.ggml.scores"):
         spec_from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"]})
+
+
+def test_split_table_is_transformers():
+    # Which `tokenizer.ggml.pre` values get which split regex: the converter's own table.
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    from kernels.tokenizer.gguf_vocab import PRE_TOKENIZER_SPLITS
+
+    assert PRE_TOKENIZER_SPLITS == mapping.GGUF_PRE_TOKENIZER_SPLITS
