@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def spec_from_gguf_metadata(metadata: Mapping[str, Any]) -> TokenizerSpec:
 
     def token_at(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
+        return tokens[index] if isinstance(index, Integral) and 0 <= index < len(tokens) else None
 
     bos, eos = token_at("bos_token_id"), token_at("eos_token_id")
     unk, pad = token_at("unknown_token_id"), token_at("padding_token_id")
@@ -203,7 +204,7 @@ def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str]) -> tu
         merges = merges_from_vocab(vocab, rank)
     # Only Gemma's BPE names an unknown token; with byte fallback it is never produced anyway.
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[unk_id] if by_position and isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    unk = tokens[unk_id] if by_position and isinstance(unk_id, Integral) and 0 <= unk_id < len(tokens) else None
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=unk, fuse_unk=True,
                                    byte_fallback=True))
     space_to_metaspace = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
