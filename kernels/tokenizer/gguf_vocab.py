@@ -226,26 +226,21 @@ def merges_from_vocab(vocab: Mapping[str, int], rank: Mapping[str, float]) -> li
 
     Each way to cut a token into two tokens of the vocabulary is a merge; merges rank by the
     whole token's ``rank`` (higher first), then by a longer left part, then a longer right part.
-    Equal keys keep vocabulary order (the sort is stable), and within one token the cuts are in
-    the order of their parts' ids -- transformers' order, so the two agree tie for tie.
+    Equal keys (cuts of different tokens of equal rank) keep vocabulary order, as the stable
+    sort of transformers' converter does, so the two agree tie for tie.
     """
     lefts: list[str] = []
     rights: list[str] = []
     scores: list[float] = []
     for token, score in rank.items():
-        cuts = []
         for k in range(1, len(token)):
             left = token[:k]
             if left in vocab:
                 right = token[k:]
                 if right in vocab:
-                    cuts.append((vocab[left], vocab[right], left, right))
-        if len(cuts) > 1:
-            cuts.sort()
-        for _, _, left, right in cuts:
-            lefts.append(left)
-            rights.append(right)
-            scores.append(score)
+                    lefts.append(left)
+                    rights.append(right)
+                    scores.append(score)
     if not lefts:
         return []
     left_len = np.fromiter(map(len, lefts), dtype=np.int64, count=len(lefts))
