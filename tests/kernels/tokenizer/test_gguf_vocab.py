@@ -7,12 +7,16 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_models import reference, write_sentencepiece_gguf
+from tokenizer_models import reference, write_byte_level_gguf, write_sentencepiece_gguf
 
+from kernels.gguf import open_gguf
 from kernels.tokenizer import Tokenizer, TokenizerLoadError
 from kernels.tokenizer.gguf_vocab import merges_from_vocab, spec_from_gguf_metadata
 
 VARIANTS = {
+    # Byte-level BPE with the Llama 3 split; the file says nothing about BOS (so none is added).
+    "bpe-llama3": ("gpt2", {"pre": "llama-bpe"}),
+    "bpe-default-bos-eos": ("gpt2", {"pre": "smollm", "add_bos_token": True, "add_eos_token": True}),
     # Llama 2 style: a "▁" before the text, BOS added (both by default when the file is silent).
     "llama-defaults": ("llama", {}),
     "llama-no-prefix": ("llama", {"add_space_prefix": False, "add_bos_token": False, "add_eos_token": True}),
@@ -20,7 +24,8 @@ VARIANTS = {
     "gemma3": ("gemma3", {"gemma_specials": True, "add_space_prefix": False, "add_bos_token": True}),
 }
 
-TEXTS = ["hello world", " hello  world", "hello   world\n\nhello", "  leading", "trailing  ", "",
+TEXTS = ["the thin ant 123 1234 12345", "<|begin_of_text|>the<|eot_id|>\n\n  a<think><tab>\t",
+         "hello world", " hello  world", "hello   world\n\nhello", "  leading", "trailing  ", "",
          "<|user|>hello<think>中文", "<start_of_turn>user\nhello<end_of_turn>\n", "héllo wörld 😀", "\t\x00\x7f",
          "<s>hello</s> <unk>", "<b>hello</b>"]
 
@@ -28,7 +33,11 @@ TEXTS = ["hello world", " hello  world", "hello   world\n\nhello", "  leading", 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def synthetic(request, tmp_path_factory):
     arch, flags = VARIANTS[request.param]
-    path = write_sentencepiece_gguf(tmp_path_factory.mktemp(request.param) / "vocab.gguf", arch, **flags)
+    folder = tmp_path_factory.mktemp(request.param)
+    if arch == "gpt2":
+        path = write_byte_level_gguf(folder / "vocab.gguf", **flags)
+    else:
+        path = write_sentencepiece_gguf(folder / "vocab.gguf", arch, **flags)
     ref = reference(path)
     if arch == "llama" and flags.get("add_space_prefix") is False:
         # transformers ignores tokenizer.ggml.add_space_prefix outside the Gemma family and always
@@ -102,6 +111,16 @@ def test_file_without_tokenizer_is_refused():
         spec_from_gguf_metadata({"general.architecture": "llama"})
     with pytest.raises(TokenizerLoadError, match="needs tokenizer.ggml.scores"):
         spec_from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"]})
+
+
+def test_no_token_past_the_vocabulary(tmp_path):
+    # A byte-level file without GPT-2's "<|endoftext|>" (Llama 3's have none): transformers adds
+    # it as a new id past the model's embedding; we keep exactly the file's tokens.
+    path = write_byte_level_gguf(tmp_path / "v.gguf", "llama-bpe", gpt2_endoftext=False)
+    tok, ref = Tokenizer.from_model(path), reference(path)
+    n_tokens = len(open_gguf(path).metadata["tokenizer.ggml.tokens"])
+    assert tok.vocab_size == n_tokens and tok.token_to_id("<|endoftext|>") is None
+    assert ref.convert_tokens_to_ids("<|endoftext|>") == n_tokens == len(ref) - 1
 
 
 def test_split_table_is_transformers():

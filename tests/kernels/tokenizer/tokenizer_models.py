@@ -97,3 +97,44 @@ def write_sentencepiece_gguf(path: Path, arch: str, *, gemma_specials: bool = Fa
     writer.write_ti_data_to_file()
     writer.close()
     return path
+
+
+def write_byte_level_gguf(path: Path, pre: str, *, gpt2_endoftext: bool = True, **flags) -> Path:
+    """A vocabulary-only GGUF of ``tokenizer.ggml.model == "gpt2"``: the 256 byte symbols, a few
+    merges, control tokens (one spelled outside the byte alphabet, a converter mislabel) and a
+    user-defined one; ``flags`` name GGUFWriter.add_* calls. ``gpt2_endoftext`` puts GPT-2's
+    "<|endoftext|>" in the vocabulary, as GPT-2's descendants (SmolLM, Qwen) have it."""
+    import gguf
+
+    from kernels.tokenizer.gguf_vocab import byte_alphabet
+
+    symbols = list(byte_alphabet().values())
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "1 2", "12 3", "Ċ Ċ", "Ġ Ġ"]
+    merged = [m.replace(" ", "") for m in merges]
+    head = [("<|begin_of_text|>", 3), ("<|end_of_text|>", 3), ("<|eot_id|>", 3), ("<think>", 4), ("<tab>\t", 3)]
+    if gpt2_endoftext:
+        head.append(("<|endoftext|>", 3))
+    tokens = symbols + merged + [t for t, _ in head]
+    types = [1] * (len(symbols) + len(merged)) + [k for _, k in head]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|begin_of_text|>"))
+    writer.add_eos_token_id(tokens.index("<|end_of_text|>"))
+    for name, value in flags.items():
+        getattr(writer, f"add_{name}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
