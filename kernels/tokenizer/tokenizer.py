@@ -25,9 +25,10 @@ _END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", 
 class Tokenizer:
     """Text <-> token ids for one model, and its chat template.
 
-    ``encode(text)`` adds BOS/EOS only where the model asks for them (Gemma and Llama 2
-    want a BOS, Qwen and SmolLM nothing); a rendered chat template already writes its own,
-    so encode it with ``add_special_tokens=False``.
+    The two ways into a model: ``encode_prompt(text)`` for a raw completion (BOS/EOS added
+    only where the model asks for them: Gemma and Llama 2 want a BOS, Qwen and SmolLM
+    nothing), ``encode_chat(messages)`` for a conversation (the template writes its own
+    special tokens). Both give the ids transformers gives for the same request.
     """
 
     def __init__(self, spec: TokenizerSpec) -> None:
@@ -89,6 +90,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a raw completion prompt, as ``transformers_tokenizer(text)`` gives them."""
+        return self.encode(text, add_special_tokens=True)
+
     # -- chat ------------------------------------------------------------------------------------
 
     @property
@@ -114,6 +119,11 @@ class Tokenizer:
                     "pad_token": self.pad_token}
         return self._template.render(messages, add_generation_prompt=add_generation_prompt, special_tokens=specials,
                                      **kwargs)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> list[int]:
+        """The ids of a conversation, as transformers' ``apply_chat_template(tokenize=True)`` gives them."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
 
     def _stop_ids(self, extra: Sequence[int]) -> tuple[int, ...]:
         ids: list[int] = []

@@ -138,7 +138,17 @@ def test_chat_template_matches_transformers(pair, messages, add_generation_promp
     assert ours_text == theirs
     theirs_ids = ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
                                          return_dict=False)
-    assert tok.encode(ours_text, add_special_tokens=False) == list(theirs_ids)
+    assert tok.encode_chat(messages, add_generation_prompt=add_generation_prompt) == list(theirs_ids)
+
+
+@pytest.mark.parametrize("text", ["Once upon a time", " The capital of France is", "def fib(n):\n", "<|im_start|>"])
+def test_raw_prompt_ids_match_transformers(pair, text):
+    # A raw completion gets the BOS the model asks for (Gemma's) and nothing else.
+    name, tok, ref = pair
+    ids = tok.encode_prompt(text)
+    assert ids == ref(text)["input_ids"]
+    bare = tok.encode(text, add_special_tokens=False)
+    assert ids == ([tok.bos_token_id] + bare if name == "gemma-3-270m" else bare)
 
 
 def test_default_system_prompt(pair):
@@ -165,6 +175,8 @@ def test_base_model_has_no_chat_template(pair):
     assert not tok.has_chat_template and ref.chat_template is None
     with pytest.raises(ChatTemplateMissing, match="raw completion"):
         tok.apply_chat_template(CONVERSATIONS[0])
+    with pytest.raises(ChatTemplateMissing):
+        tok.encode_chat(CONVERSATIONS[0])
     # A raw completion prompt gets the BOS this model asks for, and stops at its EOS.
-    assert tok.encode("Once upon a time")[0] == tok.bos_token_id == 2
+    assert tok.encode_prompt("Once upon a time")[0] == tok.bos_token_id == 2
     assert tok.eos_token_ids == (1,)
