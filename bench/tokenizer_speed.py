@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from kernels.tokenizer import Tokenizer  # noqa: E402
-from mesh import models  # noqa: E402
+from kernels.tokenizer import Tokenizer
+from mesh import models
 
 SNIPPETS = [
     "The quick brown fox jumps over the lazy dog. ",

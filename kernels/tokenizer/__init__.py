@@ -13,5 +13,11 @@ from kernels.tokenizer.incremental import IncrementalDetokenizer
 from kernels.tokenizer.spec import TokenizerLoadError, TokenizerSpec
 from kernels.tokenizer.tokenizer import Tokenizer
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "TokenizerSpec", "TokenizerLoadError", "ChatTemplateMissing",
-           "ChatTemplateError"]
+__all__ = [
+           "ChatTemplateError",
+           "ChatTemplateMissing",
+           "IncrementalDetokenizer",
+           "Tokenizer",
+           "TokenizerLoadError",
+           "TokenizerSpec",
+]

@@ -23,7 +23,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplate", "ChatTemplateMissing", "ChatTemplateError"]
+__all__ = ["ChatTemplate", "ChatTemplateError", "ChatTemplateMissing"]
 
 
 class ChatTemplateMissing(ValueError):
@@ -106,7 +106,7 @@ class _TemplateDict:
 class _TemplateNamespace(jinja2.utils.Namespace):
     """A jinja namespace that refuses underscore attributes (no path to CPython internals)."""
 
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - jinja's own signature trick
+    def __init__(*args: Any, **kwargs: Any) -> None:
         self, args = args[0], args[1:]
         attrs = dict(*args, **kwargs)
         for name in attrs:

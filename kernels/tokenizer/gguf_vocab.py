@@ -35,9 +35,14 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
-from kernels.tokenizer.spec import TokenizerLoadError, TokenizerSpec, set_bos_eos_post_processor
+from kernels.gguf import open_gguf
+from kernels.tokenizer.spec import (
+    TokenizerLoadError,
+    TokenizerSpec,
+    set_bos_eos_post_processor,
+)
 
-__all__ = ["read_gguf_tokenizer", "spec_from_gguf_metadata", "SUPPORTED_TYPES"]
+__all__ = ["SUPPORTED_TYPES", "read_gguf_tokenizer", "spec_from_gguf_metadata"]
 
 SUPPORTED_TYPES = ("gpt2", "llama")
 
@@ -91,8 +96,6 @@ _TOKENIZER_KEYS = ("general.architecture", "tokenizer.chat_template")
 
 def read_gguf_tokenizer(path: str | Path) -> TokenizerSpec:
     """The tokenizer a GGUF file describes."""
-    from kernels.gguf import open_gguf
-
     metadata = open_gguf(path).metadata
     try:
         return spec_from_gguf_metadata(metadata)

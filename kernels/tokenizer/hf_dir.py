@@ -23,7 +23,7 @@ def read_hf_tokenizer(path: str | Path) -> TokenizerSpec:
     path = Path(path)
     try:
         backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as exc:  # the tokenizers library raises a bare Exception on a bad file
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a bad file
         raise TokenizerLoadError(f"{path / 'tokenizer.json'} is not a readable tokenizers file: {exc}") from None
     config = _read_json(path / "tokenizer_config.json")
     template = config.get("chat_template")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizer_models import ours, reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizer_models import ours, reference
 
 from kernels.tokenizer import ChatTemplateMissing
 

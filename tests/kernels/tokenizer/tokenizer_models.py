@@ -9,7 +9,7 @@ loading transformers' tokenizer for them takes 10-15 s, so their cases are marke
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -36,14 +36,14 @@ def cached_gguf(name: str) -> Path:
                 f"run `python -m mesh models pull {name}` to test it")
 
 
-@lru_cache(maxsize=None)
+@cache
 def ours(path: Path):
     from kernels.tokenizer import Tokenizer
 
     return Tokenizer.from_model(path)
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference(path: Path):
     os.environ["HF_HUB_OFFLINE"] = "1"
     transformers = pytest.importorskip("transformers")
