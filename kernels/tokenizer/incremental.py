@@ -49,7 +49,8 @@ class IncrementalDetokenizer:
 
     def feed(self, token_id: int) -> str:
         """The text ``token_id`` completes (often all of its own, sometimes "" while a character is unfinished)."""
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        self._ids.append(token_id)
         if token_id in self._bytes or (self._in_byte_run and token_id in self._invisible):
             self._in_byte_run = True
             return ""
