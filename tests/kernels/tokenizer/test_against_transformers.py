@@ -7,7 +7,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_models import ours, reference
+from tokenizer_models import cached_gguf, ours, reference
 
 from kernels.tokenizer import ChatTemplateMissing
 
@@ -73,6 +73,12 @@ def pair(gguf_model):
     return name, ours(path), reference(path)
 
 
+@pytest.fixture(scope="module")
+def chat_pair(chat_model):
+    name, path = chat_model
+    return name, ours(path), reference(path)
+
+
 def test_pipeline_equals_transformers(pair):
     # The whole tokenizers pipeline -- normalizer, split, vocabulary, merges (derived ones
     # for SentencePiece), added tokens, post-processor, decoder -- is transformers' own.
@@ -129,10 +135,8 @@ def test_random_text_matches_transformers(pair, text):
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_matches_transformers(pair, messages, add_generation_prompt):
-    name, tok, ref = pair
-    if not tok.has_chat_template:
-        pytest.skip(f"{name} has no chat template (see test_base_model_has_no_chat_template)")
+def test_chat_template_matches_transformers(chat_pair, messages, add_generation_prompt):
+    _, tok, ref = chat_pair
     ours_text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     theirs = ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     assert ours_text == theirs
@@ -151,11 +155,9 @@ def test_raw_prompt_ids_match_transformers(pair, text):
     assert ids == ([tok.bos_token_id] + bare if name == "gemma-3-270m" else bare)
 
 
-def test_default_system_prompt(pair):
+def test_default_system_prompt(chat_pair):
     # Without a system message the template writes its own (Qwen's and SmolLM's do).
-    name, tok, _ = pair
-    if not tok.has_chat_template:
-        pytest.skip(f"{name} has no chat template")
+    name, tok, _ = chat_pair
     expected = {"smollm2-135m": "You are a helpful AI assistant named SmolLM",
                 "qwen2.5-coder-0.5b": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}[name]
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
@@ -167,11 +169,15 @@ def test_default_system_prompt(pair):
     assert tok.token_to_id("<|im_end|>") in tok.eos_token_ids
 
 
-def test_base_model_has_no_chat_template(pair):
-    name, tok, ref = pair
-    if name != "gemma-3-270m":
-        assert tok.has_chat_template
-        return
+def test_chat_models_have_a_template(chat_pair):
+    _, tok, ref = chat_pair
+    assert tok.has_chat_template and tok.chat_template == ref.chat_template
+
+
+@pytest.mark.slow
+def test_base_model_has_no_chat_template():
+    path = cached_gguf("gemma-3-270m")
+    tok, ref = ours(path), reference(path)
     assert not tok.has_chat_template and ref.chat_template is None
     with pytest.raises(ChatTemplateMissing, match="raw completion"):
         tok.apply_chat_template(CONVERSATIONS[0])

@@ -19,6 +19,7 @@ MODELS = [
     pytest.param("qwen2.5-coder-0.5b", id="qwen2.5", marks=pytest.mark.slow),
     pytest.param("gemma-3-270m", id="gemma3", marks=pytest.mark.slow),
 ]
+CHAT_MODELS = MODELS[:2]  # gemma-3-270m is a base model: no chat template
 
 
 def cached_gguf(name: str) -> Path:
