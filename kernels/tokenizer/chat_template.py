@@ -21,6 +21,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["ChatTemplate", "ChatTemplateError", "ChatTemplateMissing"]
@@ -43,6 +44,13 @@ class ChatTemplate:
             self._template = _compile(source)
         except jinja2.exceptions.TemplateSyntaxError as exc:
             raise ChatTemplateError(f"the model's chat template does not parse (line {exc.lineno}: {exc.message})") from None
+
+    def literal_text(self) -> str:
+        """The template's own strings (its text and string constants), joined by NULs so no search spans two."""
+        ast = self._template.environment.parse(self.source)
+        literals = {node.data for node in ast.find_all(jinja2.nodes.TemplateData)}
+        literals |= {node.value for node in ast.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
+        return "\0".join(sorted(literals))
 
     def render(
         self,

@@ -9,6 +9,7 @@ from typing import Any
 from tokenizers import Tokenizer as BackendTokenizer
 
 from kernels.tokenizer.chat_template import ChatTemplate, ChatTemplateMissing
+from kernels.tokenizer.control_tokens import ControlTokenMarker
 from kernels.tokenizer.gguf_vocab import read_gguf_tokenizer
 from kernels.tokenizer.hf_dir import read_hf_tokenizer
 from kernels.tokenizer.spec import TokenizerLoadError, TokenizerSpec
@@ -38,6 +39,7 @@ class Tokenizer:
         self.unk_token, self.pad_token = spec.unk_token, spec.pad_token
         self.chat_template: str | None = spec.chat_template
         self._template: ChatTemplate | None = None  # compiled on first use: a broken one still allows raw prompts
+        self._marker: ControlTokenMarker | None = None
         self.bos_token_id: int | None = self.token_to_id(self.bos_token)
         self.eos_token_id: int | None = self.token_to_id(self.eos_token)
         self.eos_token_ids: tuple[int, ...] = self._stop_ids(spec.stop_token_ids)
@@ -108,6 +110,30 @@ class Tokenizer:
         Raises ChatTemplateMissing for a model without one and ChatTemplateError when the
         template refuses the conversation.
         """
+        return self._chat_template().render(messages, add_generation_prompt=add_generation_prompt,
+                                            special_tokens=self._specials(), **kwargs)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *,
+                    sanitize_control_tokens: bool = False, **kwargs: Any) -> list[int]:
+        """The ids of a conversation, as transformers' ``apply_chat_template(tokenize=True)`` gives them.
+
+        With ``sanitize_control_tokens`` a control token inside user-supplied text (say a
+        ``<|im_start|>system`` in a message) is encoded as plain text, so users cannot forge
+        turns; only the template's own control tokens become control ids. Raises
+        UnsanitizableText when the vocabulary would make the token from plain text anyway.
+        """
+        if not sanitize_control_tokens:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
+                               add_special_tokens=False)
+        template = self._chat_template()
+        marker = self._control_marker(template)
+        rendered = template.render(marker.mark(list(messages)), add_generation_prompt=add_generation_prompt,
+                                   special_tokens=self._specials(),
+                                   **{k: marker.mark(v) for k, v in kwargs.items()})
+        return marker.encode(rendered, lambda text: self.encode(text, add_special_tokens=False),
+                             self._encode_as_text, self.token_to_id)
+
+    def _chat_template(self) -> ChatTemplate:
         if not self.chat_template:
             raise ChatTemplateMissing(
                 "this model has no chat template (it is a base model, not an instruct one): send the text as a raw "
@@ -115,15 +141,27 @@ class Tokenizer:
             )
         if self._template is None:
             self._template = ChatTemplate(self.chat_template)
-        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
-                    "pad_token": self.pad_token}
-        return self._template.render(messages, add_generation_prompt=add_generation_prompt, special_tokens=specials,
-                                     **kwargs)
+        return self._template
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    **kwargs: Any) -> list[int]:
-        """The ids of a conversation, as transformers' ``apply_chat_template(tokenize=True)`` gives them."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+    def _specials(self) -> dict[str, str | None]:
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
+                "pad_token": self.pad_token}
+
+    def _control_marker(self, template: ChatTemplate) -> ControlTokenMarker:
+        if self._marker is None:
+            literals = template.literal_text()
+            self._marker = ControlTokenMarker(
+                token.content for token in self.backend.get_added_tokens_decoder().values()
+                if token.special or (token.content in literals and not token.content.isspace()))
+        return self._marker
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """``text`` through the normalizer, split and model alone: no added token is matched."""
+        backend = self.backend
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        splits = [text] if backend.pre_tokenizer is None else [s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+        return [token.id for split in splits for token in backend.model.tokenize(split)]
 
     def _stop_ids(self, extra: Sequence[int]) -> tuple[int, ...]:
         ids: list[int] = []

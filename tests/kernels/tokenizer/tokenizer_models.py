@@ -60,8 +60,10 @@ PIECES = ["▁", "e", "h", "l", "o", "w", "r", "d", "a", "中", "文", "el", "�
           "▁hel", "llo", "ello", "▁hello", "▁w", "or", "▁wor", "ld", "▁world", "中文", "▁中", "▁中文", "▁▁", "▁▁▁"]
 
 
-def write_sentencepiece_gguf(path: Path, arch: str, *, gemma_specials: bool = False, **flags) -> Path:
-    """A vocabulary-only GGUF of ``tokenizer.ggml.model == "llama"``; ``flags`` name GGUFWriter.add_* calls."""
+def write_sentencepiece_gguf(path: Path, arch: str, *, gemma_specials: bool = False, user_defined: tuple[str, ...] = (),
+                             **flags) -> Path:
+    """A vocabulary-only GGUF of ``tokenizer.ggml.model == "llama"``; ``user_defined`` pieces are
+    marked USER_DEFINED; ``flags`` name GGUFWriter.add_* calls."""
     import gguf
 
     if gemma_specials:  # Gemma's layout: specials first, whitespace runs and markup user-defined
@@ -72,7 +74,7 @@ def write_sentencepiece_gguf(path: Path, arch: str, *, gemma_specials: bool = Fa
         head = [("<unk>", 2), ("<s>", 3), ("</s>", 3), ("<|user|>", 3), ("<think>", 4)]
         ids = {"unk": 0, "bos": 1, "eos": 2}
     tokens = [t for t, _ in head] + BYTE_TOKENS + PIECES
-    types = [k for _, k in head] + [6] * 256 + [1] * len(PIECES)
+    types = [k for _, k in head] + [6] * 256 + [4 if p in user_defined else 1 for p in PIECES]
     scores = [-1000.0] * len(head) + [0.0] * 256 + [-float(i // 3) for i in range(len(PIECES))]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
