@@ -63,6 +63,7 @@ CONVERSATIONS = [
 SPECIAL_TOKEN_STRINGS = {
     "smollm2-135m": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
     "qwen2.5-coder-0.5b": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|fim_prefix|>"],
+    "qwen2.5-coder-1.5b": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|fim_prefix|>"],
     "gemma-3-270m": ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"],
 }
 
@@ -179,11 +180,33 @@ def test_raw_prompt_ids_match_transformers(pair, text):
     assert ids == ([tok.bos_token_id] + bare if name == "gemma-3-270m" else bare)
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Das Wetter für eine Stadt <city>",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Zürich?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}]},
+    {"role": "tool", "content": "{\"temp\": 21}"},
+]
+
+
+def test_tools_match_transformers(chat_pair):
+    _, tok, ref = chat_pair
+    for messages in (TOOL_CONVERSATION[:1], TOOL_CONVERSATION):
+        ours = tok.apply_chat_template(messages, tools=TOOLS)
+        assert ours == ref.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+        assert tok.encode_chat(messages, tools=TOOLS, sanitize_control_tokens=True) == ref.apply_chat_template(
+            messages, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=False,
+            sanitize_control_tokens=True)
+
+
 def test_default_system_prompt(chat_pair):
     # Without a system message the template writes its own (Qwen's and SmolLM's do).
     name, tok, _ = chat_pair
-    expected = {"smollm2-135m": "You are a helpful AI assistant named SmolLM",
-                "qwen2.5-coder-0.5b": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}[name]
+    qwen = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    expected = {"smollm2-135m": "You are a helpful AI assistant named SmolLM", "qwen2.5-coder-0.5b": qwen,
+                "qwen2.5-coder-1.5b": qwen}[name]
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text.startswith(f"<|im_start|>system\n{expected}")
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")

@@ -1,8 +1,8 @@
 """The real models whose GGUF tokenizers are checked, and transformers' tokenizer of each.
 
 smollm2-135m (byte-level BPE, "smollm" split) is the default model and always there.
-qwen2.5-coder-0.5b (byte-level BPE, "qwen2" split, a template with a default system prompt)
-and gemma-3-270m (SentencePiece, no chat template: a base model) are tested when cached;
+qwen2.5-coder-0.5b and -1.5b (byte-level BPE, "qwen2" split, a template with a default system
+prompt and tools; the two differ only in that template's tools text) and gemma-3-270m (SentencePiece, no chat template: a base model) are tested when cached;
 loading transformers' tokenizer for them takes 10-15 s, so their cases are marked slow.
 """
 
@@ -17,9 +17,10 @@ import pytest
 MODELS = [
     pytest.param("smollm2-135m", id="smollm2"),
     pytest.param("qwen2.5-coder-0.5b", id="qwen2.5", marks=pytest.mark.slow),
+    pytest.param("qwen2.5-coder-1.5b", id="qwen2.5-1.5b", marks=pytest.mark.slow),
     pytest.param("gemma-3-270m", id="gemma3", marks=pytest.mark.slow),
 ]
-CHAT_MODELS = MODELS[:2]  # gemma-3-270m is a base model: no chat template
+CHAT_MODELS = MODELS[:3]  # gemma-3-270m is a base model: no chat template
 
 
 def cached_gguf(name: str) -> Path:
