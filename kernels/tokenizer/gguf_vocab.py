@@ -143,6 +143,7 @@ def spec_from_gguf_metadata(metadata: Mapping[str, Any]) -> TokenizerSpec:
         pad_token=pad,
         chat_template=meta.get("tokenizer.chat_template") or None,
         stop_token_ids=stops,
+        cut_at_newlines=kind == "gpt2",  # GPT-2's split or one of PRE_TOKENIZER_SPLITS: none spans "\n" + letter
     )
 
 

@@ -19,6 +19,8 @@ class TokenizerSpec:
     ``backend`` already adds BOS/EOS in ``encode(..., add_special_tokens=True)`` exactly where
     the model asks for them. ``stop_token_ids`` are ids the files name as ending a turn
     besides the EOS (GGUF ``eot``/``eom``, ``generation_config.json``'s list).
+    ``cut_at_newlines``: the builder vouches that no pre-token spans a newline followed by a
+    letter, so a long text may be cut there and encoded in parallel (see ``long_text``).
     """
 
     backend: BackendTokenizer
@@ -28,6 +30,7 @@ class TokenizerSpec:
     pad_token: str | None = None
     chat_template: str | None = None
     stop_token_ids: tuple[int, ...] = ()
+    cut_at_newlines: bool = False
 
 
 def set_bos_eos_post_processor(backend: BackendTokenizer, bos: str | None, eos: str | None) -> None:

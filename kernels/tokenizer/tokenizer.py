@@ -6,17 +6,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Encoding
 from tokenizers import Tokenizer as BackendTokenizer
 
 from kernels.tokenizer.chat_template import ChatTemplate, ChatTemplateMissing
 from kernels.tokenizer.control_tokens import ControlTokenMarker
 from kernels.tokenizer.gguf_vocab import read_gguf_tokenizer
 from kernels.tokenizer.hf_dir import read_hf_tokenizer
+from kernels.tokenizer.long_text import can_cut, cut
 from kernels.tokenizer.spec import TokenizerLoadError, TokenizerSpec
 
 __all__ = ["Tokenizer"]
 
 _GGUF_MAGIC = b"GGUF"
+
+# Texts from this many characters up are cut and encoded in parallel, where that is exact.
+PARALLEL_MIN_CHARS = 1 << 16
+_PARALLEL_PIECES = 16
 
 # Markers that end an assistant turn in common chat templates. Generation stops on the ones
 # the model's own template writes, besides the declared EOS.
@@ -45,6 +51,7 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = self._stop_ids(spec.stop_token_ids)
         self.special_token_ids: frozenset[int] = frozenset(
             i for i, token in self.backend.get_added_tokens_decoder().items() if token.special)
+        self._cuttable = spec.cut_at_newlines and can_cut(self.backend)
         # SentencePiece's <0xNN> tokens: a run of them decodes as one unit (see IncrementalDetokenizer).
         self.byte_fallback_ids: frozenset[int] = frozenset(
             i for i in (self.backend.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None
@@ -86,8 +93,20 @@ class Tokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; special-token strings in it (``<|im_start|>``) become their ids."""
+        """Token ids of ``text``; special-token strings in it (``<|im_start|>``) become their ids.
+
+        A long text is cut where no token can span and its pieces encoded in parallel.
+        """
+        if self._cuttable and len(text) >= PARALLEL_MIN_CHARS:
+            return self._encode_in_pieces(text, add_special_tokens, _PARALLEL_PIECES)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _encode_in_pieces(self, text: str, add_special_tokens: bool, pieces: int) -> list[int]:
+        encodings = self.backend.encode_batch_fast(cut(text, pieces) or [text], add_special_tokens=False)
+        post = self.backend.post_processor
+        if add_special_tokens and post is not None and post.num_special_tokens_to_add(False):
+            return self.backend.post_process(Encoding.merge(encodings, growing_offsets=True)).ids
+        return [i for encoding in encodings for i in encoding.ids]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
