@@ -143,8 +143,24 @@ def spec_from_gguf_metadata(metadata: Mapping[str, Any]) -> TokenizerSpec:
         pad_token=pad,
         chat_template=meta.get("tokenizer.chat_template") or None,
         stop_token_ids=stops,
-        cut_at_newlines=kind == "gpt2",  # GPT-2's split or one of PRE_TOKENIZER_SPLITS: none spans "\n" + letter
+        cut_at_newlines=_cut_at_newlines(meta, backend),
     )
+
+
+def _cut_at_newlines(meta: Mapping[str, Any], backend: BackendTokenizer) -> bool:
+    """Whether no piece the BPE sees can span a lone newline before a letter (see ``long_text``).
+
+    Byte-level: GPT-2's split and those of PRE_TOKENIZER_SPLITS all end a piece there.
+    Gemma: "\n" is an added token, so the text is already cut around every newline, and
+    nothing is prefixed to a piece. Other SentencePiece vocabularies prefix "▁" to a text's
+    first piece only, so a cut would add one.
+    """
+    if meta.get("tokenizer.ggml.model") == "gpt2":
+        return True
+    if meta.get("general.architecture") in _MERGES_BY_POSITION:
+        newline = backend.token_to_id("\n")
+        return newline is not None and newline in backend.get_added_tokens_decoder()
+    return False
 
 
 # -- byte-level BPE (gpt2) ------------------------------------------------------------------------

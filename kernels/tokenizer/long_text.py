@@ -1,12 +1,14 @@
 """Encoding a long text in parallel: cut it where no token can span, encode the pieces at once.
 
-A byte-level BPE never merges across its pre-tokenizer's split, and each split regex a GGUF
-byte-level vocabulary gets (GPT-2's and those of ``gguf_vocab.PRE_TOKENIZER_SPLITS``) ends a
-piece at a lone newline (a non-space before it, a letter after it): no alternative matches
-a newline and then a letter. So cutting right after such a newline changes no id, as long
-as no added token itself holds a newline followed by a letter (the added-token match runs
-on the whole text first). The builder says whether its split is one of those (``TokenizerSpec.cut_at_newlines``);
-SentencePiece vocabularies and tokenizer.json files stay whole.
+A BPE never merges across the pieces its pre-tokenizer and added tokens cut a text into.
+Each split regex a GGUF byte-level vocabulary gets (GPT-2's and those of
+``gguf_vocab.PRE_TOKENIZER_SPLITS``) ends a piece at a lone newline (a non-space before it, a
+letter after it): no alternative matches a newline and then a letter. Gemma makes "\n" an
+added token, which cuts there too. So cutting right after such a newline changes no id, as
+long as no added token itself holds a newline followed by a letter (the added-token match
+runs on the whole text first). The builder says whether a vocabulary is one of those
+(``TokenizerSpec.cut_at_newlines``); other SentencePiece vocabularies (a "▁" is prefixed to
+a text's first piece) and tokenizer.json files stay whole.
 """
 
 from __future__ import annotations

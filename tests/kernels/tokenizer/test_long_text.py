@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_models import ours, write_byte_level_gguf
+from tokenizer_models import ours, write_byte_level_gguf, write_sentencepiece_gguf
 from tokenizers import AddedToken, Regex, pre_tokenizers
 
 from kernels.tokenizer import Tokenizer
@@ -38,9 +38,7 @@ def test_cuts_are_pre_token_boundaries(text, pieces, split):
 @given(text=TEXT, pieces=st.integers(2, 12))
 def test_ids_of_pieces_are_the_ids_of_the_whole(gguf_model, text, pieces):
     tok = ours(gguf_model[1])
-    if not tok._cuttable:
-        assert gguf_model[0] == "gemma-3-270m"  # SentencePiece: always encoded whole
-        return
+    assert tok._cuttable
     for specials in (True, False):
         assert tok._encode_in_pieces(text, specials, pieces) == tok.backend.encode(text, add_special_tokens=specials).ids
 
@@ -53,6 +51,26 @@ def test_bos_and_eos_are_added_once(tmp_path_factory, text, pieces):
         write_byte_level_gguf(path, "llama-bpe", add_bos_token=True, add_eos_token=True)
     tok = Tokenizer.from_model(path)
     assert tok._encode_in_pieces(text, True, pieces) == tok.backend.encode(text, add_special_tokens=True).ids
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=TEXT, pieces=st.integers(2, 12))
+def test_gemma_layout_cuts_at_its_newline_token(tmp_path_factory, text, pieces):
+    path = tmp_path_factory.getbasetemp() / "gemma-layout.gguf"
+    if not path.exists():
+        write_sentencepiece_gguf(path, "gemma3", gemma_specials=True, add_space_prefix=False, add_bos_token=True)
+    tok = Tokenizer.from_model(path)
+    assert tok._cuttable
+    for specials in (True, False):
+        assert tok._encode_in_pieces(text, specials, pieces) == tok.backend.encode(text, add_special_tokens=specials).ids
+
+
+def test_sentencepiece_without_newline_token_is_encoded_whole(tmp_path):
+    # A Llama 2 style vocabulary prefixes "▁" to a text's first piece: a cut would add one.
+    tok = Tokenizer.from_model(write_sentencepiece_gguf(tmp_path / "v.gguf", "llama"))
+    assert not tok._cuttable
+    cut_ids = tok._encode_in_pieces("hello\nworld\nhello", False, 3)
+    assert cut_ids != tok.encode("hello\nworld\nhello", add_special_tokens=False)
 
 
 def test_long_prompts_take_the_parallel_path(model_path):
