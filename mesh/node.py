@@ -33,11 +33,12 @@ from actors.transport.base import Transport
 from kernels.config import load_config
 from kernels.runner import ComputeRunner
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
+from kernels.tokenizer.chat_template import ChatTemplateError, ChatTemplateMissing
 from mesh import models, sizing, views
 from mesh.http.app import Api
 from mesh.cluster.election import ElectionConfig
 from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
-from mesh.errors import MeshError, Unavailable
+from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
 from mesh.pipeline.messages import (
@@ -396,11 +397,16 @@ class Node:
         return f"no pipeline ready after {waited:.0f}s"
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """A conversation's ids through the model's chat template; a base model (no
+        template) or a conversation the template refuses is a `BadRequest`."""
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except (ChatTemplateMissing, ChatTemplateError) as exc:
+            raise BadRequest(str(exc)) from None
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """A raw completion prompt's ids, with the BOS the model asks for (Gemma's)."""
+        return self.tokenizer.encode_prompt(text)
 
     async def generate_stream(self, prompt_ids: list[int], params: GenerationParams,
                               *, wait_s: float = 60.0) -> AsyncIterator[TokenEvent]:

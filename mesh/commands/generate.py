@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from kernels.generate import GenerationStats, generate
     from kernels.stage import StageSpec, load_stage
     from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
+    from kernels.tokenizer.chat_template import ChatTemplateError, ChatTemplateMissing
 
     path = models.resolve(args.model, fetch=True, progress=sys.stderr.isatty())
     try:
@@ -46,10 +47,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise BadRequest("the prompt is empty")
     if args.raw:
-        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+        prompt_ids = tokenizer.encode_prompt(args.prompt)
     else:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        try:
+            prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        except (ChatTemplateMissing, ChatTemplateError) as exc:
+            raise BadRequest(str(exc)) from None
     params = GenerationParams.create(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                      top_k=args.top_k, seed=args.seed)
     params.validate(prompt_len=len(prompt_ids), context_length=config.context_length)
