@@ -264,6 +264,13 @@ class ActorSystem:
         """Connected peers: node id -> address."""
         return {nid: _peer_address(link) for nid, link in self._links.items()}
 
+    def is_connected(self, node_id: str) -> bool:
+        """Whether a tell to ``node_id`` can leave now: it is this node, or a link to it is up."""
+        if node_id == self.node_id:
+            return True
+        link = self._links.get(node_id)
+        return link is not None and not link.closed
+
     def cipher_of(self, node_id: str) -> str:
         """The record cipher negotiated with a connected peer (`actors.ciphers`)."""
         return self._link_or_raise(node_id).cipher

@@ -49,6 +49,7 @@ from mesh.pipeline.messages import (
     Retransmit,
     SessionFailed,
     StageReady,
+    StepLost,
     TokenOut,
 )
 from mesh.pipeline.plan import Offer, PlanState
@@ -228,7 +229,8 @@ class Node:
             STAGE_ACTOR: {PlanUpdate: self._on_plan_update, PlanReady: self._on_plan_ready,
                           Forward: self.stage_host.on_forward, TokenOut: self.stage_host.on_token,
                           Retransmit: self._on_retransmit, EndSession: self.stage_host.on_end},
-            SERVE_ACTOR: {TokenOut: self.serving.on_token, SessionFailed: self.serving.on_failed},
+            SERVE_ACTOR: {TokenOut: self.serving.on_token, SessionFailed: self.serving.on_failed,
+                          StepLost: self.serving.on_step_lost},
             COORD_ACTOR: {StageReady: self.coordinator.on_stage_ready},
             VERIFY_ACTOR: self.verify.handlers(),
         }
@@ -342,11 +344,18 @@ class Node:
 
     # -- pipeline messages ------------------------------------------------------------
 
-    def _send(self, node: str, actor: str, msg: object) -> None:
+    def _send(self, node: str, actor: str, msg: object) -> bool:
+        """Tell ``msg`` to an actor on ``node``; False if it was dropped (no link to that
+        node, or a full or closed one): the failure detector acts on a dead peer."""
+        if not self.system.is_connected(node):
+            log.debug("send.dropped", to=node, actor=actor, type=type(msg).__name__, reason="no link")
+            return False
         try:
             self.system.ref(node, actor).tell(msg)
-        except Exception as exc:  # an unreachable peer: the failure detector will act on it
-            log.debug("send.failed", to=node, actor=actor, type=type(msg).__name__, error=str(exc))
+        except Exception as exc:
+            log.debug("send.dropped", to=node, actor=actor, type=type(msg).__name__, error=str(exc))
+            return False
+        return True
 
     async def _ask(self, node: str, actor: str, msg: object, timeout: float) -> Any:
         return await self.system.ref(node, actor).ask(msg, timeout=timeout)

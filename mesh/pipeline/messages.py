@@ -136,3 +136,16 @@ class EndSession:
     """Serving node -> every stage: the session is done or cancelled; free its KV cache."""
 
     session: str
+
+
+@message("mesh.StepLost")
+@dataclass
+class StepLost:
+    """A stage -> the serving node: a step of this session could not be handed to the
+    next node (no link to it yet, or none any more). The serving node may replay the
+    session once it has stalled (`Serving.check_stalls`)."""
+
+    term: int
+    version: int
+    session: str
+    step: int

@@ -22,13 +22,13 @@ from kernels.digest import tensor_digest
 from kernels.tokenizer import IncrementalDetokenizer
 from mesh.errors import MeshError
 from mesh.generation import GenerationParams, TokenEvent
-from mesh.pipeline.messages import EndSession, Forward, Retransmit, SessionFailed, SessionMeta, TokenOut
+from mesh.pipeline.messages import EndSession, Forward, Retransmit, SessionFailed, SessionMeta, StepLost, TokenOut
 from mesh.pipeline.plan import NO_EPOCH, Epoch, PlanView
 from mesh.pipeline.sequencer import TokenSequencer, Verdict
 
 log = structlog.get_logger("mesh.serve")
 
-Send = Callable[[str, str, object], None]
+Send = Callable[[str, str, object], bool | None]  # False: the message was dropped
 
 
 class SessionError(MeshError):
@@ -131,7 +131,8 @@ class Serving:
         fwd = Forward(plan.epoch.term, plan.epoch.version, session.id, step=session.sequencer.next_seq, start_pos=0,
                       sender=self.node_id, digest=tensor_digest(ids), tokens=ids, meta=session.meta)
         session.last_forward = fwd
-        self.send(plan.stage_nodes[0], "stage", fwd)
+        if self.send(plan.stage_nodes[0], "stage", fwd) is False:
+            session.links_lost_mark = -1  # dropped: check_stalls replays it
 
     def on_plan_ready(self) -> None:
         """A new plan is serving: replay every session that is not on it yet."""
@@ -160,6 +161,13 @@ class Serving:
         elif verdict is Verdict.GAP:
             log.warning("session.token_gap", session=msg.session, seq=msg.seq, expected=session.sequencer.next_seq)
             self._submit(session)  # replay from what we hold
+
+    def on_step_lost(self, msg: StepLost) -> None:
+        """A stage could not pass one of this session's steps on: something was lost, so
+        `check_stalls` may replay the session once it has stalled."""
+        session = self.sessions.get(msg.session)
+        if session is not None and not session.done and Epoch.of(msg) == session.epoch:
+            session.links_lost_mark = -1
 
     def on_failed(self, msg: SessionFailed) -> None:
         session = self.sessions.get(msg.session)

@@ -35,13 +35,14 @@ from mesh.pipeline.messages import (
     SessionMeta,
     StageEntry,
     StageReady,
+    StepLost,
     TokenOut,
 )
 from mesh.pipeline.plan import NO_EPOCH, Epoch
 
 log = structlog.get_logger("mesh.stage")
 
-Send = Callable[[str, str, object], None]  # (node id, actor name, message)
+Send = Callable[[str, str, object], bool | None]  # (node id, actor name, message) -> False: dropped
 STAGE_ACTOR = "stage"
 SERVE_ACTOR = "serve"
 COORD_ACTOR = "coord"
@@ -363,7 +364,8 @@ class StageHost:
         self.last_sent[src.session] = (node, fwd)
         on_wire = self.observer.wire(hidden)
         sent = fwd if on_wire is hidden else Forward(**{**fwd.__dict__, "hidden": on_wire})
-        self.send(node, STAGE_ACTOR, sent)
+        if self.send(node, STAGE_ACTOR, sent) is False:
+            self._lost(src)
         self.observer.on_sent(src, hidden, fwd.digest)  # after the send: the next stage need not wait for it
 
     async def _sample_and_emit(self, results: list[tuple[_Work, np.ndarray]]) -> None:
@@ -386,9 +388,17 @@ class StageHost:
                 if first == self.node_id:
                     self.on_token(out)
                 else:
-                    self.send(first, STAGE_ACTOR, out)
+                    if self.send(first, STAGE_ACTOR, out) is False:
+                        self._lost(work.msg)
         for (work, _, _, row), token in zip(picks, tokens):  # after the sends: off the token's path
             self.observer.on_sampled(work.msg, np.ascontiguousarray(row[None], dtype=np.float32), int(token))
+
+    def _lost(self, msg: Forward) -> None:
+        """The next hop of ``msg``'s session was dropped: tell the node that serves it."""
+        meta = self.meta.get(msg.session)
+        log.warning("forward.lost", session=msg.session, step=msg.step)
+        if meta is not None:
+            self.send(meta.serve_node, SERVE_ACTOR, StepLost(msg.term, msg.version, msg.session, msg.step))
 
     def _fail(self, msg: Forward, error: str) -> None:
         meta = self.meta.get(msg.session)
