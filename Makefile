@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mesh-installed
 UNAME_S := $(shell uname -s)
 
-.PHONY: setup demo test bench clean model
+.PHONY: setup demo test test-fast bench clean model
 
 setup: $(STAMP) model
 
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The edit-run loop: everything but the slow tests (real processes, namespaces, large models).
+test-fast: setup
+	$(BIN)/python -m pytest -q tests -m "not slow and not netns"
 
 bench: setup
 	$(BIN)/python bench/decode.py

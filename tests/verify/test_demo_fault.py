@@ -1,5 +1,6 @@
 """End to end: `mesh demo --fault stage=1:... --json` — real join processes (LocalCluster),
-the cheating node is flagged with evidence and evicted, and the answer still completes."""
+the cheating node is flagged with evidence and evicted, and the answer still completes.
+(Every cheating mode, on the in-process mesh: tests/inproc/test_verification.py.)"""
 
 from __future__ import annotations
 
@@ -30,14 +31,3 @@ def test_demo_flags_and_evicts_a_tampering_stage(model_path):
     assert len(flag["evidence"]["audits"]) == 2 and flag["evidence"]["batch"]["stage"] == 1
     assert flag["node"] not in [s["node"] for s in result["pipeline"]]  # evicted: re-planned without it
     assert any(f["kind"] == "evicted" and f["node"] == flag["node"] for f in result["failovers"])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_demo_flags_a_stage_that_corrupts_the_wire(model_path):
-    result = _demo("corrupt-wire")
-    assert result["finish_reason"] in ("length", "stop") and len(result["token_ids"]) > 0
-    (flag,) = result["verification"]["flagged_nodes"]
-    reports = flag["evidence"]["reports"]
-    assert len(reports) == 2 and all(r["claimed"] != r["actual"] for r in reports)
-    assert flag["node"] not in [s["node"] for s in result["pipeline"]]
