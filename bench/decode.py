@@ -26,7 +26,8 @@ import torch
 
 from kernels.config import load_config
 from kernels.generate import GenerationStats, generate
-from kernels.stage import StageSpec, load_stage
+from kernels.loader import load_stage
+from kernels.stage import StageSpec
 
 PROMPTS = [
     "What is the capital of France?",

@@ -1,14 +1,20 @@
 """Linear layers in the torch backend's weight formats.
 
 - ``DenseLinear``: float32 ``F.linear`` (weight_mode="float32", and norms/biases always).
-- ``Int4Linear``: GGUF Q4_0/Q4_1 blocks mapped exactly onto torch's CPU int4
-  group-32 kernel (``_weight_int4pack_mm_for_cpu``, which computes
-  ``(q - 8) * scale + zero``): for Q4_1 ``zero = min + 8*scale``, for Q4_0 ``zero = 0``.
-  Scales/zeros are rounded to bfloat16 and the activations run in bfloat16.
+- ``Int4Linear``: the GGUF types that are 4-bit group-32 affine (Q4_0, Q4_1, Q4_K; see
+  ``kernels.blocks``) mapped exactly onto torch's CPU int4 group-32 kernel
+  (``_weight_int4pack_mm_for_cpu``, which computes ``(q - 8) * scale + zero``):
+  ``zero = bias + 8 * scale``. Scales/zeros are rounded to bfloat16 and the activations
+  run in bfloat16.
 - ``Int8Linear``: per-output-row symmetric int8 (``_weight_int8pack_mm``) for
-  everything else (Q8_0 blocks, float sources), bfloat16 activations. This
-  includes the fallback for the head where no quantized engine exists.
+  everything else (Q5_x, Q6_K, Q8_0, Q2_K, Q3_K, ... requantized from the library's
+  dequantization; float sources), bfloat16 activations. This includes the fallback
+  for the head where no quantized engine exists.
 - ``DynamicInt8Linear``: the lm_head in quant mode (see ``make_head``).
+- ``ConcatLinear``: a fused projection (q|k|v, gate|up) whose parts need different
+  kernels (a file may store q as Q4_K and v as Q6_K).
+- ``QuantEmbedding``: the token embedding in quant mode, the file's blocks as they
+  are; a lookup decodes only the rows asked for.
 
 Every layer takes and returns float32 ``(..., in)`` -> ``(..., out)``; only the
 matmul itself runs in the low-precision format, the residual stream stays float32.
@@ -23,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.weights import QuantTensor
+from kernels.blocks import AFFINE_BITS, Affine
+from kernels.weights import QuantTensor, stack_rows
 
 
 class DenseLinear:
@@ -92,14 +99,13 @@ class DynamicInt8Linear:
 class Int4Linear:
     GROUP = 32
 
-    def __init__(self, qt: QuantTensor, bias: np.ndarray | None = None):
-        if qt.type_name not in ("Q4_0", "Q4_1"):
-            raise ValueError(f"Int4Linear needs Q4_0/Q4_1 blocks, got {qt.type_name}")
-        q = torch.from_numpy(np.ascontiguousarray(qt.qs)).to(torch.int32)
+    def __init__(self, a: Affine, bias: np.ndarray | None = None):
+        if a.bits != 4:
+            raise ValueError(f"Int4Linear needs 4-bit codes, got {a.bits}-bit")
+        q = torch.from_numpy(np.ascontiguousarray(a.codes)).to(torch.int32)
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        scale = torch.from_numpy(qt.scale.astype(np.float32))
-        zero = (torch.from_numpy(qt.min.astype(np.float32)) + 8.0 * scale if qt.min is not None
-                else torch.zeros_like(scale))
+        scale = torch.from_numpy(a.scales)
+        zero = torch.from_numpy(a.biases) + 8.0 * scale
         # kernel layout: (in // 32, out, 2) with [..., 0] = scale, [..., 1] = zero
         self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         self.bias = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
@@ -117,19 +123,53 @@ class Int4Linear:
                 + (0 if self.bias is None else self.bias.nbytes))
 
 
-Linear = DenseLinear | Int8Linear | Int4Linear | DynamicInt8Linear
+class ConcatLinear:
+    """Several linears over the same input, outputs side by side."""
+
+    def __init__(self, parts: list[Linear]):
+        self.parts = parts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
-def _concat_rows(parts: list[np.ndarray | QuantTensor]) -> np.ndarray | QuantTensor:
-    """Stack matrices along the output dimension (fusing q/k/v or gate/up)."""
-    if all(isinstance(p, QuantTensor) for p in parts) and len({p.type_name for p in parts}) == 1:
-        first = parts[0]
-        return QuantTensor(first.type_name,
-                           (sum(p.shape[0] for p in parts), first.shape[1]),
-                           np.concatenate([p.scale for p in parts]),
-                           np.concatenate([p.qs for p in parts]),
-                           None if first.min is None else np.concatenate([p.min for p in parts]))
-    return np.concatenate([p.dequantize() if isinstance(p, QuantTensor) else p for p in parts])
+class QuantEmbedding:
+    """Rows of a GGUF block matrix by token id, decoded per lookup (exactly the file's
+    values; no float copy of the vocabulary)."""
+
+    def __init__(self, qt: QuantTensor):
+        self.qt = qt
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.qt.rows(ids.numpy()))
+
+    @property
+    def nbytes(self) -> int:
+        return self.qt.nbytes
+
+
+Linear = DenseLinear | Int8Linear | Int4Linear | DynamicInt8Linear | ConcatLinear
+
+
+def _dense(t: np.ndarray | QuantTensor) -> np.ndarray:
+    return t.dequantize() if isinstance(t, QuantTensor) else t
+
+
+def _kernel(t: np.ndarray | QuantTensor) -> str:
+    """Which quant-mode kernel a matrix goes to: its 4-bit group-32 form where it has one."""
+    return "int4" if isinstance(t, QuantTensor) and AFFINE_BITS.get(t.type_name) == 4 else "int8"
+
+
+def _int4(parts: list[QuantTensor], bias: np.ndarray | None) -> Int4Linear:
+    if len({p.type_name for p in parts}) == 1:
+        return Int4Linear(stack_rows(parts).affine(), bias)
+    affines = [p.affine() for p in parts]
+    return Int4Linear(Affine(*(np.concatenate([getattr(a, f) for a in affines])
+                               for f in ("codes", "scales", "biases")), 4), bias)
 
 
 def make_head(w: np.ndarray | QuantTensor, weight_mode: str) -> Linear:
@@ -140,7 +180,7 @@ def make_head(w: np.ndarray | QuantTensor, weight_mode: str) -> Linear:
     logits move by ~1 (of ~25) and greedy tokens match."""
     if weight_mode == "float32":
         return make_linear([w], None, weight_mode)
-    dense = w.dequantize() if isinstance(w, QuantTensor) else w
+    dense = _dense(w)
     if not int8_dot_products():
         return Int8Linear(dense)
     try:
@@ -163,10 +203,23 @@ def int8_dot_products() -> bool:
 def make_linear(parts: list[np.ndarray | QuantTensor], biases: list[np.ndarray] | None,
                 weight_mode: str) -> Linear:
     """One linear layer over the row-concatenation of ``parts``."""
-    w = parts[0] if len(parts) == 1 else _concat_rows(parts)
     bias = None if not biases else np.concatenate(biases)
     if weight_mode == "float32":
-        return DenseLinear(w.dequantize() if isinstance(w, QuantTensor) else w, bias)
-    if isinstance(w, QuantTensor) and w.type_name in ("Q4_0", "Q4_1"):
-        return Int4Linear(w, bias)
-    return Int8Linear(w.dequantize() if isinstance(w, QuantTensor) else w, bias)
+        return DenseLinear(np.concatenate([_dense(p) for p in parts]) if len(parts) > 1 else _dense(parts[0]), bias)
+    runs: list[list[np.ndarray | QuantTensor]] = []  # consecutive parts that share a kernel
+    for p in parts:
+        if runs and _kernel(runs[-1][-1]) == _kernel(p):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    linears, row = [], 0
+    for run in runs:
+        n = sum(p.shape[0] for p in run)
+        b = None if bias is None else bias[row:row + n]
+        row += n
+        if _kernel(run[0]) == "int4":
+            linears.append(_int4(run, b))
+        else:
+            linears.append(Int8Linear(np.concatenate([_dense(p) for p in run]) if len(run) > 1
+                                      else _dense(run[0]), b))
+    return linears[0] if len(linears) == 1 else ConcatLinear(linears)
