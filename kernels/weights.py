@@ -18,9 +18,9 @@ stage also embeds, both names refer to the same object).
 
 Layout is Hugging Face's: matrices are ``(out_features, in_features)``; GGUF q/k rows are
 un-permuted for the Llama-style converters (llama.cpp permutes them for its rope kernel;
-see transformers' ``reverse_permute_weights``); Gemma's norms, which the converter stores
-as ``1 + w``, come back as ``w`` (HF's ``Gemma3RMSNorm`` multiplies by ``1 + w``), as
-transformers' GGUF loader does. Tensors of other layers are never read: the files are
+see transformers' ``reverse_permute_weights``). Norm weights are the file's: Gemma's are
+stored as ``1 + w`` (llama.cpp's converter adds the one HF's ``Gemma3RMSNorm`` adds at
+run time), so a backend multiplies by them as they are. Tensors of other layers are never read: the files are
 memory-mapped and only the needed byte ranges are touched.
 """
 
@@ -78,7 +78,6 @@ _GLOBAL_NAMES = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
-_NORM_PLUS_ONE = ("gemma3",)  # converters store these architectures' RMSNorm weights as 1 + w
 
 
 @dataclass
@@ -111,6 +110,13 @@ class QuantTensor:
         are decoded."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         return dequantize(self.raw[ids], self.type_name, (len(ids), self.shape[-1]))
+
+    def __getitem__(self, expert: int) -> QuantTensor:
+        """Expert ``expert`` of a stacked ``(experts, rows, cols)`` tensor, its own blocks."""
+        if len(self.shape) != 3:
+            raise TypeError("only a stacked (experts, rows, cols) QuantTensor is indexed")
+        rows = self.shape[1]
+        return QuantTensor(self.type_name, self.shape[1:], self.raw[expert * rows:(expert + 1) * rows])
 
     @property
     def nbytes(self) -> int:
@@ -235,8 +241,6 @@ def _load_gguf(path: Path, spec: StageSpec, mode: str) -> StageWeights:
             t = gf.dequantize(src)
             if n_head:
                 t = np.ascontiguousarray(_unpermute(t, n_head))
-        if config.arch in _NORM_PLUS_ONE and src.endswith("norm.weight"):
-            t = t - np.float32(1)
         tensors[hf] = by_source[src] = t
         source_bytes[id(t)] = info.nbytes
     return StageWeights(config, spec, tensors, digest.digest(), source_bytes)

@@ -98,3 +98,12 @@ def _registry(name: str) -> Path:
 def test_registry_model_block_types_equal_the_library(name: str, types: set[str]):
     _check_real_file(_registry(name), types)
 
+
+
+def test_an_expert_of_a_stacked_tensor_is_its_own_rows():
+    stacked = make("Q4_K", rows=3 * 16, cols=256)
+    experts = QuantTensor("Q4_K", (3, 16, 256), stacked.raw)
+    full = stacked.dequantize().reshape(3, 16, 256)
+    for e in range(3):
+        np.testing.assert_array_equal(experts[e].dequantize(), full[e])
+    np.testing.assert_array_equal(experts.dequantize(), full)
