@@ -131,3 +131,16 @@ def test_unsupported_tensor_type_is_refused_before_reading(tmp_path: Path, mode:
     assert "\n" not in str(err.value) and touched == []
     _tiny_llama(path, "Q6_K")  # the same file with a type the library dequantizes loads
     assert load_stage(path, StageSpec.full(1), "torch", mode).param_bytes > 0
+
+
+@pytest.mark.slow
+def test_quant_stage_bytes_on_a_q4_k_m_file():
+    """Qwen2.5-Coder-0.5B Q4_K_M (mostly Q5_0, which torch holds as per-row int8): a layer
+    range holds at most 1.4x the file's bytes (measured 1.37x), not float32's ~6x."""
+    from mesh import models
+
+    path = models.resolve("qwen2.5-coder-0.5b", fetch=True)
+    spec = StageSpec(10, 13)
+    file_bytes = load_weights(path, spec, "quant").file_bytes()
+    held = load_stage(path, spec, "torch", "quant").param_bytes
+    assert file_bytes <= held <= 1.4 * file_bytes
