@@ -142,8 +142,8 @@ class Stage(ABC):
 
 def __getattr__(name: str):
     # mesh/ still imports load_stage from here; it lives in kernels.loader (remove once
-    # mesh/pipeline/stage_host.py, mesh/verify/{worker,harness}.py and
-    # mesh/commands/generate.py import it from there)
+    # mesh/pipeline/stage_host.py, mesh/verify/worker.py, mesh/testing/verify_harness.py
+    # and mesh/commands/generate.py import it from there)
     if name == "load_stage":
         from kernels.loader import load_stage
 
