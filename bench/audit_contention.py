@@ -32,7 +32,8 @@ KINDS = ["spin", "1-row", "24-row", "64-row"]
 
 
 def _stage():
-    from kernels.stage import StageSpec, load_stage
+    from kernels.loader import load_stage
+    from kernels.stage import StageSpec
     from mesh import models
 
     return load_stage(models.resolve(models.DEFAULT_MODEL, fetch=True), StageSpec(*SPEC), backend="torch")

@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 
 from kernels.config import load_config  # noqa: E402
 from kernels.generate import GenerationStats, generate  # noqa: E402
-from kernels.stage import Stage, StageSpec, StepInput, load_stage  # noqa: E402
+from kernels.loader import load_stage  # noqa: E402
+from kernels.stage import Stage, StageSpec, StepInput  # noqa: E402
 from kernels.tokenizer import Tokenizer  # noqa: E402
 
 ENGINES = [("torch", "float32"), ("mlx", "float32"), ("mlx", "quant")]

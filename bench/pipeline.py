@@ -36,7 +36,8 @@ class SingleDevice:
     def __init__(self, model: str, backend: str, max_tokens: int):
         from kernels.config import load_config
         from kernels.generate import GenerationStats, generate
-        from kernels.stage import StageSpec, load_stage
+        from kernels.loader import load_stage
+        from kernels.stage import StageSpec
         from kernels.tokenizer import Tokenizer
         from mesh import models
 
@@ -133,7 +134,16 @@ async def _view(api: str) -> dict | None:
 def agreement(args: argparse.Namespace) -> dict:
     """Per request: the first token where the mesh differs from single-device torch."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "pipeline"))
-    from meshtest import MODES, PROMPTS, Reference, Request, ask_all, cluster_view, run, running_cluster
+    from meshtest import (
+        MODES,
+        PROMPTS,
+        Reference,
+        Request,
+        ask_all,
+        cluster_view,
+        run,
+        running_cluster,
+    )
 
     from mesh import models
 

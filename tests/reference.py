@@ -54,7 +54,8 @@ class Reference:
 
     def _load(self) -> None:
         from kernels.config import load_config
-        from kernels.stage import StageSpec, load_stage
+        from kernels.loader import load_stage
+        from kernels.stage import StageSpec
         from kernels.tokenizer import Tokenizer
 
         config = load_config(self.model_path)

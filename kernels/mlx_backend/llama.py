@@ -11,12 +11,9 @@ Weights come from ``kernels.weights.load_weights`` with Hugging Face names and l
 Weight modes:
 
 - ``float32``: every matrix dequantized to float32 once, at load time.
-- ``quant``: the GGUF blocks are used as they are. Q4_1 (``w = d*q + m`` per 32
-  elements of a row) *is* MLX's affine 4-bit group-32 format with ``scales = d`` and
-  ``biases = m``; Q4_0 is ``d*(q - 8)``, so ``biases = -8d``; Q8_0 is ``d*q`` with
-  ``q`` signed, so the codes are shifted by 128 and ``biases = -128d``. Only the 4-bit
-  codes are repacked into MLX's uint32 words; nothing is requantized, so the values
-  are exactly the file's.
+- ``quant``: the GGUF blocks mapped onto MLX's affine group-32 format by
+  ``kernels.mlx_backend.quant`` (repacked exactly where the type is that format,
+  requantized to 8 bits where it is not).
 
 KV cache: per session and layer, preallocated buffers ``(n_kv_heads, capacity,
 head_dim)`` grown in steps of ``CACHE_STEP`` positions, written in place by slice
@@ -34,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from kernels.config import ModelConfig
+from kernels.mlx_backend import quant
 from kernels.stage import Stage, StageInputError, StageSpec, StepInput, output_rows
 from kernels.weights import QuantTensor, StageWeights, load_weights
 
@@ -73,39 +71,12 @@ class Matrix:
         return sum(a.nbytes for a in (self.weight, self.scales, self.biases) if a is not None)
 
 
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned codes ``(rows, cols)`` -> MLX words: element k of a word sits at bits ``k*bits``."""
-    per_word = 32 // bits
-    rows, cols = codes.shape
-    lanes = codes.reshape(rows, cols // per_word, per_word).astype(np.uint32)
-    shifts = (np.arange(per_word, dtype=np.uint32) * bits)
-    return np.bitwise_or.reduce(lanes << shifts, axis=-1)
-
-
-def _affine(t: QuantTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """A GGUF block matrix as MLX affine parts: (unsigned codes, scales, biases, bits)."""
-    rows, cols = t.shape
-    codes = t.qs.reshape(rows, cols)
-    # float16 -> float32 is exact; float32 scales make MLX's CPU kernel a little faster.
-    scale = t.scale.reshape(rows, cols // GROUP).astype(np.float32)
-    if t.type_name == "Q4_1":
-        return codes, scale, t.min.reshape(scale.shape).astype(np.float32), 4
-    if t.type_name == "Q4_0":
-        return codes, scale, scale * np.float32(-8), 4
-    if t.type_name == "Q8_0":
-        return (codes.astype(np.int16) + 128).astype(np.uint8), scale, scale * np.float32(-128), 8
-    raise ValueError(f"no MLX affine form for GGUF type {t.type_name}")
-
-
 def to_matrices(parts: list[np.ndarray | QuantTensor]) -> list[Matrix]:
     """Weights stacked along their rows into as few matrices as possible (q|k|v, gate|up):
     one matrix product instead of several. Parts of different storage stay separate."""
     groups: list[list[np.ndarray | QuantTensor]] = []
     for t in parts:
-        kind = t.type_name if isinstance(t, QuantTensor) else "float32"
-        last = groups[-1][-1] if groups else None
-        last_kind = None if last is None else (last.type_name if isinstance(last, QuantTensor) else "float32")
-        if kind == last_kind:
+        if groups and quant.kind(groups[-1][-1]) == quant.kind(t):
             groups[-1].append(t)
         else:
             groups.append([t])
@@ -115,10 +86,7 @@ def to_matrices(parts: list[np.ndarray | QuantTensor]) -> list[Matrix]:
             w = np.concatenate([np.asarray(t, dtype=np.float32) for t in group], axis=0)
             matrices.append(Matrix(mx.array(np.ascontiguousarray(w.T))))
             continue
-        affine = [_affine(t) for t in group]
-        bits = affine[0][3]
-        codes, scales, biases = (np.concatenate([a[i] for a in affine], axis=0) for i in range(3))
-        matrices.append(Matrix(mx.array(_pack(codes, bits)), mx.array(scales), mx.array(biases), bits))
+        matrices.append(Matrix(*quant.quantized(group)))
     return matrices
 
 

@@ -1,14 +1,20 @@
 """Linear layers in the torch backend's weight formats.
 
 - ``DenseLinear``: float32 ``F.linear`` (weight_mode="float32", and norms/biases always).
-- ``Int4Linear``: GGUF Q4_0/Q4_1 blocks mapped exactly onto torch's CPU int4
-  group-32 kernel (``_weight_int4pack_mm_for_cpu``, which computes
-  ``(q - 8) * scale + zero``): for Q4_1 ``zero = min + 8*scale``, for Q4_0 ``zero = 0``.
-  Scales/zeros are rounded to bfloat16 and the activations run in bfloat16.
+- ``Int4Linear``: the GGUF types that are 4-bit group-32 affine (Q4_0, Q4_1, Q4_K; see
+  ``kernels.blocks``) mapped exactly onto torch's CPU int4 group-32 kernel
+  (``_weight_int4pack_mm_for_cpu``, which computes ``(q - 8) * scale + zero``):
+  ``zero = bias + 8 * scale``. Scales/zeros are rounded to bfloat16 and the activations
+  run in bfloat16.
 - ``Int8Linear``: per-output-row symmetric int8 (``_weight_int8pack_mm``) for
-  everything else (Q8_0 blocks, float sources), bfloat16 activations. This
-  includes the fallback for the head where no quantized engine exists.
+  everything else (Q5_x, Q6_K, Q8_0, Q2_K, Q3_K, ... requantized from the library's
+  dequantization; float sources), bfloat16 activations. This includes the fallback
+  for the head where no quantized engine exists.
 - ``DynamicInt8Linear``: the lm_head in quant mode (see ``make_head``).
+- ``ConcatLinear``: a fused projection (q|k|v, gate|up) whose parts need different
+  kernels (a file may store q as Q4_K and v as Q6_K).
+- ``QuantEmbedding``: the token embedding in quant mode, the file's blocks as they
+  are; a lookup decodes only the rows asked for.
 
 Every layer takes and returns float32 ``(..., in)`` -> ``(..., out)``; only the
 matmul itself runs in the low-precision format, the residual stream stays float32.
@@ -23,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.weights import QuantTensor
+from kernels.blocks import AFFINE_BITS, Affine
+from kernels.weights import QuantTensor, stack_rows
 
 
 class DenseLinear:
@@ -90,24 +97,47 @@ class DynamicInt8Linear:
 
 
 class Int4Linear:
+    """Group-32 affine codes on torch's CPU int4 kernel, which computes ``(c - 8) * scale + zero``.
+
+    4-bit codes map directly: ``zero = bias + 8 * scale``. Codes of 5 to 8 bits are split
+    into two 4-bit halves side by side along the input (``c = 16 h + l``; the input is
+    repeated): ``l`` with ``(scale, 8 * scale)`` and ``h`` with ``(16 * scale, 128 * scale + bias)``
+    (8 bits, so Q8_0's zero is 0) or ``h + 8`` with ``(16 * scale, bias)`` (5-7 bits) sum to
+    ``scale * c + bias``. The input dimension doubles; measured on this CPU the
+    doubled int4 product is still faster than ``_weight_int8pack_mm`` on the same matrix.
+    """
+
     GROUP = 32
 
-    def __init__(self, qt: QuantTensor, bias: np.ndarray | None = None):
-        if qt.type_name not in ("Q4_0", "Q4_1"):
-            raise ValueError(f"Int4Linear needs Q4_0/Q4_1 blocks, got {qt.type_name}")
-        q = torch.from_numpy(np.ascontiguousarray(qt.qs)).to(torch.int32)
+    def __init__(self, a: Affine, bias: np.ndarray | None = None):
+        if not 4 <= a.bits <= 8:
+            raise ValueError(f"Int4Linear takes 4- to 8-bit codes, got {a.bits}-bit")
+        codes, scale, bias_g = a.codes, a.scales, a.biases
+        if a.bits == 4:
+            self.repeat = 1
+            zero = bias_g + np.float32(8) * scale
+        else:
+            # the high half is centred on the kernel's -8 where it fits (5-7 bits: h + 8 <= 15),
+            # so its zero is the bias alone and not a near-cancelling 128 * scale + bias
+            self.repeat = 2
+            high = codes >> 4
+            high, high_zero = (high, np.float32(128) * scale + bias_g) if a.bits == 8 else (high + 8, bias_g)
+            codes = np.concatenate([codes & 0x0F, high], axis=1)
+            scale, zero = (np.concatenate([scale, np.float32(16) * scale], axis=1),
+                           np.concatenate([np.float32(8) * scale, high_zero], axis=1))
+        q = torch.from_numpy(np.ascontiguousarray(codes)).to(torch.int32)
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        scale = torch.from_numpy(qt.scale.astype(np.float32))
-        zero = (torch.from_numpy(qt.min.astype(np.float32)) + 8.0 * scale if qt.min is not None
-                else torch.zeros_like(scale))
         # kernel layout: (in // 32, out, 2) with [..., 0] = scale, [..., 1] = zero
-        self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.scales_zeros = torch.stack([torch.from_numpy(scale).t(), torch.from_numpy(zero).t()],
+                                        dim=-1).to(torch.bfloat16).contiguous()
         self.bias = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
-                                              self.GROUP, self.scales_zeros)
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.repeat == 2:
+            x2 = torch.cat([x2, x2], dim=-1)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.GROUP, self.scales_zeros)
         y = y.float().reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -117,30 +147,77 @@ class Int4Linear:
                 + (0 if self.bias is None else self.bias.nbytes))
 
 
-Linear = DenseLinear | Int8Linear | Int4Linear | DynamicInt8Linear
+class ConcatLinear:
+    """Several linears over the same input, outputs side by side."""
+
+    def __init__(self, parts: list[Linear]):
+        self.parts = parts
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
-def _concat_rows(parts: list[np.ndarray | QuantTensor]) -> np.ndarray | QuantTensor:
-    """Stack matrices along the output dimension (fusing q/k/v or gate/up)."""
-    if all(isinstance(p, QuantTensor) for p in parts) and len({p.type_name for p in parts}) == 1:
-        first = parts[0]
-        return QuantTensor(first.type_name,
-                           (sum(p.shape[0] for p in parts), first.shape[1]),
-                           np.concatenate([p.scale for p in parts]),
-                           np.concatenate([p.qs for p in parts]),
-                           None if first.min is None else np.concatenate([p.min for p in parts]))
-    return np.concatenate([p.dequantize() if isinstance(p, QuantTensor) else p for p in parts])
+class QuantEmbedding:
+    """Rows of a GGUF block matrix by token id, decoded per lookup (exactly the file's
+    values; no float copy of the vocabulary)."""
+
+    def __init__(self, qt: QuantTensor):
+        self.qt = qt
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.qt.rows(ids.numpy()))
+
+    @property
+    def nbytes(self) -> int:
+        return self.qt.nbytes
+
+
+Linear = DenseLinear | Int8Linear | Int4Linear | DynamicInt8Linear | ConcatLinear
+
+
+def _dense(t: np.ndarray | QuantTensor) -> np.ndarray:
+    return t.dequantize() if isinstance(t, QuantTensor) else t
+
+
+def _kernel(t: np.ndarray | QuantTensor) -> str:
+    """Which quant-mode kernel a matrix goes to: int4 for the 4-bit affine types, split int4
+    for Q8_0 (exact, and faster than int8 with a per-row scale); per-row int8 for the rest.
+    Q5_x would also split exactly, but at 1.25 bytes per weight against int8's 1.06."""
+    if isinstance(t, QuantTensor):
+        bits = AFFINE_BITS.get(t.type_name)
+        if bits == 4:
+            return "int4"
+        if bits == 8:
+            return "int4x2"
+    return "int8"
+
+
+def _int4(parts: list[QuantTensor], bias: np.ndarray | None) -> Int4Linear:
+    if len({p.type_name for p in parts}) == 1:
+        return Int4Linear(stack_rows(parts).affine(), bias)
+    affines = [p.affine() for p in parts]
+    return Int4Linear(Affine(*(np.concatenate([getattr(a, f) for a in affines])
+                               for f in ("codes", "scales", "biases")), affines[0].bits), bias)
 
 
 def make_head(w: np.ndarray | QuantTensor, weight_mode: str) -> Linear:
-    """The lm_head (vocab x hidden), the largest matrix: in quant mode int8 on the
-    CPU's int8 dot-product path. Requantizing it to int4 group-32 instead changes the
-    first greedy token of the test prompts (measured), and the same dynamic int8
-    applied to every layer does too (activation outliers); on the head alone the
-    logits move by ~1 (of ~25) and greedy tokens match."""
+    """The lm_head (vocab x hidden), the largest matrix: in quant mode dynamic int8 on the
+    CPU's int8 dot-product path, whose logits are float32.
+
+    The int4 and int8-weight kernels return bfloat16, which rounds logits of ~25 to steps
+    of 0.125 and ties the top tokens (measured: SmolLM2's first greedy token of a test
+    prompt changed with the head exact on int4, 504 and 60 both at 25.125). The cost is
+    the activations' int8 rounding: measured on the last position of a chat prompt, the
+    head alone moves the logits by 1.4% (relative L2) on SmolLM2's 49152 x 576 Q8_0 head,
+    5.0% on Qwen2.5-0.5B's 151936 x 896 Q8_0 and 2.9% on Qwen2.5-1.5B's Q6_K head
+    (against 0.7-0.8% for ``Int8Linear`` at 2-3x the time, and bfloat16 logits)."""
     if weight_mode == "float32":
         return make_linear([w], None, weight_mode)
-    dense = w.dequantize() if isinstance(w, QuantTensor) else w
+    dense = _dense(w)
     if not int8_dot_products():
         return Int8Linear(dense)
     try:
@@ -163,10 +240,23 @@ def int8_dot_products() -> bool:
 def make_linear(parts: list[np.ndarray | QuantTensor], biases: list[np.ndarray] | None,
                 weight_mode: str) -> Linear:
     """One linear layer over the row-concatenation of ``parts``."""
-    w = parts[0] if len(parts) == 1 else _concat_rows(parts)
     bias = None if not biases else np.concatenate(biases)
     if weight_mode == "float32":
-        return DenseLinear(w.dequantize() if isinstance(w, QuantTensor) else w, bias)
-    if isinstance(w, QuantTensor) and w.type_name in ("Q4_0", "Q4_1"):
-        return Int4Linear(w, bias)
-    return Int8Linear(w.dequantize() if isinstance(w, QuantTensor) else w, bias)
+        return DenseLinear(np.concatenate([_dense(p) for p in parts]) if len(parts) > 1 else _dense(parts[0]), bias)
+    runs: list[list[np.ndarray | QuantTensor]] = []  # consecutive parts that share a kernel
+    for p in parts:
+        if runs and _kernel(runs[-1][-1]) == _kernel(p):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    linears, row = [], 0
+    for run in runs:
+        n = sum(p.shape[0] for p in run)
+        b = None if bias is None else bias[row:row + n]
+        row += n
+        if _kernel(run[0]) != "int8":
+            linears.append(_int4(run, b))
+        else:
+            linears.append(Int8Linear(np.concatenate([_dense(p) for p in run]) if len(run) > 1
+                                      else _dense(run[0]), b))
+    return linears[0] if len(linears) == 1 else ConcatLinear(linears)

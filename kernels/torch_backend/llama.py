@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from kernels.config import ModelConfig
 from kernels.stage import Stage, StageSpec, StepInput, output_rows
 from kernels.torch_backend.cache import KVCache
-from kernels.torch_backend.linear import DenseLinear, Linear, make_head, make_linear
+from kernels.torch_backend.linear import (
+    DenseLinear,
+    Linear,
+    QuantEmbedding,
+    make_head,
+    make_linear,
+)
 from kernels.weights import QuantTensor, StageWeights, load_weights
 
 
@@ -160,22 +166,16 @@ class TorchLlamaStage(Stage):
                                     None, weight_mode),
                 down=make_linear([t[p + "mlp.down_proj.weight"]], None, weight_mode),
             ))
-        self._embed = self._embed_scale = None
+        self._embed = None
         if self.spec.embed:
             e = t["model.embed_tokens.weight"]
-            if isinstance(e, QuantTensor) and e.type_name == "Q8_0":
-                # exact row lookup from the int8 blocks: no float copy of the vocabulary
-                self._embed = torch.from_numpy(e.qs)
-                self._embed_scale = torch.from_numpy(e.scale.astype(np.float32))
-            else:
-                self._embed = torch.from_numpy(e.dequantize() if isinstance(e, QuantTensor) else e)
+            self._embed = QuantEmbedding(e) if isinstance(e, QuantTensor) else torch.from_numpy(e)
         self._norm = self._lm_head = None
         self._head_shares_embed = False
         if self.spec.head:
             self._norm = torch.from_numpy(t["model.norm.weight"])
             head = t["lm_head.weight"]
-            if (weight_mode == "float32" and self.spec.embed and head is t["model.embed_tokens.weight"]
-                    and self._embed_scale is None):
+            if weight_mode == "float32" and self.spec.embed and head is t["model.embed_tokens.weight"]:
                 self._lm_head = DenseLinear.sharing(self._embed)
                 self._head_shares_embed = True
             else:
@@ -196,7 +196,7 @@ class TorchLlamaStage(Stage):
         for layer in self.layers:
             total += layer.attn_norm.nbytes + layer.mlp_norm.nbytes
             total += sum(lin.nbytes for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        for x in (self._embed, self._embed_scale, self._norm):
+        for x in (self._embed, self._norm):
             total += 0 if x is None else x.nbytes
         if self._lm_head is not None and not self._head_shares_embed:
             total += self._lm_head.nbytes
@@ -208,7 +208,7 @@ class TorchLlamaStage(Stage):
         read), unless the table is also the head's matrix."""
         total = self.param_bytes
         if self._embed is not None and not self._head_shares_embed:
-            total -= self._embed.nbytes + (0 if self._embed_scale is None else self._embed_scale.nbytes)
+            total -= self._embed.nbytes
         return total
 
     def cache_len(self, session: str) -> int:
@@ -245,10 +245,7 @@ class TorchLlamaStage(Stage):
     def _input(self, it: StepInput) -> torch.Tensor:
         if self.spec.embed:
             ids = torch.from_numpy(np.asarray(it.tokens, dtype=np.int64))
-            rows = self._embed[ids]
-            if self._embed_scale is not None:
-                rows = rows.float() * self._embed_scale[ids].repeat_interleave(32, dim=-1)
-            return rows.float()
+            return self._embed[ids].float()
         return torch.from_numpy(np.ascontiguousarray(it.hidden, dtype=np.float32))
 
     def _output(self, x: torch.Tensor, rows: list[int]) -> np.ndarray:

@@ -51,7 +51,8 @@ def chat_ids(hf_tokenizer) -> list[np.ndarray]:
 @pytest.fixture(scope="session")
 def full_stage(model_path: Path):
     from kernels.config import load_config
-    from kernels.stage import StageSpec, load_stage
+    from kernels.loader import load_stage
+    from kernels.stage import StageSpec
 
     return load_stage(model_path, StageSpec.full(load_config(model_path).n_layers), "torch", "float32")
 
@@ -59,6 +60,7 @@ def full_stage(model_path: Path):
 @pytest.fixture(scope="session")
 def quant_stage(model_path: Path):
     from kernels.config import load_config
-    from kernels.stage import StageSpec, load_stage
+    from kernels.loader import load_stage
+    from kernels.stage import StageSpec
 
     return load_stage(model_path, StageSpec.full(load_config(model_path).n_layers), "torch", "quant")

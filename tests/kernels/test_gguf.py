@@ -1,19 +1,20 @@
-"""Our GGUF reader against the gguf package (test-only) on synthetic and real files."""
+"""kernels.gguf (the gguf library's reader, wrapped) on synthetic and real files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
 from kernels.config import load_config
 from kernels.gguf import GGUFError, GGUFFile, UnsupportedTensorType
 
-gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
+# the types the library can also quantize (the K types it only dequantizes: test_blocks.py)
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 
 def _write(path: Path, tensors: dict[str, tuple[np.ndarray, str]]) -> dict[str, np.ndarray]:
@@ -118,10 +119,43 @@ def test_corrupt_metadata_gives_typed_error(tmp_path: Path, synthetic):
         GGUFFile(bad)
 
 
-def test_unsupported_type_gives_typed_error(tmp_path: Path):
-    rng = np.random.default_rng(1)
-    path = tmp_path / "q5.gguf"
-    _write(path, {"t_q5": (rng.standard_normal((4, 64)).astype(np.float32), "Q5_0")})
+def _write_raw(path: Path, name: str, raw: np.ndarray, qtype) -> None:
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_type_the_library_cannot_dequantize_gives_typed_error(tmp_path: Path):
+    path = tmp_path / "q8k.gguf"
+    _write_raw(path, "t_q8k", np.zeros((4, 292), dtype=np.uint8), Q.Q8_K)  # 4 rows of one Q8_K block
     f = GGUFFile(path)
-    with pytest.raises(UnsupportedTensorType, match="Q5_0"):
-        f.dequantize("t_q5")
+    assert f.tensors["t_q8k"].shape == (4, 256)
+    with pytest.raises(UnsupportedTensorType, match="Q8_K") as err:
+        f.dequantize("t_q8k")
+    assert "\n" not in str(err.value) and "Q4_K" in str(err.value)  # names a type to use instead
+
+
+def test_unknown_type_id_gives_typed_error(tmp_path: Path):
+    path = tmp_path / "q4_2.gguf"
+    rng = np.random.default_rng(1)
+    _write(path, {"t_unknown": (rng.standard_normal((4, 64)).astype(np.float32), "Q4_0")})
+    data = bytearray(path.read_bytes())
+    # tensor info: name, n_dims (u32), dims (2 x u64), type (u32), offset (u64)
+    at = data.index(b"t_unknown") + len("t_unknown") + 4 + 16
+    assert int.from_bytes(data[at:at + 4], "little") == int(Q.Q4_0)
+    data[at:at + 4] = (4).to_bytes(4, "little")  # Q4_2, removed from ggml long ago
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedTensorType, match="type id 4") as err:
+        GGUFFile(path)
+    assert "\n" not in str(err.value)
+
+
+def test_supported_types_cover_the_issue_list():
+    from kernels.gguf import supported_types
+
+    need = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"}
+    assert need <= set(supported_types())
+    assert "Q8_K" not in supported_types()

@@ -25,8 +25,9 @@ import uuid
 import numpy as np
 import pytest
 
+from kernels.loader import load_stage
 from kernels.sampling import SamplingParams, probabilities, sample, uniform
-from kernels.stage import Stage, StageSpec, StepInput, load_stage
+from kernels.stage import Stage, StageSpec, StepInput
 from kernels.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

@@ -79,7 +79,8 @@ async def test_async_generate_equals_sync(full_stage, chat_ids):
 
 
 def test_generate_needs_full_stage(model_path):
-    from kernels.stage import StageSpec, load_stage
+    from kernels.loader import load_stage
+    from kernels.stage import StageSpec
 
     st = load_stage(model_path, StageSpec(0, 2, embed=True))
     with pytest.raises(ValueError, match="full-model stage"):

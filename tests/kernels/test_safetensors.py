@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from kernels.config import load_config
+from kernels.loader import load_stage
 from kernels.safetensors import SafetensorsDir, SafetensorsError
-from kernels.stage import StageSpec, StepInput, load_stage
+from kernels.stage import StageSpec, StepInput
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from kernels.config import load_config
-from kernels.stage import StageInputError, StageSpec, StepInput, load_stage
+from kernels.loader import load_stage
+from kernels.stage import StageInputError, StageSpec, StepInput
 
 BACKENDS = ["torch", "mlx"]
 
