@@ -138,14 +138,3 @@ class Stage(ABC):
                 raise StageInputError(f"session {it.session!r}: {it.start_pos + it.length} "
                                       f"positions exceed the context length "
                                       f"{self.config.context_length}")
-
-
-def __getattr__(name: str):
-    # mesh/ still imports load_stage from here; it lives in kernels.loader (remove once
-    # mesh/pipeline/stage_host.py, mesh/verify/worker.py, mesh/testing/verify_harness.py
-    # and mesh/commands/generate.py import it from there)
-    if name == "load_stage":
-        from kernels.loader import load_stage
-
-        return load_stage
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kernels.config import load_config
     from kernels.generate import GenerationStats, generate
-    from kernels.stage import StageSpec, load_stage
+    from kernels.loader import load_stage
+    from kernels.stage import StageSpec
     from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
     from kernels.tokenizer.chat_template import ChatTemplateError, ChatTemplateMissing
 

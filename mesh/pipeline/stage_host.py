@@ -25,7 +25,8 @@ from kernels.digest import tensor_digest
 from actors.clock import LOOP_CLOCK, Clock
 from kernels.runner import ComputeRunner
 from kernels.sampling import finish_reason, sample
-from kernels.stage import Stage, StageInputError, StageSpec, StepInput, load_stage
+from kernels.loader import load_stage
+from kernels.stage import Stage, StageInputError, StageSpec, StepInput
 from mesh.pipeline.messages import (
     EndSession,
     Forward,

@@ -18,7 +18,8 @@ import numpy as np
 from kernels.config import load_config
 from kernels.digest import tensor_digest
 from kernels.sampling import SamplingParams, sample
-from kernels.stage import Stage, StageSpec, StepInput, load_stage
+from kernels.loader import load_stage
+from kernels.stage import Stage, StageSpec, StepInput
 from mesh.verify.auditor import Verdict, check_steps
 from mesh.verify.commitment import leaf_hash
 from mesh.testing.faults import Fault

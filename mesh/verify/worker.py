@@ -154,7 +154,7 @@ def _load(model_path: str, skey: StageKey) -> bytes:
 
 
 def _load_stage(path: Path, spec, backend: str, mode: str):
-    from kernels.stage import load_stage
+    from kernels.loader import load_stage
 
     with _normal_priority():
         return load_stage(path, spec, backend, mode)
@@ -240,7 +240,7 @@ class InlineAuditCompute:
 
     async def load(self, model_path: Path, skey: StageKey) -> bytes:
         if skey not in self._stages:
-            from kernels.stage import load_stage
+            from kernels.loader import load_stage
 
             self._stages[skey] = load_stage(Path(model_path), *skey)
         return self._stages[skey].weights_digest
