@@ -163,6 +163,7 @@ class StageHost:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self.stage, self.entry = None, None  # the layers go with the host (a process may run many nodes)
 
     @property
     def is_first(self) -> bool:

@@ -28,6 +28,7 @@ node and the message.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import tempfile
@@ -131,6 +132,8 @@ class InProcessMesh:
         for i, node in enumerate(self.nodes):
             if i not in self.down and node.system is not None:
                 await node.stop(graceful=False)
+        self.nodes.clear()
+        gc.collect()  # one process runs mesh after mesh: give their layers back now
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -74,5 +74,5 @@ def test_when_no_node_can_load_the_client_is_told_why(vrun, bad_model):
 
     plan, message, took = vrun(scenario())
     assert plan.stages == []
-    assert "load" in message and "blk.0.ffn_down.weight" in message, message
+    assert "load" in message and "blk.0.ffn_dowX.weight" in message, message  # names the tensor it cannot place
     assert took < 1.0  # at once, not after a wait
