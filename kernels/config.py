@@ -1,13 +1,42 @@
-"""Architecture hyper-parameters of a Llama-family model, from GGUF metadata or config.json."""
+"""Architecture hyper-parameters of a decoder model, from GGUF metadata or config.json.
+
+Every architecture kernels runs is one decoder with a few named differences, all
+fields of ``ModelConfig`` (the defaults are plain Llama):
+
+=============  ==========================================================================
+llama/mistral  the base: RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP
+qwen2          ``qkv_bias``
+qwen3          ``qk_norm`` (an RMSNorm over each head of q and k, before RoPE)
+qwen3moe       ``qk_norm`` and a routed MLP: ``n_experts``, top ``n_experts_used`` per token
+gemma3         ``qk_norm``, ``sandwich_norms``, ``activation="gelu_tanh"``, ``embed_scale``,
+               ``attn_scale`` from the query pre-attention scalar, sliding-window layers
+               with their own RoPE base, soft-capping when the metadata sets it
+=============  ==========================================================================
+
+GGUF metadata that llama.cpp does not write for gemma3 (it hard-codes them) gets
+llama.cpp's values: every 6th layer is global (``attention.sliding_window_pattern``
+overrides), sliding layers use RoPE base 10000 (``rope.freq_base_swa`` overrides), and the
+attention scale is ``head_dim**-0.5`` except for the 62-layer 27B model, where it is
+``(hidden / n_heads)**-0.5`` (as in Gemma's own config, ``query_pre_attn_scalar``).
+Gemma's norm weights are stored in GGUF as ``1 + w`` (llama.cpp's converter adds the
+one that Gemma's RMSNorm adds at run time), so a GGUF norm weight is used as it is.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma3")
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+# Hugging Face model_type -> our arch name
+_HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+GEMMA3_SWA_PATTERN = 6  # llama.cpp: every 6th layer attends globally
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 
 class UnsupportedModel(ValueError):
@@ -16,7 +45,7 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" | "mistral" | "qwen2"
+    arch: str  # one of SUPPORTED_ARCHS
     n_layers: int
     hidden: int
     intermediate: int
@@ -31,6 +60,43 @@ class ModelConfig:
     qkv_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # -- per-architecture differences (defaults: Llama) ---------------------------------
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (qwen3, gemma3)
+    sandwich_norms: bool = False  # gemma3: a norm after attention and after the MLP, before each residual add
+    activation: str = "silu"  # of the MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0  # gemma3: embeddings times sqrt(hidden)
+    attn_scale: float = 0.0  # attention score scale; 0 means head_dim ** -0.5
+    sliding_window: int = 0  # keys a sliding layer sees, itself included (0: no sliding layers)
+    sliding_layers: tuple[bool, ...] = ()  # per layer: True where the layer slides
+    rope_theta_local: float = 0.0  # RoPE base of sliding layers (0: rope_theta)
+    final_logit_softcap: float = 0.0  # logits = c * tanh(logits / c) when > 0
+    attn_logit_softcap: float = 0.0  # same on attention scores
+    n_experts: int = 0  # > 0: a routed MLP (qwen3moe)
+    n_experts_used: int = 0  # experts per token
+    expert_intermediate: int = 0  # each expert's MLP width
+    expert_weights_norm: bool = False  # renormalize the chosen experts' softmax weights to sum 1
+
+    def __post_init__(self) -> None:
+        if self.attn_scale == 0.0:
+            object.__setattr__(self, "attn_scale", self.head_dim ** -0.5)
+        if self.rope_theta_local == 0.0:
+            object.__setattr__(self, "rope_theta_local", self.rope_theta)
+        if self.activation not in ACTIVATIONS:
+            raise UnsupportedModel(f"activation {self.activation!r}: supported {ACTIVATIONS}")
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_window) and bool(self.sliding_layers) and self.sliding_layers[layer]
+
+    def window(self, layer: int) -> int:
+        """How many keys (itself included) a query of ``layer`` sees; 0: all before it."""
+        return self.sliding_window if self.is_sliding(layer) else 0
+
+    def rope_base(self, layer: int) -> float:
+        return self.rope_theta_local if self.is_sliding(layer) else self.rope_theta
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -46,7 +112,7 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def config_from_gguf(gf: Any) -> ModelConfig:
-    """Build a ModelConfig from an opened ``kernels.gguf.GGUFFile``."""
+    """Build a ModelConfig from an opened GGUF file (``metadata`` dict, ``tensors`` names)."""
     md = gf.metadata
     arch = md.get("general.architecture", "")
     if arch not in SUPPORTED_ARCHS:
@@ -56,36 +122,88 @@ def config_from_gguf(gf: Any) -> ModelConfig:
     def key(name: str, default: Any = None) -> Any:
         value = md.get(f"{arch}.{name}", default)
         if value is None:
-            raise UnsupportedModel(f"{gf.path}: GGUF metadata lacks {arch}.{name}")
+            raise UnsupportedModel(f"{gf.path}: GGUF metadata lacks {arch}.{name}; "
+                                   "the file is incomplete or not a model")
         return value
 
-    hidden = int(key("embedding_length"))
-    n_heads = int(key("attention.head_count"))
-    n_kv = key("attention.head_count_kv", n_heads)
-    if isinstance(n_kv, list):
-        raise UnsupportedModel(f"{gf.path}: per-layer head counts are not supported")
+    def scalar(name: str, default: Any = None) -> Any:
+        value = key(name, default)
+        if isinstance(value, list):
+            raise UnsupportedModel(f"{gf.path}: {arch}.{name} varies per layer, which is not supported")
+        return value
+
+    hidden = int(scalar("embedding_length"))
+    n_heads = int(scalar("attention.head_count"))
+    n_kv = int(scalar("attention.head_count_kv", n_heads))
+    n_layers = int(scalar("block_count"))
     head_dim = int(md.get(f"{arch}.attention.key_length", hidden // n_heads))
+    value_dim = int(md.get(f"{arch}.attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedModel(f"{gf.path}: value heads of {value_dim} differ from key heads of "
+                               f"{head_dim}, which is not supported")
     vocab = md.get(f"{arch}.vocab_size") or len(md.get("tokenizer.ggml.tokens", []))
     eos = md.get("tokenizer.ggml.eos_token_id")
-    eos_ids = (int(eos),) if eos is not None else ()
     bos = md.get("tokenizer.ggml.bos_token_id")
-    return ModelConfig(
+    tensors = gf.tensors
+    config: dict[str, Any] = dict(
         arch=arch,
-        n_layers=int(key("block_count")),
+        n_layers=n_layers,
         hidden=hidden,
-        intermediate=int(key("feed_forward_length")),
+        intermediate=int(scalar("feed_forward_length", 0)),
         n_heads=n_heads,
-        n_kv_heads=int(n_kv),
+        n_kv_heads=n_kv,
         head_dim=head_dim,
         rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
-        rms_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rms_eps=float(scalar("attention.layer_norm_rms_epsilon")),
         vocab_size=int(vocab),
         context_length=int(md.get(f"{arch}.context_length", 2048)),
-        tie_embeddings="output.weight" not in gf.tensors,
-        qkv_bias="blk.0.attn_q.bias" in gf.tensors,
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=eos_ids,
+        eos_token_ids=(int(eos),) if eos is not None else (),
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        final_logit_softcap=float(md.get(f"{arch}.final_logit_softcapping") or 0.0),
+        attn_logit_softcap=float(md.get(f"{arch}.attn_logit_softcapping") or 0.0),
     )
+    if arch == "gemma3":
+        config.update(_gemma3(md, n_layers, hidden, n_heads, head_dim))
+    if arch == "qwen3moe":
+        config.update(_qwen3moe(gf, md))
+    elif config["intermediate"] <= 0:
+        raise UnsupportedModel(f"{gf.path}: GGUF metadata lacks {arch}.feed_forward_length")
+    return ModelConfig(**config)
+
+
+def _gemma3(md: dict[str, Any], n_layers: int, hidden: int, n_heads: int, head_dim: int) -> dict[str, Any]:
+    window = int(md.get("gemma3.attention.sliding_window") or 0)
+    pattern = md.get("gemma3.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+    if isinstance(pattern, list):  # a per-layer flag: True where the layer slides
+        sliding = tuple(bool(p) for p in pattern)
+    else:
+        sliding = tuple((i + 1) % int(pattern) != 0 for i in range(n_layers))
+    scalar = hidden / n_heads if n_layers == 62 else head_dim
+    return dict(sandwich_norms=True, activation="gelu_tanh", embed_scale=math.sqrt(hidden),
+                attn_scale=scalar ** -0.5, sliding_window=window,
+                sliding_layers=sliding if window else (),
+                rope_theta_local=float(md.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)))
+
+
+def _qwen3moe(gf: Any, md: dict[str, Any]) -> dict[str, Any]:
+    def need(name: str) -> int:
+        value = md.get(f"qwen3moe.{name}")
+        if not value:
+            raise UnsupportedModel(f"{gf.path}: GGUF metadata lacks qwen3moe.{name}")
+        return int(value)
+
+    gating = md.get("qwen3moe.expert_gating_func", 1)  # llama.cpp: 1 softmax, 2 sigmoid
+    if gating != 1:
+        raise UnsupportedModel(f"{gf.path}: expert gating function {gating} is not supported (softmax only)")
+    if "blk.0.ffn_gate_inp.weight" not in gf.tensors:
+        raise UnsupportedModel(f"{gf.path}: qwen3moe file without router tensors (ffn_gate_inp)")
+    # llama.cpp's qwen3moe graph always renormalizes the top-k weights (norm_topk_prob)
+    return dict(n_experts=need("expert_count"), n_experts_used=need("expert_used_count"),
+                expert_intermediate=need("expert_feed_forward_length"),
+                expert_weights_norm=bool(md.get("qwen3moe.expert_weights_norm", True)))
 
 
 def config_from_hf_dir(directory: Path) -> ModelConfig:
@@ -96,9 +214,10 @@ def config_from_hf_dir(directory: Path) -> ModelConfig:
     except (OSError, json.JSONDecodeError) as exc:
         raise UnsupportedModel(f"{cfg_path}: cannot read config.json ({exc})") from exc
     model_type = cfg.get("model_type", "")
-    if model_type not in SUPPORTED_ARCHS:
-        raise UnsupportedModel(f"{cfg_path}: model_type {model_type!r} is not supported; "
-                               f"supported: {', '.join(SUPPORTED_ARCHS)}")
+    if model_type not in _HF_MODEL_TYPES:
+        raise UnsupportedModel(f"{cfg_path}: model_type {model_type!r} is not supported from a Hugging Face "
+                               f"directory; supported: {', '.join(_HF_MODEL_TYPES)} (use the model's GGUF "
+                               "file for the others)")
     if cfg.get("rope_scaling"):
         raise UnsupportedModel(f"{cfg_path}: rope_scaling is not supported")
     n_heads = int(cfg["num_attention_heads"])
@@ -110,7 +229,7 @@ def config_from_hf_dir(directory: Path) -> ModelConfig:
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
     rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return ModelConfig(
-        arch=model_type,
+        arch=_HF_MODEL_TYPES[model_type],
         n_layers=int(cfg["num_hidden_layers"]),
         hidden=hidden,
         intermediate=int(cfg["intermediate_size"]),
@@ -125,4 +244,5 @@ def config_from_hf_dir(directory: Path) -> ModelConfig:
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        qk_norm=model_type == "qwen3",
     )

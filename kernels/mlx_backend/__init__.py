@@ -1,5 +1,5 @@
 """The MLX backend (Metal on Apple silicon, CPU elsewhere) of the Stage interface."""
 
-from kernels.mlx_backend.llama import MLXLlamaStage, load_mlx_stage
+from kernels.mlx_backend.decoder import MLXDecoderStage, load_mlx_stage
 
-__all__ = ["MLXLlamaStage", "load_mlx_stage"]
+__all__ = ["MLXDecoderStage", "load_mlx_stage"]

@@ -138,7 +138,7 @@ def _group() -> str:
 
 def _import_and_parse(backend: str, model_path: str) -> None:
     with _normal_priority():
-        import kernels.torch_backend.llama  # noqa: F401  (torch; also the bf16 class's backend)
+        import kernels.torch_backend.decoder  # noqa: F401  (torch; also the bf16 class's backend)
         import mesh.verify.auditor  # noqa: F401
         from kernels.config import load_config
 

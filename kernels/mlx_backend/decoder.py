@@ -1,9 +1,16 @@
-"""A Llama-family decoder stage (Llama, SmolLM, Mistral, Qwen2-style qkv bias) in MLX.
+"""The decoder of every architecture kernels runs (Llama, Mistral, Qwen2/3, Qwen3-MoE, Gemma 3) in MLX.
 
-One readable file in the manner of mlx-lm: plain tensor code that follows the paper.
+Plain tensor code in the manner of mlx-lm, one decoder whose per-architecture
+differences are named fields of ``ModelConfig`` (see kernels/config.py)::
 
-    h = x + Attention(RMSNorm(x))        # grouped-query attention, rotary positions
-    y = h + MLP(RMSNorm(h))              # down(silu(gate(h)) * up(h))
+    h = x + PostNorm(Attention(RMSNorm(x)))  # grouped-query attention, rotary positions;
+                                             # q/k normed per head (qk_norm); a sliding
+                                             # window and its own RoPE base on some layers
+    y = h + PostNorm(MLP(RMSNorm(h)))        # down(act(gate(h)) * up(h)), act silu or
+                                             # gelu_tanh; or the top-k of routed experts
+
+PostNorm is an RMSNorm with Gemma 3's ``sandwich_norms`` and the identity otherwise;
+Gemma 3 also scales the embeddings (``embed_scale``) and may soft-cap the logits.
 
 Weights come from ``kernels.weights.load_weights`` with Hugging Face names and layout
 (q/k rows already un-permuted), so RoPE is the "rotate half" form (``traditional=False``).
@@ -24,6 +31,7 @@ attention run per session, since sessions sit at different positions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,14 +114,35 @@ class Projection:
 
 
 @dataclass
+class MLP:
+    gate_up: Projection  # gate | up rows stacked
+    down: Projection
+
+
+@dataclass
+class RoutedMLP:
+    """Top-k of ``n_experts`` MLPs per token, weighted by the router's softmax (qwen3moe)."""
+
+    router: Projection
+    experts: list[MLP]
+
+
+@dataclass
 class Layer:
     input_norm: mx.array
     qkv: Projection  # q | k | v rows stacked
     qkv_bias: mx.array | None
     o: Projection
-    post_attention_norm: mx.array
-    gate_up: Projection  # gate | up rows stacked
-    down: Projection
+    mlp_norm: mx.array
+    mlp: MLP | RoutedMLP
+    q_norm: mx.array | None = None
+    k_norm: mx.array | None = None
+    post_attention_norm: mx.array | None = None  # sandwich norms (gemma3)
+    post_mlp_norm: mx.array | None = None
+
+    def vectors(self) -> list[mx.array]:
+        return [a for a in (self.input_norm, self.qkv_bias, self.mlp_norm, self.q_norm, self.k_norm,
+                            self.post_attention_norm, self.post_mlp_norm) if a is not None]
 
 
 @dataclass
@@ -145,10 +174,17 @@ class _Step:
     cache: KVCache
     start: int
     rows: slice
-    mask: mx.array | None = None
+    length: int
+    masks: dict[int, tuple[int, mx.array | None]]
+
+    def mask(self, window: int) -> tuple[int, mx.array | None]:
+        """The first key position this step's queries may see, and the mask from there."""
+        if window not in self.masks:
+            self.masks[window] = _mask(self.start, self.length, window)
+        return self.masks[window]
 
 
-class MLXLlamaStage(Stage):
+class MLXDecoderStage(Stage):
     backend = "mlx"
 
     def __init__(self, weights: StageWeights, weight_mode: str) -> None:
@@ -170,34 +206,50 @@ class MLXLlamaStage(Stage):
                 return projections[-1]
             return by_source[source]
 
-        def vector(name: str) -> mx.array:
-            return mx.array(np.asarray(w[name], dtype=np.float32))
+        def of(*arrays: np.ndarray) -> Projection:
+            projections.append(Projection(to_matrices(list(arrays))))
+            return projections[-1]
+
+        def vector(name: str) -> mx.array | None:
+            return mx.array(np.asarray(w[name], dtype=np.float32)) if name in w else None
 
         self.embed = projection("model.embed_tokens.weight").matrices[0] if self.spec.embed else None
         self.layers: list[Layer] = []
         for i in self.spec.layers():
             p = f"model.layers.{i}."
             qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+            if c.moe:
+                gate, up, down = (w[f"{p}mlp.experts.{n}_proj.weight"] for n in ("gate", "up", "down"))
+                mlp: MLP | RoutedMLP = RoutedMLP(projection(p + "mlp.gate.weight"),
+                                                 [MLP(of(gate[e], up[e]), of(down[e])) for e in range(c.n_experts)])
+            else:
+                mlp = MLP(projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                          projection(p + "mlp.down_proj.weight"))
+            sandwich = c.sandwich_norms
             self.layers.append(Layer(
                 input_norm=vector(p + "input_layernorm.weight"),
                 qkv=projection(*qkv),
                 qkv_bias=mx.concatenate([vector(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
                 if c.qkv_bias else None,
                 o=projection(p + "self_attn.o_proj.weight"),
-                post_attention_norm=vector(p + "post_attention_layernorm.weight"),
-                gate_up=projection(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                down=projection(p + "mlp.down_proj.weight"),
+                mlp_norm=vector(p + ("pre_feedforward_layernorm.weight" if sandwich
+                                     else "post_attention_layernorm.weight")),
+                mlp=mlp,
+                q_norm=vector(p + "self_attn.q_norm.weight"),
+                k_norm=vector(p + "self_attn.k_norm.weight"),
+                post_attention_norm=vector(p + "post_attention_layernorm.weight") if sandwich else None,
+                post_mlp_norm=vector(p + "post_feedforward_layernorm.weight"),
             ))
+        self._windows = [c.window(i) for i in self.spec.layers()]
+        self._rope_bases = [c.rope_base(i) for i in self.spec.layers()]
         self.norm = vector("model.norm.weight") if self.spec.head else None
         self.lm_head = projection("lm_head.weight") if self.spec.head else None
-        vectors = [a for layer in self.layers for a in (layer.input_norm, layer.post_attention_norm,
-                                                        layer.qkv_bias) if a is not None]
+        vectors = [a for layer in self.layers for a in layer.vectors()]
         vectors += [self.norm] if self.norm is not None else []
         matrices = [m for proj in projections for m in proj.matrices]
         self._param_bytes = sum(m.nbytes for m in matrices) + sum(a.nbytes for a in vectors)
         mx.eval([[m.weight, m.scales, m.biases] for m in matrices], vectors)
         self._caches: dict[str, KVCache] = {}
-        self._scale = c.head_dim ** -0.5
 
     # -- Stage interface ---------------------------------------------------------------------
 
@@ -226,6 +278,8 @@ class MLXLlamaStage(Stage):
             if ids.min() < 0 or ids.max() >= c.vocab_size:
                 raise StageInputError(f"token id out of range [0, {c.vocab_size})")
             x = self.embed.rows(mx.array(ids.astype(np.int32)))
+            if c.embed_scale != 1.0:
+                x = x * c.embed_scale
         else:
             x = mx.array(np.concatenate([np.asarray(it.hidden, dtype=np.float32) for it in items], axis=0))
 
@@ -237,8 +291,7 @@ class MLXLlamaStage(Stage):
                 cache = self._caches[it.session] = KVCache([None] * len(self.layers), [None] * len(self.layers))
             cache.length = it.start_pos  # a start below the cached length truncates (replay)
             cache.reserve(it.start_pos + it.length, c.n_kv_heads, c.head_dim)
-            steps.append(_Step(cache, it.start_pos, slice(offset, offset + it.length),
-                               _causal_mask(it.start_pos, it.length)))
+            steps.append(_Step(cache, it.start_pos, slice(offset, offset + it.length), it.length, {}))
             offset += it.length
 
         for index, layer in enumerate(self.layers):
@@ -252,7 +305,7 @@ class MLXLlamaStage(Stage):
             return [np.ascontiguousarray(out[s.rows]) for s in steps]
         rows = [[s.rows.start + r for r in output_rows(it, all_logits)] for s, it in zip(steps, items)]
         picked = mx.take(x, mx.array([r for rs in rows for r in rs], dtype=mx.int32), axis=0)
-        logits = self.lm_head(mx.fast.rms_norm(picked, self.norm, c.rms_eps))
+        logits = _softcap(self.lm_head(mx.fast.rms_norm(picked, self.norm, c.rms_eps)), c.final_logit_softcap)
         mx.eval(logits)
         logits_np = np.array(logits, dtype=np.float32, copy=False)
         out, start = [], 0
@@ -272,29 +325,65 @@ class MLXLlamaStage(Stage):
             qkv = qkv + layer.qkv_bias
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         q, k, v = qkv[:, :q_dim], qkv[:, q_dim:q_dim + kv_dim], qkv[:, q_dim + kv_dim:]
-        outputs = [self._attend(index, q[s.rows], k[s.rows], v[s.rows], s) for s in steps]
-        attn = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
-        x = x + layer.o(attn)
-        h = mx.fast.rms_norm(x, layer.post_attention_norm, c.rms_eps)
-        gate, up = mx.split(layer.gate_up(h), 2, axis=-1)
-        return x + layer.down(_silu(gate) * up)
+        outputs = [self._attend(index, q[s.rows], k[s.rows], v[s.rows], s, layer) for s in steps]
+        attn = layer.o(outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0))
+        if layer.post_attention_norm is not None:
+            attn = mx.fast.rms_norm(attn, layer.post_attention_norm, c.rms_eps)
+        x = x + attn
+        h = mx.fast.rms_norm(x, layer.mlp_norm, c.rms_eps)
+        y = self._routed(layer.mlp, h) if isinstance(layer.mlp, RoutedMLP) else self._mlp(layer.mlp, h)
+        if layer.post_mlp_norm is not None:
+            y = mx.fast.rms_norm(y, layer.post_mlp_norm, c.rms_eps)
+        return x + y
 
-    def _attend(self, index: int, q: mx.array, k: mx.array, v: mx.array, step: _Step) -> mx.array:
+    def _mlp(self, mlp: MLP, h: mx.array) -> mx.array:
+        gate, up = mx.split(mlp.gate_up(h), 2, axis=-1)
+        act = _gelu_tanh(gate) if self.config.activation == "gelu_tanh" else _silu(gate)
+        return mlp.down(act * up)
+
+    def _routed(self, mlp: RoutedMLP, h: mx.array) -> mx.array:
+        """Softmax over the router's logits, the top ``n_experts_used`` per token (renormalized
+        to sum 1 when the config says so), each chosen expert run on the tokens that chose it."""
+        c = self.config
+        probs = mx.softmax(mlp.router(h), axis=-1)
+        chosen = mx.argsort(-probs, axis=-1)[:, :c.n_experts_used]
+        weight = mx.take_along_axis(probs, chosen, axis=-1)
+        if c.expert_weights_norm:
+            weight = weight / weight.sum(axis=-1, keepdims=True)
+        chosen_np = np.array(chosen)
+        out = mx.zeros_like(h)
+        for e in np.unique(chosen_np).tolist():
+            rows, rank = (mx.array(a) for a in np.nonzero(chosen_np == e))
+            y = self._mlp(mlp.experts[e], h[rows])
+            out = out.at[rows].add(y * weight[rows, rank][:, None])
+        return out
+
+    def _attend(self, index: int, q: mx.array, k: mx.array, v: mx.array, step: _Step, layer: Layer) -> mx.array:
         """One session's attention over its cache: rows ``(T, n_heads * head_dim)`` in and out."""
         c = self.config
         t = q.shape[0]
         # (T, heads * dim) -> (1, heads, T, dim)
-        q = q.reshape(t, c.n_heads, c.head_dim).transpose(1, 0, 2)[None]
-        k = k.reshape(t, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)[None]
+        q = q.reshape(t, c.n_heads, c.head_dim)
+        k = k.reshape(t, c.n_kv_heads, c.head_dim)
+        if layer.q_norm is not None:
+            q = mx.fast.rms_norm(q, layer.q_norm, c.rms_eps)
+            k = mx.fast.rms_norm(k, layer.k_norm, c.rms_eps)
+        q = q.transpose(1, 0, 2)[None]
+        k = k.transpose(1, 0, 2)[None]
         v = v.reshape(t, c.n_kv_heads, c.head_dim).transpose(1, 0, 2)
-        q = mx.fast.rope(q, c.head_dim, traditional=False, base=c.rope_theta, scale=1.0, offset=step.start)
-        k = mx.fast.rope(k, c.head_dim, traditional=False, base=c.rope_theta, scale=1.0, offset=step.start)[0]
+        base = self._rope_bases[index]
+        q = mx.fast.rope(q, c.head_dim, traditional=False, base=base, scale=1.0, offset=step.start)
+        k = mx.fast.rope(k, c.head_dim, traditional=False, base=base, scale=1.0, offset=step.start)[0]
         cache, end = step.cache, step.start + t
         cache.keys[index][:, step.start:end, :] = k
         cache.values[index][:, step.start:end, :] = v
-        keys = cache.keys[index][None, :, :end, :]
-        values = cache.values[index][None, :, :end, :]
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self._scale, mask=step.mask)
+        lo, mask = step.mask(self._windows[index])
+        keys = cache.keys[index][None, :, lo:end, :]
+        values = cache.values[index][None, :, lo:end, :]
+        if c.attn_logit_softcap:
+            out = _capped_attention(q, keys, values, c.attn_scale, c.attn_logit_softcap, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=c.attn_scale, mask=mask)
         return out[0].transpose(1, 0, 2).reshape(t, c.n_heads * c.head_dim)
 
 
@@ -302,15 +391,46 @@ def _silu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(x)
 
 
-def _causal_mask(start: int, length: int) -> mx.array | None:
-    """Query ``i`` (position ``start + i``) sees keys ``0..start + i``; None for one query."""
+def _gelu_tanh(x: mx.array) -> mx.array:
+    """GELU, tanh approximation (PyTorch's ``approximate="tanh"``, Gemma's hidden_activation)."""
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def _softcap(x: mx.array, cap: float) -> mx.array:
+    return x if not cap else mx.tanh(x / cap) * cap
+
+
+def _capped_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float, cap: float,
+                      mask: mx.array | None) -> mx.array:
+    """Attention with soft-capped scores, written out: q ``(1, heads, T, d)``, keys and values
+    ``(1, kv_heads, L, d)``; query heads are grouped onto their key head."""
+    _, heads, t, d = q.shape
+    kv = keys.shape[1]
+    qg = q.reshape(1, kv, heads // kv, t, d)
+    scores = _softcap((qg @ keys[:, :, None].swapaxes(-1, -2)) * scale, cap)
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf)
+    elif t > 1:
+        scores = mx.where(_mask(0, t, 0)[1], scores, -mx.inf)
+    out = mx.softmax(scores, axis=-1) @ values[:, :, None]
+    return out.reshape(1, heads, t, d)
+
+
+def _mask(start: int, length: int, window: int) -> tuple[int, mx.array | None]:
+    """For queries at ``start .. start+length-1``: the first key they may see, and a boolean
+    mask over keys from there (None for one query without a window cut: it sees them all).
+    Query ``i`` sees keys ``max(0, i - window + 1) .. i`` (``window`` 0: from 0)."""
+    lo = max(0, start - window + 1) if window else 0
     if length == 1:
-        return None
+        return lo, None
     query_pos = mx.arange(start, start + length)[:, None]
-    key_pos = mx.arange(start + length)[None, :]
-    return key_pos <= query_pos
+    key_pos = mx.arange(lo, start + length)[None, :]
+    allowed = key_pos <= query_pos
+    if window:
+        allowed = allowed & (key_pos > query_pos - window)
+    return lo, allowed
 
 
-def load_mlx_stage(path: str | Path, spec: StageSpec, weight_mode: str = "float32") -> MLXLlamaStage:
+def load_mlx_stage(path: str | Path, spec: StageSpec, weight_mode: str = "float32") -> MLXDecoderStage:
     """Load the layers of ``spec`` from a GGUF file or HF directory onto MLX (Metal, or CPU)."""
-    return MLXLlamaStage(load_weights(path, spec, weight_mode), weight_mode)
+    return MLXDecoderStage(load_weights(path, spec, weight_mode), weight_mode)
