@@ -10,7 +10,7 @@ qwen3          ``qk_norm`` (an RMSNorm over each head of q and k, before RoPE)
 qwen3moe       ``qk_norm`` and a routed MLP: ``n_experts``, top ``n_experts_used`` per token
 gemma3         ``qk_norm``, ``sandwich_norms``, ``activation="gelu_tanh"``, ``embed_scale``,
                ``attn_scale`` from the query pre-attention scalar, sliding-window layers
-               with their own RoPE base, soft-capping when the metadata sets it
+               with their own RoPE base, final soft-capping when the metadata sets it
 =============  ==========================================================================
 
 GGUF metadata that llama.cpp does not write for gemma3 (it hard-codes them) gets
@@ -18,6 +18,8 @@ llama.cpp's values: every 6th layer is global (``attention.sliding_window_patter
 overrides), sliding layers use RoPE base 10000 (``rope.freq_base_swa`` overrides), and the
 attention scale is ``head_dim**-0.5`` except for the 62-layer 27B model, where it is
 ``(hidden / n_heads)**-0.5`` (as in Gemma's own config, ``query_pre_attn_scalar``).
+Gemma 3 has no attention soft-capping (Gemma 2 had): llama.cpp's converter asserts
+``attn_logit_softcapping`` is unset and transformers' Gemma 3 attention ignores it.
 Gemma's norm weights are stored in GGUF as ``1 + w`` (llama.cpp's converter adds the
 one that Gemma's RMSNorm adds at run time), so a GGUF norm weight is used as it is.
 """
@@ -70,7 +72,6 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer: True where the layer slides
     rope_theta_local: float = 0.0  # RoPE base of sliding layers (0: rope_theta)
     final_logit_softcap: float = 0.0  # logits = c * tanh(logits / c) when > 0
-    attn_logit_softcap: float = 0.0  # same on attention scores
     n_experts: int = 0  # > 0: a routed MLP (qwen3moe)
     n_experts_used: int = 0  # experts per token
     expert_intermediate: int = 0  # each expert's MLP width
@@ -163,7 +164,6 @@ def config_from_gguf(gf: Any) -> ModelConfig:
         eos_token_ids=(int(eos),) if eos is not None else (),
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
         final_logit_softcap=float(md.get(f"{arch}.final_logit_softcapping") or 0.0),
-        attn_logit_softcap=float(md.get(f"{arch}.attn_logit_softcapping") or 0.0),
     )
     if arch == "gemma3":
         config.update(_gemma3(md, n_layers, hidden, n_heads, head_dim))

@@ -380,10 +380,7 @@ class MLXDecoderStage(Stage):
         lo, mask = step.mask(self._windows[index])
         keys = cache.keys[index][None, :, lo:end, :]
         values = cache.values[index][None, :, lo:end, :]
-        if c.attn_logit_softcap:
-            out = _capped_attention(q, keys, values, c.attn_scale, c.attn_logit_softcap, mask)
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=c.attn_scale, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=c.attn_scale, mask=mask)
         return out[0].transpose(1, 0, 2).reshape(t, c.n_heads * c.head_dim)
 
 
@@ -398,22 +395,6 @@ def _gelu_tanh(x: mx.array) -> mx.array:
 
 def _softcap(x: mx.array, cap: float) -> mx.array:
     return x if not cap else mx.tanh(x / cap) * cap
-
-
-def _capped_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float, cap: float,
-                      mask: mx.array | None) -> mx.array:
-    """Attention with soft-capped scores, written out: q ``(1, heads, T, d)``, keys and values
-    ``(1, kv_heads, L, d)``; query heads are grouped onto their key head."""
-    _, heads, t, d = q.shape
-    kv = keys.shape[1]
-    qg = q.reshape(1, kv, heads // kv, t, d)
-    scores = _softcap((qg @ keys[:, :, None].swapaxes(-1, -2)) * scale, cap)
-    if mask is not None:
-        scores = mx.where(mask, scores, -mx.inf)
-    elif t > 1:
-        scores = mx.where(_mask(0, t, 0)[1], scores, -mx.inf)
-    out = mx.softmax(scores, axis=-1) @ values[:, :, None]
-    return out.reshape(1, heads, t, d)
 
 
 def _mask(start: int, length: int, window: int) -> tuple[int, mx.array | None]:

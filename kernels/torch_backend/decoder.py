@@ -123,16 +123,6 @@ def _activation(name: str):
     return F.silu
 
 
-def _scores_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                      cap: float, allowed: torch.Tensor | None) -> torch.Tensor:
-    """Attention written out, grouped-query: q ``(B, kv, groups*T, hd)`` against keys and values
-    ``(B, kv, L, hd)``; ``allowed`` broadcasts to the scores ``(B, kv, groups*T, L)``."""
-    scores = softcap(torch.matmul(q, keys.transpose(-1, -2)) * scale, cap)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), values)
-
-
 class _Prefill:
     """Attention context of one session's multi-token step starting at ``start``."""
 
@@ -166,18 +156,9 @@ class _Prefill:
         cv[:, s:e] = v.transpose(0, 1)
         lo, allowed = self._mask(window)
         keys, values = ck[None, :, lo:e], cv[None, :, lo:e]
-        if c.attn_logit_softcap:
-            groups = c.n_heads // c.n_kv_heads
-            qg = q.transpose(0, 1).reshape(1, c.n_kv_heads, groups * self.n, -1)
-            mask = None if allowed is None else allowed.repeat(groups, 1)
-            if mask is None:
-                mask = torch.ones(self.n, e - lo, dtype=torch.bool).tril().repeat(groups, 1)
-            out = _scores_attention(qg, keys, values, c.attn_scale, c.attn_logit_softcap, mask)
-            out = out.reshape(1, c.n_heads, self.n, -1)
-        else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys, values, attn_mask=allowed,
-                is_causal=allowed is None, scale=c.attn_scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys, values, attn_mask=allowed,
+            is_causal=allowed is None, scale=c.attn_scale, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(self.n, -1)
 
 
@@ -240,8 +221,11 @@ class _Decode:
                 allowed: torch.Tensor | None = None) -> torch.Tensor:
         b, n_kv, _, hd = keys.shape
         qg = q.reshape(b, n_kv, self.groups, hd)
-        out = _scores_attention(qg, keys, values, self.config.attn_scale, self.config.attn_logit_softcap, allowed)
-        return out.reshape(b, -1)  # (B, kv, groups, hd) -> (B, heads * hd)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.config.attn_scale  # (B, kv, groups, L)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B, kv, groups, hd)
+        return out.reshape(b, -1)
 
 
 class TorchDecoderStage(Stage):
