@@ -192,3 +192,22 @@ def test_qwen3moe_config_from_metadata(model_dir):
     c = load_config(model_file(model_dir, "qwen3moe"))
     assert (c.n_experts, c.n_experts_used, c.expert_intermediate) == (6, 2, 64)
     assert c.expert_weights_norm and c.qk_norm and c.moe
+
+
+def test_incomplete_or_unknown_architectures_say_what_is_missing(tmp_path):
+    from types import SimpleNamespace
+
+    from kernels.config import UnsupportedModel, config_from_gguf
+    from kernels.gguf import open_gguf
+
+    gf = open_gguf(write_tiny_gguf(tmp_path / "moe.gguf", TINY["qwen3moe"]))
+    metadata = {k: v for k, v in gf.metadata.items() if k != "qwen3moe.expert_feed_forward_length"}
+    with pytest.raises(UnsupportedModel, match="qwen3moe.expert_feed_forward_length"):
+        config_from_gguf(SimpleNamespace(path=gf.path, metadata=metadata, tensors=gf.tensors))
+    metadata = {**gf.metadata, "general.architecture": "gemma2"}
+    with pytest.raises(UnsupportedModel, match="'gemma2' is not supported"):
+        config_from_gguf(SimpleNamespace(path=gf.path, metadata=metadata, tensors=gf.tensors))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gemma3_text"}')
+    with pytest.raises(UnsupportedModel, match="use the model's GGUF file"):
+        load_config(tmp_path / "hf")

@@ -24,6 +24,12 @@ def _tiny(tmp_path: Path, kind: str, tied: bool) -> tuple[Path, object]:
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**common)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=32)
+        model = transformers.Qwen3ForCausalLM(cfg)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # not all ones, so that a missed QK-norm shows
+                p.data.normal_(1.0, 0.2)
     else:
         cfg = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(cfg)
@@ -33,12 +39,13 @@ def _tiny(tmp_path: Path, kind: str, tied: bool) -> tuple[Path, object]:
     return out, model
 
 
-@pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True), ("qwen3", True)])
 def test_hf_directory_matches_transformers(tmp_path: Path, kind: str, tied: bool):
     path, model = _tiny(tmp_path, kind, tied)
     assert (path / "model.safetensors.index.json").exists()  # sharded
     cfg = load_config(path)
     assert cfg.arch == kind and cfg.qkv_bias == (kind == "qwen2") and cfg.tie_embeddings == tied
+    assert cfg.qk_norm == (kind == "qwen3")
     ids = np.array([5, 17, 42, 99, 3, 250], dtype=np.int64)
     with torch.inference_mode():
         ref = model(torch.tensor(ids)[None]).logits[0].numpy()
