@@ -21,7 +21,9 @@ attention scale is ``head_dim**-0.5`` except for the 62-layer 27B model, where i
 Gemma 3 has no attention soft-capping (Gemma 2 had): llama.cpp's converter asserts
 ``attn_logit_softcapping`` is unset and transformers' Gemma 3 attention ignores it.
 Gemma's norm weights are stored in GGUF as ``1 + w`` (llama.cpp's converter adds the
-one that Gemma's RMSNorm adds at run time), so a GGUF norm weight is used as it is.
+one that Gemma's RMSNorm adds at run time); kernels.weights gives them back as Hugging
+Face's ``w`` (as transformers' GGUF loader does) and the decoders multiply by
+``norm_offset + w`` (``norm_offset`` 1 for gemma3, 0 elsewhere), as ``Gemma3RMSNorm`` does.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class ModelConfig:
     sandwich_norms: bool = False  # gemma3: a norm after attention and after the MLP, before each residual add
     activation: str = "silu"  # of the MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
     embed_scale: float = 1.0  # gemma3: embeddings times sqrt(hidden)
+    norm_offset: float = 0.0  # RMSNorm multiplies by norm_offset + w (gemma3: 1, w as HF stores it)
     attn_scale: float = 0.0  # attention score scale; 0 means head_dim ** -0.5
     sliding_window: int = 0  # keys a sliding layer sees, itself included (0: no sliding layers)
     sliding_layers: tuple[bool, ...] = ()  # per layer: True where the layer slides
@@ -182,7 +185,7 @@ def _gemma3(md: dict[str, Any], n_layers: int, hidden: int, n_heads: int, head_d
     else:
         sliding = tuple((i + 1) % int(pattern) != 0 for i in range(n_layers))
     scalar = hidden / n_heads if n_layers == 62 else head_dim
-    return dict(sandwich_norms=True, activation="gelu_tanh", embed_scale=math.sqrt(hidden),
+    return dict(sandwich_norms=True, activation="gelu_tanh", embed_scale=math.sqrt(hidden), norm_offset=1.0,
                 attn_scale=scalar ** -0.5, sliding_window=window,
                 sliding_layers=sliding if window else (),
                 rope_theta_local=float(md.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)))

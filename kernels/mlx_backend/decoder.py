@@ -213,13 +213,19 @@ class MLXDecoderStage(Stage):
         def vector(name: str) -> mx.array | None:
             return mx.array(np.asarray(w[name], dtype=np.float32)) if name in w else None
 
+        def norm(name: str) -> mx.array | None:
+            """An RMSNorm's multiplier: ``norm_offset + w`` (Gemma's ``1 + w``)."""
+            v = vector(name)
+            return v + c.norm_offset if v is not None and c.norm_offset else v
+
         self.embed = projection("model.embed_tokens.weight").matrices[0] if self.spec.embed else None
         self.layers: list[Layer] = []
         for i in self.spec.layers():
             p = f"model.layers.{i}."
             qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
             if c.moe:
-                gate, up, down = (w[f"{p}mlp.experts.{n}_proj.weight"] for n in ("gate", "up", "down"))
+                # experts stay float32, in both modes (a stretch: no quantized expert kernel)
+                gate, up, down = (_float(w[f"{p}mlp.experts.{n}_proj.weight"]) for n in ("gate", "up", "down"))
                 mlp: MLP | RoutedMLP = RoutedMLP(projection(p + "mlp.gate.weight"),
                                                  [MLP(of(gate[e], up[e]), of(down[e])) for e in range(c.n_experts)])
             else:
@@ -227,22 +233,22 @@ class MLXDecoderStage(Stage):
                           projection(p + "mlp.down_proj.weight"))
             sandwich = c.sandwich_norms
             self.layers.append(Layer(
-                input_norm=vector(p + "input_layernorm.weight"),
+                input_norm=norm(p + "input_layernorm.weight"),
                 qkv=projection(*qkv),
                 qkv_bias=mx.concatenate([vector(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
                 if c.qkv_bias else None,
                 o=projection(p + "self_attn.o_proj.weight"),
-                mlp_norm=vector(p + ("pre_feedforward_layernorm.weight" if sandwich
+                mlp_norm=norm(p + ("pre_feedforward_layernorm.weight" if sandwich
                                      else "post_attention_layernorm.weight")),
                 mlp=mlp,
-                q_norm=vector(p + "self_attn.q_norm.weight"),
-                k_norm=vector(p + "self_attn.k_norm.weight"),
-                post_attention_norm=vector(p + "post_attention_layernorm.weight") if sandwich else None,
-                post_mlp_norm=vector(p + "post_feedforward_layernorm.weight"),
+                q_norm=norm(p + "self_attn.q_norm.weight"),
+                k_norm=norm(p + "self_attn.k_norm.weight"),
+                post_attention_norm=norm(p + "post_attention_layernorm.weight") if sandwich else None,
+                post_mlp_norm=norm(p + "post_feedforward_layernorm.weight"),
             ))
         self._windows = [c.window(i) for i in self.spec.layers()]
         self._rope_bases = [c.rope_base(i) for i in self.spec.layers()]
-        self.norm = vector("model.norm.weight") if self.spec.head else None
+        self.norm = norm("model.norm.weight") if self.spec.head else None
         self.lm_head = projection("lm_head.weight") if self.spec.head else None
         vectors = [a for layer in self.layers for a in layer.vectors()]
         vectors += [self.norm] if self.norm is not None else []
@@ -382,6 +388,10 @@ class MLXDecoderStage(Stage):
         values = cache.values[index][None, :, lo:end, :]
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=c.attn_scale, mask=mask)
         return out[0].transpose(1, 0, 2).reshape(t, c.n_heads * c.head_dim)
+
+
+def _float(w: np.ndarray | QuantTensor) -> np.ndarray:
+    return w.dequantize() if isinstance(w, QuantTensor) else w
 
 
 def _silu(x: mx.array) -> mx.array:

@@ -117,6 +117,18 @@ class Layer:
         return total + self.qkv.nbytes + self.o.nbytes
 
 
+def _float(w: np.ndarray | QuantTensor) -> np.ndarray:
+    """A stack of experts ``(n_experts, out, in)`` as float32: each expert's matrix is then
+    cast in the weight mode's format on its own (int8 rows in the quant mode)."""
+    return w.dequantize() if isinstance(w, QuantTensor) else w
+
+
+def _norm_weight(w: np.ndarray, config: ModelConfig) -> torch.Tensor:
+    """An RMSNorm's multiplier: ``norm_offset + w`` (Gemma's ``1 + w``), float32."""
+    w = torch.from_numpy(np.asarray(w, dtype=np.float32))
+    return w + config.norm_offset if config.norm_offset else w
+
+
 def _activation(name: str):
     if name == "gelu_tanh":
         return lambda g: F.gelu(g, approximate="tanh")
@@ -256,7 +268,7 @@ class TorchDecoderStage(Stage):
         self._norm = self._lm_head = None
         self._head_shares_embed = False
         if self.spec.head:
-            self._norm = torch.from_numpy(t["model.norm.weight"])
+            self._norm = _norm_weight(t["model.norm.weight"], self.config)
             head = t["lm_head.weight"]
             if (weight_mode == "float32" and self.spec.embed and head is t["model.embed_tokens.weight"]
                     and self._embed_scale is None):
@@ -271,12 +283,12 @@ class TorchDecoderStage(Stage):
         p = f"model.layers.{i}."
 
         def vector(name: str) -> torch.Tensor | None:
-            return torch.from_numpy(t[p + name]) if p + name in t else None
+            return _norm_weight(t[p + name], c) if p + name in t else None
 
         names = ("q_proj", "k_proj", "v_proj")
         biases = [t[f"{p}self_attn.{n}.bias"] for n in names] if c.qkv_bias else None
         if c.moe:
-            gate, up, down = (t[f"{p}mlp.experts.{n}_proj.weight"] for n in ("gate", "up", "down"))
+            gate, up, down = (_float(t[f"{p}mlp.experts.{n}_proj.weight"]) for n in ("gate", "up", "down"))
             mlp: MLP | RoutedMLP = RoutedMLP(
                 router=torch.from_numpy(np.ascontiguousarray(t[p + "mlp.gate.weight"], dtype=np.float32)),
                 experts=[MLP(make_linear([gate[e], up[e]], None, mode), make_linear([down[e]], None, mode))
