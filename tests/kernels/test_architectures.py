@@ -211,3 +211,22 @@ def test_incomplete_or_unknown_architectures_say_what_is_missing(tmp_path):
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "gemma3_text"}')
     with pytest.raises(UnsupportedModel, match="use the model's GGUF file"):
         load_config(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3moe", "gemma3"])
+def test_mixed_torch_mlx_pipeline_equals_one_stage(model_dir, kind):
+    """Layers split between the backends, hidden states crossing as float32 numpy: the
+    same logits as one torch stage, prefill and a decode step (gemma3's split puts sliding
+    layers on both sides)."""
+    pytest.importorskip("mlx.core")
+    path = model_file(model_dir, kind)
+    n = load_config(path).n_layers
+    first = load_stage(path, StageSpec(0, n // 2, embed=True), "torch")
+    second = load_stage(path, StageSpec(n // 2, n, head=True), "mlx")
+    full = stage(model_dir, kind)
+    for pos, ids in ((0, PROMPT), (len(PROMPT), np.array([5]))):
+        hidden = first.forward([StepInput("p", pos, tokens=ids)])[0]
+        logits = second.forward([StepInput("p", pos, hidden=hidden)])[0]
+        ref = full.forward([StepInput("p", pos, tokens=ids)])[0]
+        np.testing.assert_allclose(logits, ref, atol=LOGIT_ATOL, rtol=0)
+    full.free("p")
