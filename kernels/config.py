@@ -149,25 +149,25 @@ def config_from_gguf(gf: Any) -> ModelConfig:
     eos = md.get("tokenizer.ggml.eos_token_id")
     bos = md.get("tokenizer.ggml.bos_token_id")
     tensors = gf.tensors
-    config: dict[str, Any] = dict(
-        arch=arch,
-        n_layers=n_layers,
-        hidden=hidden,
-        intermediate=int(scalar("feed_forward_length", 0)),
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
-        rms_eps=float(scalar("attention.layer_norm_rms_epsilon")),
-        vocab_size=int(vocab),
-        context_length=int(md.get(f"{arch}.context_length", 2048)),
-        tie_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=(int(eos),) if eos is not None else (),
-        qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        final_logit_softcap=float(md.get(f"{arch}.final_logit_softcapping") or 0.0),
-    )
+    config: dict[str, Any] = {
+        "arch": arch,
+        "n_layers": n_layers,
+        "hidden": hidden,
+        "intermediate": int(scalar("feed_forward_length", 0)),
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv,
+        "head_dim": head_dim,
+        "rope_theta": float(md.get(f"{arch}.rope.freq_base", 10000.0)),
+        "rms_eps": float(scalar("attention.layer_norm_rms_epsilon")),
+        "vocab_size": int(vocab),
+        "context_length": int(md.get(f"{arch}.context_length", 2048)),
+        "tie_embeddings": "output.weight" not in tensors,
+        "qkv_bias": "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": int(bos) if bos is not None else None,
+        "eos_token_ids": (int(eos),) if eos is not None else (),
+        "qk_norm": "blk.0.attn_q_norm.weight" in tensors,
+        "final_logit_softcap": float(md.get(f"{arch}.final_logit_softcapping") or 0.0),
+    }
     if arch == "gemma3":
         config.update(_gemma3(md, n_layers, hidden, n_heads, head_dim))
     if arch == "qwen3moe":
@@ -185,10 +185,10 @@ def _gemma3(md: dict[str, Any], n_layers: int, hidden: int, n_heads: int, head_d
     else:
         sliding = tuple((i + 1) % int(pattern) != 0 for i in range(n_layers))
     scalar = hidden / n_heads if n_layers == 62 else head_dim
-    return dict(sandwich_norms=True, activation="gelu_tanh", embed_scale=math.sqrt(hidden), norm_offset=1.0,
-                attn_scale=scalar ** -0.5, sliding_window=window,
-                sliding_layers=sliding if window else (),
-                rope_theta_local=float(md.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)))
+    return {"sandwich_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(hidden), "norm_offset": 1.0,
+                "attn_scale": scalar ** -0.5, "sliding_window": window,
+                "sliding_layers": sliding if window else (),
+                "rope_theta_local": float(md.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))}
 
 
 def _qwen3moe(gf: Any, md: dict[str, Any]) -> dict[str, Any]:
@@ -204,9 +204,9 @@ def _qwen3moe(gf: Any, md: dict[str, Any]) -> dict[str, Any]:
     if "blk.0.ffn_gate_inp.weight" not in gf.tensors:
         raise UnsupportedModel(f"{gf.path}: qwen3moe file without router tensors (ffn_gate_inp)")
     # llama.cpp's qwen3moe graph always renormalizes the top-k weights (norm_topk_prob)
-    return dict(n_experts=need("expert_count"), n_experts_used=need("expert_used_count"),
-                expert_intermediate=need("expert_feed_forward_length"),
-                expert_weights_norm=bool(md.get("qwen3moe.expert_weights_norm", True)))
+    return {"n_experts": need("expert_count"), "n_experts_used": need("expert_used_count"),
+                "expert_intermediate": need("expert_feed_forward_length"),
+                "expert_weights_norm": bool(md.get("qwen3moe.expert_weights_norm", True))}
 
 
 def config_from_hf_dir(directory: Path) -> ModelConfig:

@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 
 from kernels.config import load_config
-from kernels.sampling import SamplingParams, sample
 from kernels.loader import load_stage
+from kernels.sampling import GREEDY, SamplingParams, sample
 from kernels.stage import Stage, StageSpec, StepInput
 from tests.kernels.synthetic import TINY, tiny, write_tiny_gguf
 
@@ -109,7 +109,7 @@ def reference(model_dir: Path, kind: str):
 
 
 def greedy(st: Stage, ids: np.ndarray, steps: int, session: str,
-           params: SamplingParams = SamplingParams()) -> tuple[list[int], list[np.ndarray]]:
+           params: SamplingParams = GREEDY) -> tuple[list[int], list[np.ndarray]]:
     logits = st.forward([StepInput(session, 0, tokens=ids)])[0]
     tokens, rows = [], []
     for i in range(steps):
@@ -159,7 +159,7 @@ def test_mlx_matches_torch_greedy_and_seeded_sampling(model_dir, kind):
     np.testing.assert_allclose(ours, ref, atol=LOGIT_ATOL, rtol=0)
     # random models' logits span 2-55: a temperature of a quarter of the span really samples
     sampling = SamplingParams(temperature=float(np.ptp(ref[-1])) / 4, seed=7)
-    for params, steps in ((SamplingParams(), GREEDY_STEPS), (sampling, SAMPLED_STEPS)):
+    for params, steps in ((GREEDY, GREEDY_STEPS), (sampling, SAMPLED_STEPS)):
         ref_tokens, ref_rows = greedy(ref_stage, PROMPT, steps, "s", params)
         our_tokens, our_rows = greedy(ours_stage, PROMPT, steps, "s", params)
         for a, b in zip(our_rows, ref_rows):

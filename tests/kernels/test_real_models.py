@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from kernels.config import load_config
-from kernels.sampling import SamplingParams, probabilities, sample, uniform
+from kernels.sampling import GREEDY, SamplingParams, probabilities, sample, uniform
 from kernels.stage import Stage, StageSpec, StepInput, load_stage
 
 torch = pytest.importorskip("torch")
@@ -94,7 +94,7 @@ def mesh_stage(name: str, backend: str) -> Stage:
 
 
 def run(stage: Stage, ids: np.ndarray, n: int, session: str,
-        params: SamplingParams = SamplingParams()) -> tuple[list[int], list[np.ndarray]]:
+        params: SamplingParams = GREEDY) -> tuple[list[int], list[np.ndarray]]:
     """Tokens to ``n`` or EOS, and the logits row each was picked from."""
     tokens, rows = [], []
     logits = stage.forward([StepInput(session, 0, tokens=ids)])[0]
@@ -148,7 +148,7 @@ def test_mlx_matches_torch_greedy_and_seeded_sampling(name):
     ref, ours = mesh_stage(name, "torch"), mesh_stage(name, "mlx")
     assert ours.weights_digest == ref.weights_digest
     for i, ids in enumerate(prompts[:2]):
-        for params, n in ((SamplingParams(), MLX_TOKENS), (SAMPLING, SAMPLED_TOKENS)):
+        for params, n in ((GREEDY, MLX_TOKENS), (SAMPLING, SAMPLED_TOKENS)):
             ref_tokens, ref_rows = run(ref, ids, n, f"r{i}", params)
             our_tokens, our_rows = run(ours, ids, n, f"m{i}", params)
             np.testing.assert_allclose(our_rows[0], ref_rows[0], atol=MLX_LOGIT_ATOL, rtol=0)
