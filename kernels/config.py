@@ -13,6 +13,10 @@ gemma3         ``qk_norm``, ``sandwich_norms``, ``activation="gelu_tanh"``, ``em
                with their own RoPE base, final soft-capping when the metadata sets it
 =============  ==========================================================================
 
+From a Hugging Face directory: llama, mistral, qwen2, qwen3 and gemma3_text (its
+``layer_types``, per-layer-type ``rope_parameters`` and ``query_pre_attn_scalar``);
+qwen3moe only from GGUF.
+
 GGUF metadata that llama.cpp does not write for gemma3 (it hard-codes them) gets
 llama.cpp's values: every 6th layer is global (``attention.sliding_window_pattern``
 overrides), sliding layers use RoPE base 10000 (``rope.freq_base_swa`` overrides), and the
@@ -38,7 +42,8 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 # Hugging Face model_type -> our arch name
-_HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+_HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                   "gemma3_text": "gemma3"}
 GEMMA3_SWA_PATTERN = 6  # llama.cpp: every 6th layer attends globally
 GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
@@ -185,10 +190,11 @@ def _gemma3(md: dict[str, Any], n_layers: int, hidden: int, n_heads: int, head_d
     else:
         sliding = tuple((i + 1) % int(pattern) != 0 for i in range(n_layers))
     scalar = hidden / n_heads if n_layers == 62 else head_dim
-    return {"sandwich_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(hidden), "norm_offset": 1.0,
-                "attn_scale": scalar ** -0.5, "sliding_window": window,
-                "sliding_layers": sliding if window else (),
-                "rope_theta_local": float(md.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))}
+    return {
+        "sandwich_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(hidden), "norm_offset": 1.0,
+        "attn_scale": scalar ** -0.5, "sliding_window": window, "sliding_layers": sliding if window else (),
+        "rope_theta_local": float(md.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
+    }
 
 
 def _qwen3moe(gf: Any, md: dict[str, Any]) -> dict[str, Any]:
@@ -204,9 +210,11 @@ def _qwen3moe(gf: Any, md: dict[str, Any]) -> dict[str, Any]:
     if "blk.0.ffn_gate_inp.weight" not in gf.tensors:
         raise UnsupportedModel(f"{gf.path}: qwen3moe file without router tensors (ffn_gate_inp)")
     # llama.cpp's qwen3moe graph always renormalizes the top-k weights (norm_topk_prob)
-    return {"n_experts": need("expert_count"), "n_experts_used": need("expert_used_count"),
-                "expert_intermediate": need("expert_feed_forward_length"),
-                "expert_weights_norm": bool(md.get("qwen3moe.expert_weights_norm", True))}
+    return {
+        "n_experts": need("expert_count"), "n_experts_used": need("expert_used_count"),
+        "expert_intermediate": need("expert_feed_forward_length"),
+        "expert_weights_norm": bool(md.get("qwen3moe.expert_weights_norm", True)),
+    }
 
 
 def config_from_hf_dir(directory: Path) -> ModelConfig:
@@ -221,8 +229,9 @@ def config_from_hf_dir(directory: Path) -> ModelConfig:
         raise UnsupportedModel(f"{cfg_path}: model_type {model_type!r} is not supported from a Hugging Face "
                                f"directory; supported: {', '.join(_HF_MODEL_TYPES)} (use the model's GGUF "
                                "file for the others)")
-    if cfg.get("rope_scaling"):
-        raise UnsupportedModel(f"{cfg_path}: rope_scaling is not supported")
+    if cfg.get("rope_scaling") or any((p or {}).get("rope_type", "default") != "default"
+                                      for p in _rope_parameters(cfg).values()):
+        raise UnsupportedModel(f"{cfg_path}: RoPE scaling is not supported")
     n_heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     eos = cfg.get("eos_token_id")
@@ -231,7 +240,8 @@ def config_from_hf_dir(directory: Path) -> ModelConfig:
         eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
     rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return ModelConfig(
+    extra = _gemma3_hf(cfg, cfg_path) if model_type == "gemma3_text" else {}
+    return ModelConfig(**{**dict(  # noqa: C408 (ModelConfig's own keywords, then the architecture's)
         arch=_HF_MODEL_TYPES[model_type],
         n_layers=int(cfg["num_hidden_layers"]),
         hidden=hidden,
@@ -248,4 +258,35 @@ def config_from_hf_dir(directory: Path) -> ModelConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
         qk_norm=model_type == "qwen3",
-    )
+    ), **extra})
+
+
+def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5's per-layer-type RoPE parameters ({} for a flat ``rope_theta``)."""
+    params = cfg.get("rope_parameters") or {}
+    return {k: v for k, v in params.items() if isinstance(v, dict)}
+
+
+def _gemma3_hf(cfg: dict[str, Any], cfg_path: Path) -> dict[str, Any]:
+    """Gemma 3's differences from its config.json (text model): the norms there are
+    ``w``, as Gemma3RMSNorm multiplies by ``1 + w``."""
+    if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UnsupportedModel(f"{cfg_path}: hidden_activation {cfg['hidden_activation']!r} is not supported")
+    n_layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+    types = cfg.get("layer_types") or [
+        "full_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", GEMMA3_SWA_PATTERN)) == 0
+        else "sliding_attention" for i in range(n_layers)]
+    rope = _rope_parameters(cfg)
+    global_theta = rope.get("full_attention", {}).get("rope_theta") or cfg.get("rope_theta", 1_000_000.0)
+    local_theta = (rope.get("sliding_attention", {}).get("rope_theta")
+                   or cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_BASE))
+    window = int(cfg.get("sliding_window") or 0)
+    return {
+        "sandwich_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(hidden), "norm_offset": 1.0,
+        "qk_norm": True, "rope_theta": float(global_theta), "rope_theta_local": float(local_theta),
+        "attn_scale": float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
+        "sliding_window": window,
+        "sliding_layers": tuple(t == "sliding_attention" for t in types) if window else (),
+        "final_logit_softcap": float(cfg.get("final_logit_softcapping") or 0.0),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", True)),
+    }

@@ -208,7 +208,7 @@ def test_incomplete_or_unknown_architectures_say_what_is_missing(tmp_path):
     with pytest.raises(UnsupportedModel, match="'gemma2' is not supported"):
         config_from_gguf(SimpleNamespace(path=gf.path, metadata=metadata, tensors=gf.tensors))
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gemma3_text"}')
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "qwen3_moe"}')
     with pytest.raises(UnsupportedModel, match="use the model's GGUF file"):
         load_config(tmp_path / "hf")
 

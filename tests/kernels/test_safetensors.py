@@ -24,6 +24,14 @@ def _tiny(tmp_path: Path, kind: str, tied: bool) -> tuple[Path, object]:
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**common)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "gemma3":
+        # 6 layers: the 6th is global; a window of 4 that the test's 6 ids cross
+        cfg = transformers.Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=32, sliding_window=4,
+                                            query_pre_attn_scalar=24)
+        model = transformers.Gemma3ForCausalLM(cfg)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # HF's w, used as 1 + w: zeros would hide a missed offset
+                p.data.normal_(0.0, 0.3)
     elif kind == "qwen3":
         cfg = transformers.Qwen3Config(**common, head_dim=32)
         model = transformers.Qwen3ForCausalLM(cfg)
@@ -39,13 +47,13 @@ def _tiny(tmp_path: Path, kind: str, tied: bool) -> tuple[Path, object]:
     return out, model
 
 
-@pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True), ("qwen3", True)])
+@pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True), ("qwen3", True), ("gemma3", True)])
 def test_hf_directory_matches_transformers(tmp_path: Path, kind: str, tied: bool):
     path, model = _tiny(tmp_path, kind, tied)
     assert (path / "model.safetensors.index.json").exists()  # sharded
     cfg = load_config(path)
     assert cfg.arch == kind and cfg.qkv_bias == (kind == "qwen2") and cfg.tie_embeddings == tied
-    assert cfg.qk_norm == (kind == "qwen3")
+    assert cfg.qk_norm == (kind in ("qwen3", "gemma3"))
     ids = np.array([5, 17, 42, 99, 3, 250], dtype=np.int64)
     with torch.inference_mode():
         ref = model(torch.tensor(ids)[None]).logits[0].numpy()
