@@ -25,9 +25,10 @@ attention scale is ``head_dim**-0.5`` except for the 62-layer 27B model, where i
 Gemma 3 has no attention soft-capping (Gemma 2 had): llama.cpp's converter asserts
 ``attn_logit_softcapping`` is unset and transformers' Gemma 3 attention ignores it.
 Gemma's norm weights are stored in GGUF as ``1 + w`` (llama.cpp's converter adds the
-one that Gemma's RMSNorm adds at run time); kernels.weights gives them back as Hugging
-Face's ``w`` (as transformers' GGUF loader does) and the decoders multiply by
-``norm_offset + w`` (``norm_offset`` 1 for gemma3, 0 elsewhere), as ``Gemma3RMSNorm`` does.
+one that Gemma's RMSNorm adds at run time) and kernels.weights gives them as the file
+has them, so a GGUF's norms are multipliers as they are; a Hugging Face directory stores
+``w``, so its gemma3_text config sets ``norm_offset`` 1 and the decoders multiply by
+``norm_offset + w``, as ``Gemma3RMSNorm`` does.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class ModelConfig:
     sandwich_norms: bool = False  # gemma3: a norm after attention and after the MLP, before each residual add
     activation: str = "silu"  # of the MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
     embed_scale: float = 1.0  # gemma3: embeddings times sqrt(hidden)
-    norm_offset: float = 0.0  # RMSNorm multiplies by norm_offset + w (gemma3: 1, w as HF stores it)
+    norm_offset: float = 0.0  # RMSNorm multiplies by norm_offset + w (1: Gemma from an HF directory)
     attn_scale: float = 0.0  # attention score scale; 0 means head_dim ** -0.5
     sliding_window: int = 0  # keys a sliding layer sees, itself included (0: no sliding layers)
     sliding_layers: tuple[bool, ...] = ()  # per layer: True where the layer slides
@@ -191,7 +192,7 @@ def _gemma3(md: dict[str, Any], n_layers: int, hidden: int, n_heads: int, head_d
         sliding = tuple((i + 1) % int(pattern) != 0 for i in range(n_layers))
     scalar = hidden / n_heads if n_layers == 62 else head_dim
     return {
-        "sandwich_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(hidden), "norm_offset": 1.0,
+        "sandwich_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(hidden),
         "attn_scale": scalar ** -0.5, "sliding_window": window, "sliding_layers": sliding if window else (),
         "rope_theta_local": float(md.get("gemma3.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
     }

@@ -241,8 +241,6 @@ def _load_gguf(path: Path, spec: StageSpec, mode: str) -> StageWeights:
             t = gf.dequantize(src)
             if n_head:
                 t = np.ascontiguousarray(_unpermute(t, n_head))
-        if config.norm_offset and src.endswith("norm.weight"):
-            t = t - np.float32(config.norm_offset)  # Gemma's 1 + w in the file -> HF's w
         tensors[hf] = by_source[src] = t
         source_bytes[id(t)] = info.nbytes
     return StageWeights(config, spec, tensors, digest.digest(), source_bytes)

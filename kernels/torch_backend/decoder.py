@@ -37,7 +37,13 @@ import torch.nn.functional as F
 from kernels.config import ModelConfig
 from kernels.stage import Stage, StageSpec, StepInput, output_rows
 from kernels.torch_backend.cache import KVCache
-from kernels.torch_backend.linear import DenseLinear, Linear, make_head, make_linear
+from kernels.torch_backend.linear import (
+    DenseLinear,
+    Linear,
+    QuantEmbedding,
+    make_head,
+    make_linear,
+)
 from kernels.weights import QuantTensor, StageWeights, load_weights
 
 
@@ -256,22 +262,16 @@ class TorchDecoderStage(Stage):
         self._ropes = [ropes[c.rope_base(i)] for i in self.spec.layers()]
         self._act = _activation(c.activation)
         t = weights.tensors
-        self._embed = self._embed_scale = None
+        self._embed = None
         if self.spec.embed:
             e = t["model.embed_tokens.weight"]
-            if isinstance(e, QuantTensor) and e.type_name == "Q8_0":
-                # exact row lookup from the int8 blocks: no float copy of the vocabulary
-                self._embed = torch.from_numpy(e.qs)
-                self._embed_scale = torch.from_numpy(e.scale.astype(np.float32))
-            else:
-                self._embed = torch.from_numpy(e.dequantize() if isinstance(e, QuantTensor) else e)
+            self._embed = QuantEmbedding(e) if isinstance(e, QuantTensor) else torch.from_numpy(e)
         self._norm = self._lm_head = None
         self._head_shares_embed = False
         if self.spec.head:
             self._norm = _norm_weight(t["model.norm.weight"], self.config)
             head = t["lm_head.weight"]
-            if (weight_mode == "float32" and self.spec.embed and head is t["model.embed_tokens.weight"]
-                    and self._embed_scale is None):
+            if weight_mode == "float32" and self.spec.embed and head is t["model.embed_tokens.weight"]:
                 self._lm_head = DenseLinear.sharing(self._embed)
                 self._head_shares_embed = True
             else:
@@ -318,7 +318,7 @@ class TorchDecoderStage(Stage):
     @property
     def param_bytes(self) -> int:
         total = sum(layer.nbytes for layer in self.layers)
-        for x in (self._embed, self._embed_scale, self._norm):
+        for x in (self._embed, self._norm):
             total += 0 if x is None else x.nbytes
         if self._lm_head is not None and not self._head_shares_embed:
             total += self._lm_head.nbytes
@@ -331,7 +331,7 @@ class TorchDecoderStage(Stage):
         chosen experts: this counts them all.)"""
         total = self.param_bytes
         if self._embed is not None and not self._head_shares_embed:
-            total -= self._embed.nbytes + (0 if self._embed_scale is None else self._embed_scale.nbytes)
+            total -= self._embed.nbytes
         return total
 
     def cache_len(self, session: str) -> int:
@@ -368,10 +368,7 @@ class TorchDecoderStage(Stage):
     def _input(self, it: StepInput) -> torch.Tensor:
         if self.spec.embed:
             ids = torch.from_numpy(np.asarray(it.tokens, dtype=np.int64))
-            rows = self._embed[ids]
-            if self._embed_scale is not None:
-                rows = rows.float() * self._embed_scale[ids].repeat_interleave(32, dim=-1)
-            rows = rows.float()
+            rows = self._embed[ids].float()
             return rows * self.config.embed_scale if self.config.embed_scale != 1.0 else rows
         return torch.from_numpy(np.ascontiguousarray(it.hidden, dtype=np.float32))
 

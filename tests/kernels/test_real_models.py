@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 
 from kernels.config import load_config
+from kernels.loader import load_stage
 from kernels.sampling import GREEDY, SamplingParams, probabilities, sample, uniform
-from kernels.stage import Stage, StageSpec, StepInput, load_stage
+from kernels.stage import Stage, StageSpec, StepInput
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
