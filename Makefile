@@ -23,8 +23,12 @@ model: $(STAMP)
 demo: setup
 	$(BIN)/python -m mesh demo
 
+# Three pytest processes: the in-process meshes and the real-model checks each hold GBs of
+# layers, and one process would carry them all at once.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/inproc --ignore=tests/kernels
+	$(BIN)/python -m pytest -q tests/inproc
+	$(BIN)/python -m pytest -q tests/kernels
 
 # The edit-run loop: everything but the slow tests (real processes, namespaces, large models).
 test-fast: setup
