@@ -18,7 +18,7 @@ from mesh.http.requests import FieldError, HttpStats, StopMatcher, parse_message
 from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 
-WEB_DIR = Path(__file__).parent / "web"
+WEB_DIR = Path(__file__).parents[1] / "web"  # mesh/web: the dashboard
 log = structlog.get_logger("mesh.http.app")
 
 
