@@ -179,11 +179,11 @@ class Cell:
         try:
             await _maybe(actor.on_stop(ctx))
         except Exception as exc:
-            log.warning("actor_stop_failed", actor=self.name, error=repr(exc))
+            log.warning("actor.stop_failed", actor=self.name, error=repr(exc))
         self.terminate("stopped")
 
     def _crashed(self, exc: BaseException) -> None:
-        log.error("actor_crashed", actor=self.name, node=self.system.node_id, error=f"{type(exc).__name__}: {exc}")
+        log.error("actor.crashed", actor=self.name, node=self.system.node_id, error=f"{type(exc).__name__}: {exc}")
         if self.state == "dead":
             return
         if self.parent is not None:
@@ -205,7 +205,7 @@ class Cell:
         if self.state == "dead":
             return
         self.halt()
-        log.info("actor_restarted", actor=self.name, node=self.system.node_id)
+        log.info("actor.restarted", actor=self.name, node=self.system.node_id)
         self.start()
 
     def halt(self) -> None:
@@ -237,7 +237,7 @@ class Cell:
             try:
                 w(note)
             except Exception as exc:
-                log.warning("watcher_failed", actor=self.name, error=repr(exc))
+                log.warning("actor.watcher_failed", actor=self.name, error=repr(exc))
 
 
 async def _maybe(value: Any) -> Any:

@@ -46,7 +46,7 @@ class NodeIdentity:
         except FileExistsError:
             mode = stat.S_IMODE(path.stat().st_mode)
             if mode & 0o077:
-                log.warning("key_file_mode_fixed", path=str(path), mode=oct(mode))
+                log.warning("identity.key_mode_fixed", path=str(path), mode=oct(mode))
                 path.chmod(0o600)
             seed = path.read_bytes()
             if len(seed) != 32:
@@ -55,7 +55,7 @@ class NodeIdentity:
         key = SigningKey.generate()
         with os.fdopen(fd, "wb") as f:
             f.write(bytes(key))
-        log.info("identity_created", path=str(path), node_id=node_id_of(bytes(key.verify_key)))
+        log.info("identity.created", path=str(path), node_id=node_id_of(bytes(key.verify_key)))
         return cls(key)
 
     def sign(self, data: bytes) -> bytes:

@@ -74,7 +74,7 @@ class Supervisor(Actor):
         now = cell.system.clock.now()
         self._history = [t for t in self._history if now - t < self.within]
         if len(self._history) >= self.max_restarts:
-            log.error("supervisor_escalates", supervisor=self._ctx.name if self._ctx else "?", child=cell.name,
+            log.error("supervisor.escalates", supervisor=self._ctx.name if self._ctx else "?", child=cell.name,
                       restarts=len(self._history), within=self.within)
             for c in reversed(self._cells):
                 c.terminate("supervisor escalated")

@@ -98,7 +98,7 @@ class ActorSystem:
         """Listen for peers; port 0 picks a free port (see `address`)."""
         self._listener = await self.transport.listen(host, port, self._accept)
         self.address = self._listener.address
-        self.log.info("system_started", address=f"{self.address[0]}:{self.address[1]}")
+        self.log.info("system.started", address=f"{self.address[0]}:{self.address[1]}")
         return self.address
 
     async def stop(self) -> None:
@@ -204,14 +204,14 @@ class ActorSystem:
             return
         link = self._links.get(ref.node_id)
         if link is None:
-            self.log.debug("tell_dropped", to=ref.path, reason="peer unreachable")
+            self.log.debug("system.tell_dropped", to=ref.path, reason="peer unreachable")
             return
         if link.write_buffer_size() > self.max_send_buffer:
             raise MailboxFull(f"send buffer to {ref.node_id} is full; use `await ref.send()`")
         try:
             link.send(env.Tell(ref.name, msg, sender.name if sender is not None else None))
         except PeerUnreachable:
-            self.log.debug("tell_dropped", to=ref.path, reason="link closed")
+            self.log.debug("system.tell_dropped", to=ref.path, reason="link closed")
 
     async def _send(self, ref: ActorRef, msg: Any, sender: ActorRef | None) -> None:
         if ref.node_id == self.node_id:
@@ -290,7 +290,7 @@ class ActorSystem:
             self._event_queues.remove(queue)
 
     def _emit(self, event: PeerEvent) -> None:
-        self.log.info("peer_up" if event.up else "peer_down", peer=event.node_id,
+        self.log.info("link.up" if event.up else "link.down", peer=event.node_id,
                       address=f"{event.address[0]}:{event.address[1]}", reason=event.reason or None)
         for cb in list(self._peer_callbacks):
             try:
@@ -298,7 +298,7 @@ class ActorSystem:
                 if asyncio.iscoroutine(result):
                     self._spawn_task(result)
             except Exception as exc:
-                self.log.warning("peer_callback_failed", error=repr(exc))
+                self.log.warning("link.callback_failed", error=repr(exc))
         for q in self._event_queues:
             if q.full():
                 q.get_nowait()  # a consumer that does not keep up loses the oldest events
@@ -347,11 +347,11 @@ class ActorSystem:
             await link.handshake(self.handshake_timeout)
         except ClusterSecretMismatch as exc:
             peer = link._hs.peer_node_id or "?"
-            self.log.error("ClusterSecretMismatch", peer=peer, address=where,
+            self.log.error("link.secret_mismatch", peer=peer, address=where,
                            detail=f"peer {peer} at {where} refused; check --secret-file on both machines")
             raise ClusterSecretMismatch(f"peer {peer} at {where} refused: {exc}") from None
         except HandshakeError as exc:
-            self.log.warning("handshake_failed", address=where, error=str(exc))
+            self.log.warning("link.handshake_failed", address=where, error=str(exc))
             raise
         if link.peer_id == self.node_id:
             link.close("connected to ourselves")
@@ -408,7 +408,7 @@ class ActorSystem:
                     await self._dial(*addr)
                     return
                 except (PeerUnreachable, HandshakeError) as exc:
-                    self.log.debug("redial_failed", address=f"{addr[0]}:{addr[1]}", error=str(exc), retry_in=delay)
+                    self.log.debug("link.redial_failed", address=f"{addr[0]}:{addr[1]}", error=str(exc), retry_in=delay)
                     delay = min(delay * 2, self.backoff[1])
         finally:
             self._redialing.discard(addr)
@@ -463,7 +463,7 @@ class ActorSystem:
             for cb in self._remote_watchers.pop((link.peer_id, msg.name), []):  # type: ignore[arg-type]
                 cb(msg)
             return None
-        self.log.warning("unexpected_envelope", peer=link.peer_id, type=kind.__name__)
+        self.log.warning("system.unexpected_envelope", peer=link.peer_id, type=kind.__name__)
         link.close(f"unexpected envelope {kind.__name__}", abort=True)
         return None
 

@@ -4,7 +4,7 @@
 
 Each run starts 3 fresh nodes (namespaces on a bridge, discovery by mDNS alone; or
 loopback with --loopback / where namespaces are refused), then SIGKILLs the coordinator:
-- form_s: from the last node's `cluster_started` log line to all three reporting the
+- form_s: from the last node's `cluster.started` log line to all three reporting the
   same coordinator, term and 3 voters (process start-up before that is reported apart);
 - detect_s: from the kill to both survivors reporting the killed node `dead`;
 - reelect_s: from the kill to both survivors naming the same new coordinator.

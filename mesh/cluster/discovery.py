@@ -132,7 +132,7 @@ class MdnsDiscovery:
         # for the bootstrap decision (who founds the cluster) that follows start().
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
         await self._zc.async_register_service(self._info)
-        log.info("mdns_started", node=self.node_id, interfaces=self.interfaces, port=self.port)
+        log.info("mdns.started", node=self.node_id, interfaces=self.interfaces, port=self.port)
 
     def _on_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
@@ -151,10 +151,10 @@ class MdnsDiscovery:
                 return
             hint = parse_txt(info.properties or {}, info.parsed_addresses(), self.tag)
         except Exception as exc:  # a hostile record must not take discovery down
-            log.debug("mdns_bad_record", name=name, error=repr(exc))
+            log.debug("mdns.bad_record", name=name, error=repr(exc))
             return
         if hint is None:
-            log.debug("mdns_ignored_record", name=name)
+            log.debug("mdns.ignored_record", name=name)
             return
         if hint.node_id == self.node_id:
             return

@@ -251,7 +251,7 @@ class Election:
                 self._become_follower(m.term, m.src if isinstance(m, Append) else None)
         elif m.term < self.term:
             if isinstance(m, Append):
-                log.warning("fenced_stale_term", node=self.id, src=m.src, term=m.term, seen=self.term)
+                log.warning("fence.stale_term", node=self.id, src=m.src, term=m.term, seen=self.term)
                 self._send(m.src, AppendResponse(self.term, self.id, False, 0, self.commit))
             elif isinstance(m, VoteRequest) and m.pre:
                 self._send(m.src, VoteResponse(self.term, self.id, False, pre=True))
@@ -291,7 +291,7 @@ class Election:
             self.term += 1
             self.voted_for = self.id
             term = self.term
-        log.debug("campaign", node=self.id, term=term, pre=pre)
+        log.debug("election.campaign", node=self.id, term=term, pre=pre)
         self._record_vote(self.id, True, pre)
         if self.role is Role.COORDINATOR or self.role is not (Role.PRE_CANDIDATE if pre else Role.CANDIDATE):
             return
@@ -340,7 +340,7 @@ class Election:
             self.term = term
             self.voted_for = None
         if self.role is Role.COORDINATOR:
-            log.info("coordinator_step_down", node=self.id, term=self.term)
+            log.info("election.step_down", node=self.id, term=self.term)
         self.role = Role.FOLLOWER
         self.leader = leader
         self._election_elapsed = 0
@@ -357,7 +357,7 @@ class Election:
         self._active = set()
         self._progress = {}
         self.log.append(Entry(self.term))  # commit something of our own term first
-        log.info("coordinator_elected", node=self.id, term=self.term, voters=self.voters)
+        log.info("election.elected", node=self.id, term=self.term, voters=self.voters)
         self._maybe_commit()
         self._broadcast_append()
 
@@ -379,7 +379,7 @@ class Election:
                 heard = len(self._active & set(self.voters)) + (self.id in self.voters)
                 self._active = set()
                 if heard < quorum(len(self.voters)):
-                    log.warning("coordinator_lost_quorum", node=self.id, term=self.term, heard=heard)
+                    log.warning("election.lost_quorum", node=self.id, term=self.term, heard=heard)
                     self._become_follower(self.term, None)
 
     def _targets(self) -> set[str]:
@@ -474,7 +474,7 @@ class Election:
 
     def _propose(self, voters: set[str], reason: str, about: str) -> None:
         self.log.append(Entry(self.term, tuple(sorted(voters))))
-        log.info("config_proposed", node=self.id, term=self.term, voters=sorted(voters), reason=reason,
+        log.info("election.config_proposed", node=self.id, term=self.term, voters=sorted(voters), reason=reason,
                  about=about)
         self._maybe_commit()
         self._broadcast_append()
@@ -517,7 +517,7 @@ class Election:
         self.voters = self._committed_voters()
         if set(self.voters) == before:
             return
-        log.info("config_committed", node=self.id, term=self.term, voters=self.voters)
+        log.info("election.config_committed", node=self.id, term=self.term, voters=self.voters)
         self.peers |= set(self.voters) - {self.id}
         if self.role is Role.COORDINATOR:
             for gone in before - set(self.voters) - {self.id}:

@@ -38,7 +38,7 @@ class Fence:
         if term < self.highest:
             self.rejected += 1
             log.warning(
-                "fenced_stale_term", node=self.node, src=src, command=command, term=term, seen=self.highest
+                "fence.stale_term", node=self.node, src=src, command=command, term=term, seen=self.highest
             )
             return False
         if term > self.highest:

@@ -246,7 +246,7 @@ class ClusterService:
             await self._mdns.start()
         # The bootstrap wait counts from the moment discovery runs (mDNS start takes ~1 s).
         self.bootstrap.start(self.clock.now())
-        log.info("cluster_started", node=self.node_id, term=self.term, voters=self.election.voters)
+        log.info("cluster.started", node=self.node_id, term=self.term, voters=self.election.voters)
 
     async def stop(self) -> None:
         if self._mdns is not None:
@@ -306,7 +306,7 @@ class ClusterService:
         try:
             node_id = await self.system.connect(host, port)
         except Exception as exc:
-            log.debug("connect_failed", node=self.node_id, peer=f"{host}:{port}", error=repr(exc))
+            log.debug("cluster.connect_failed", node=self.node_id, peer=f"{host}:{port}", error=repr(exc))
             return False
         self.election.add_peer(node_id)
         return True
@@ -323,7 +323,7 @@ class ClusterService:
     def _on_raft(self, wire: RaftWire) -> None:
         msg = from_wire(wire)
         if msg is None:
-            log.warning("cluster_bad_message", node=self.node_id, kind=wire.kind, src=wire.src)
+            log.warning("cluster.bad_message", node=self.node_id, kind=wire.kind, src=wire.src)
             return
         self._dispatch(self.election.step(msg))
 
@@ -341,7 +341,7 @@ class ClusterService:
         heard = [Peer(n, self.detector.is_alive(n, now), hb.configured, NO_CAMPAIGN not in hb.roles)
                  for n, hb in self._info.items()]
         if self.bootstrap.decide(now, has_log=bool(self.election.log), heard=heard) is Decision.FOUND:
-            log.info("cluster_founded", node=self.node_id)
+            log.info("cluster.founded", node=self.node_id)
             self.election.bootstrap((self.node_id,))
 
     def _on_fenced_term(self, term: int) -> None:
@@ -369,7 +369,7 @@ class ClusterService:
         try:
             self.system.ref(node_id, ACTOR_NAME).tell(msg)
         except Exception as exc:  # a full or closed link: the protocols retry on their own
-            log.debug("cluster_send_dropped", node=self.node_id, to=node_id, error=repr(exc))
+            log.debug("cluster.send_dropped", node=self.node_id, to=node_id, error=repr(exc))
 
     def _dispatch(self, out: Outbox) -> None:
         for to, msg in out:
@@ -396,7 +396,7 @@ class ClusterService:
                     self._emit(ClusterEvent("member", node_id, self.term, state))
 
     def _emit(self, event: ClusterEvent) -> None:
-        log.info("cluster_event", node=self.node_id, kind=event.kind, about=event.node_id,
+        log.info("cluster.event", node=self.node_id, kind=event.kind, about=event.node_id,
                  term=event.term, state=event.state or None)
         for cb in list(self._callbacks):
             try:
@@ -404,7 +404,7 @@ class ClusterService:
                 if asyncio.iscoroutine(result):
                     self._spawn(result)
             except Exception as exc:
-                log.warning("cluster_callback_failed", error=repr(exc))
+                log.warning("cluster.callback_failed", error=repr(exc))
         for stream in list(self._streams):
             stream.put(event)
 

@@ -89,7 +89,7 @@ async def find_apis(interfaces: list[str], timeout: float = 3.0, *, settle: floa
                     got_one.set()
                     return
         except Exception as exc:  # a malformed record must not stop the search
-            log.debug("api_record_ignored", name=name, error=repr(exc))
+            log.debug("api.record_ignored", name=name, error=repr(exc))
 
     def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is not ServiceStateChange.Removed:

@@ -8,7 +8,7 @@ import pytest
 
 from actors import ActorSystem, MemoryNetwork, NodeIdentity, TcpTransport
 
-SECRET = b"0123456789abcdef0123456789abcdef"
+from actor_kit import SECRET
 
 
 @pytest.fixture(params=["tcp", "memory"])

@@ -10,7 +10,7 @@ from actors import ActorSystem, NodeIdentity, ciphers
 from actors.errors import HandshakeError
 from actors.handshake import Handshake
 
-from conftest import SECRET
+from actor_kit import SECRET
 from test_security import Echo, _run
 
 AES, CHACHA = ciphers.AES_GCM, ciphers.CHACHA

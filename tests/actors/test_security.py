@@ -14,7 +14,7 @@ from actors.errors import ClusterSecretMismatch, DecryptError, HandshakeError, R
 from actors.handshake import Handshake
 from actors.secure import SecureChannel
 
-from conftest import SECRET
+from actor_kit import SECRET
 
 
 def _pair(secret_a: bytes = SECRET, secret_b: bytes = SECRET, offer: tuple[str, ...] | None = None) -> tuple[Handshake, Handshake]:
@@ -131,7 +131,7 @@ async def test_tcp_wrong_secret_is_refused_on_both_sides() -> None:
                 await b.connect(*a.address)
             await asyncio.sleep(0.05)
         assert "check --secret-file" in str(info.value)
-        refusals = [e for e in logs if e["event"] == "ClusterSecretMismatch"]
+        refusals = [e for e in logs if e["event"] == "link.secret_mismatch"]
         assert {e["node"] for e in refusals} == {a.node_id, b.node_id}
         assert all("check --secret-file" in e["detail"] for e in refusals)
         assert a.peers() == {} and b.peers() == {}

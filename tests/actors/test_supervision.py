@@ -11,7 +11,7 @@ from actors import (
     Supervisor, Terminated,
 )
 
-from conftest import SECRET
+from actor_kit import SECRET
 
 starts: dict[str, int] = {}
 

@@ -290,7 +290,7 @@ class JoinLab:
         return (times[-1] if last else times[0]) if times else None
 
     def wait_started(self, indices: Iterable[int], timeout: float = 90.0) -> float:
-        """Wait until these nodes logged `cluster_started`; the time the last one did."""
+        """Wait until these nodes logged `cluster.started`; the time the last one did."""
         indices = list(indices)
 
         def started() -> float | None:
@@ -298,7 +298,7 @@ class JoinLab:
                 proc = self.procs[i]
                 if proc is not None and proc.poll() is not None:
                     raise AssertionError(f"node{i} exited with {proc.returncode}:\n{self.tail(i)}")
-            times = [self.event_time(i, "cluster_started") for i in indices]
+            times = [self.event_time(i, "cluster.started") for i in indices]
             if any(t is None or t < self.launched[i] for i, t in zip(indices, times)):
                 return None  # not yet, or only a previous incarnation's line
             return max(times)  # type: ignore[type-var]

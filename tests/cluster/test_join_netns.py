@@ -98,7 +98,7 @@ def run_scenario(lab: JoinLab, partition: bool) -> dict[str, float]:
         view = lab.view(i)
         assert view is not None and stranger["self"] not in {n["id"] for n in view["nodes"]}, "stranger admitted"
     assert not ids & {n["id"] for n in stranger["nodes"]}, "the stranger counts cluster nodes as its own"
-    refused = ("ClusterSecretMismatch", "handshake_failed")
+    refused = ("link.secret_mismatch", "link.handshake_failed")
     assert logged(lab, 3, *refused), f"the stranger did not log why it was refused:\n{lab.tail(3)}"
     assert logged(lab, 0, *refused), f"node 0 did not log why it refused the stranger:\n{lab.tail(0)}"
     hostile.terminate()
