@@ -214,7 +214,7 @@ class Link:
 
     def _fail(self, exc: Exception) -> None:
         log.warning(
-            "peer_frame_rejected", peer=self.peer_id, address=self._where(),
+            "link.frame_rejected", peer=self.peer_id, address=self._where(),
             error=type(exc).__name__, detail=str(exc),
         )
         self.close(f"{type(exc).__name__}: {exc}", abort=True)

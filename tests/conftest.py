@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
 import pytest
 
+from actors.clock import VirtualTimeLoop
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py: the single-device reference
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Tests marked ``virtual_time`` run on `actors.clock.VirtualTimeLoop` (time jumps to
+    the next timer when nothing is ready); the rest on asyncio's default loop."""
+    if item.get_closest_marker("virtual_time") is not None:
+        return {"virtual": VirtualTimeLoop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(scope="session")

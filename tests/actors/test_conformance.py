@@ -10,6 +10,8 @@ import pytest
 
 from actors import Actor, ActorDead, AskTimeout, HandlerError, PeerUnreachable, Terminated, message
 
+from waiting import until
+
 
 @message("test.Work")
 @dataclass
@@ -74,10 +76,7 @@ async def test_replies_and_senders_cross_nodes(make_system) -> None:
     a.spawn(Pong, name="pong")
     await b.connect(*a.address)
     b.ref(b.node_id, "relay").tell(["go", a.node_id, "pong"])
-    for _ in range(100):
-        if relay.got:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: relay.got, what="the pong")
     assert relay.got == ["pong"]
 
 
@@ -104,21 +103,15 @@ async def test_peer_events_reconnect_and_remote_watch(make_system) -> None:
     peer = await b.connect(*a.address)
     terminated: list[Terminated] = []
     b.watch(b.ref(peer, "w"), terminated.append)
-    await asyncio.sleep(0.05)
+    await until(lambda: events, what="the up event")
     assert [(e.node_id, e.up) for e in events] == [(peer, True)]
     assert events[0].address == a.address
     await a.stop_actor(a.ref(a.node_id, "w"))
-    for _ in range(100):
-        if terminated:
-            break
-        await asyncio.sleep(0.02)
-    assert terminated and terminated[0].name == "w" and terminated[0].node_id == peer
+    await until(lambda: terminated, what="the remote Terminated")
+    assert terminated[0].name == "w" and terminated[0].node_id == peer
     # the link drops: down event, then the dialer reconnects on its own
     b._links[peer].close("test cut", abort=True)
-    for _ in range(200):
-        if len(events) >= 3:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: len(events) >= 3, what="down, then up again")
     assert [(e.node_id, e.up) for e in events] == [(peer, True), (peer, False), (peer, True)]
     a.spawn(Worker, name="w2")
     assert await b.ref(peer, "w2").ask(1, timeout=3) == 1
@@ -127,7 +120,11 @@ async def test_peer_events_reconnect_and_remote_watch(make_system) -> None:
 async def test_simultaneous_dials_leave_one_link(make_system) -> None:
     a, b = await make_system(), await make_system()
     await asyncio.gather(a.connect(*b.address), b.connect(*a.address))
-    await asyncio.sleep(0.1)
+
+    def one_link_each() -> bool:
+        la, lb = a._links.get(b.node_id), b._links.get(a.node_id)
+        return la is not None and lb is not None and la.dialer_id == lb.dialer_id
+    await until(one_link_each, what="both sides keeping the same link")
     assert set(a.peers()) == {b.node_id} and set(b.peers()) == {a.node_id}
     la, lb = a._links[b.node_id], b._links[a.node_id]
     assert la.dialer_id == lb.dialer_id == min(a.node_id, b.node_id)

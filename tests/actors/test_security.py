@@ -15,6 +15,7 @@ from actors.handshake import Handshake
 from actors.secure import SecureChannel
 
 from actor_kit import SECRET
+from waiting import until
 
 
 def _pair(secret_a: bytes = SECRET, secret_b: bytes = SECRET, offer: tuple[str, ...] | None = None) -> tuple[Handshake, Handshake]:
@@ -129,7 +130,8 @@ async def test_tcp_wrong_secret_is_refused_on_both_sides() -> None:
         with capture_logs() as logs:
             with pytest.raises(ClusterSecretMismatch) as info:
                 await b.connect(*a.address)
-            await asyncio.sleep(0.05)
+            await until(lambda: len([e for e in logs if e["event"] == "link.secret_mismatch"]) >= 2,
+                        what="both sides logging the refusal")
         assert "check --secret-file" in str(info.value)
         refusals = [e for e in logs if e["event"] == "link.secret_mismatch"]
         assert {e["node"] for e in refusals} == {a.node_id, b.node_id}
@@ -141,8 +143,9 @@ async def test_tcp_wrong_secret_is_refused_on_both_sides() -> None:
 
 
 async def _inject(link, records: list) -> None:
+    """Write raw records on the link; wait until the far side has dropped it."""
     link.stream.write(records)
-    await asyncio.sleep(0.1)
+    await until(lambda: link.closed, what="the far side dropping the link")
 
 
 @pytest.mark.parametrize("cipher", ciphers.KNOWN)
@@ -168,9 +171,10 @@ async def test_tcp_tampered_or_replayed_frame_is_rejected(attack: str, cipher: s
             else:
                 await _inject(link, [request])
                 expected = "ReplayError"
-        rejected = [e for e in logs if e["event"] == "peer_frame_rejected"]
+        rejected = [e for e in logs if e["event"] == "link.frame_rejected"]
         assert rejected and rejected[0]["error"] == expected
         assert link.closed  # a dropped that connection (b then redials: a fresh session)
+        await until(lambda: peer in b.peers() and b._links[peer] is not link, what="b's redial")
         assert await ref.ask("again", timeout=3) == "again"
     finally:
         await a.stop()
@@ -197,8 +201,7 @@ async def test_tcp_garbage_peer_is_dropped_while_others_keep_working() -> None:
         await c.connect(*a.address)
         link = c._links[a.node_id]
         link.stream.write([os.urandom(4096)])
-        await asyncio.sleep(0.2)
-        assert link.closed
+        await until(lambda: link.closed, what="a dropping the garbage sender")
         assert await ref.ask("still here", timeout=2) == "still here"
         await c.stop()
     finally:

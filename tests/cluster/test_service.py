@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 from actors import ActorSystem, MemoryNetwork, NodeIdentity
 
 from mesh.cluster.service import ClusterEvent, ClusterService, LocalFacts
+from waiting import until
 
 SECRET = b"test-cluster-secret"
-
-
-async def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def agreed(services: list[ClusterService], n_voters: int) -> str | None:
@@ -60,7 +51,7 @@ async def test_memory_cluster_forms_fails_over_and_heals() -> None:
     services = await memory_cluster(3, net)
     events: list[ClusterEvent] = []
     try:
-        await wait_for(lambda: agreed(services, 3), 10, "3 nodes to form")
+        await until(lambda: agreed(services, 3), 10, "3 nodes to form")
         leader = next(s for s in services if s.is_coordinator)
         for s in services:
             s.on_change(events.append)
@@ -72,8 +63,8 @@ async def test_memory_cluster_forms_fails_over_and_heals() -> None:
         net.crash(f"h{services.index(leader)}")
         await leader.stop()
         rest = [s for s in services if s is not leader]
-        await wait_for(lambda: agreed(rest, 3) and rest[0].term > first_term, 10, "a new coordinator")
-        await wait_for(lambda: any(e.kind == "member" and e.node_id == leader.node_id and e.state == "dead"
+        await until(lambda: agreed(rest, 3) and rest[0].term > first_term, 10, "a new coordinator")
+        await until(lambda: any(e.kind == "member" and e.node_id == leader.node_id and e.state == "dead"
                                    for e in events), 5, "the old coordinator declared dead")
         assert all(s.fence.highest == s.term for s in rest)
     finally:
@@ -85,15 +76,15 @@ async def test_memory_partition_minority_loses_coordinator_and_heals() -> None:
     net = MemoryNetwork()
     services = await memory_cluster(3, net)
     try:
-        await wait_for(lambda: agreed(services, 3), 10, "3 nodes to form")
+        await until(lambda: agreed(services, 3), 10, "3 nodes to form")
         leader = next(s for s in services if s.is_coordinator)
         lonely = f"h{services.index(leader)}"
         net.partition([lonely], [f"h{i}" for i in range(3) if f"h{i}" != lonely])
         rest = [s for s in services if s is not leader]
-        await wait_for(lambda: not leader.is_coordinator, 5, "the cut-off coordinator to step down")
-        await wait_for(lambda: agreed(rest, 3) and rest[0].term > leader.term - 1, 10, "majority side to elect")
+        await until(lambda: not leader.is_coordinator, 5, "the cut-off coordinator to step down")
+        await until(lambda: agreed(rest, 3) and rest[0].term > leader.term - 1, 10, "majority side to elect")
         net.heal()
-        await wait_for(lambda: agreed(services, 3), 15, "the cluster to heal into one view")
+        await until(lambda: agreed(services, 3), 15, "the cluster to heal into one view")
     finally:
         await shutdown(services)
 
@@ -103,12 +94,12 @@ async def test_graceful_leave_is_not_a_failure() -> None:
     net = MemoryNetwork()
     services = await memory_cluster(3, net)
     try:
-        await wait_for(lambda: agreed(services, 3), 10, "3 nodes to form")
+        await until(lambda: agreed(services, 3), 10, "3 nodes to form")
         follower = next(s for s in services if not s.is_coordinator)
         assert await follower.leave()
         rest = [s for s in services if s is not follower]
-        await wait_for(lambda: agreed(rest, 2), 5, "a 2-voter configuration")
-        await wait_for(
+        await until(lambda: agreed(rest, 2), 5, "a 2-voter configuration")
+        await until(
             lambda: {m.node_id: m.state for m in rest[0].members()}.get(follower.node_id) == "left", 5, "left state"
         )
     finally:
@@ -130,7 +121,7 @@ async def test_tcp_loopback_form_detect_and_reelect() -> None:
     for s in services:
         await s.start()
     try:
-        formed = await wait_for(lambda: agreed(services, 3), 15, "3 nodes to form over TCP")
+        formed = await until(lambda: agreed(services, 3), 15, "3 nodes to form over TCP")
         formed = time.monotonic() - t0
         leader = next(s for s in services if s.is_coordinator)
         rest = [s for s in services if s is not leader]
@@ -138,11 +129,11 @@ async def test_tcp_loopback_form_detect_and_reelect() -> None:
         killed = time.monotonic()
         await leader.stop()
         await leader.system.stop()  # a crash as the peers see it: heartbeats and the link stop
-        detected = await wait_for(
+        detected = await until(
             lambda: all(
                 next(m.state for m in s.members() if m.node_id == leader.node_id) == "dead" for s in rest
             ), 5, "the killed node to be declared dead")
-        await wait_for(lambda: agreed(rest, 3) and rest[0].term > old_term, 10, "a new coordinator")
+        await until(lambda: agreed(rest, 3) and rest[0].term > old_term, 10, "a new coordinator")
         elected = time.monotonic() - killed
         print(f"\nTCP loopback: formed={formed:.2f}s detected_dead={detected:.2f}s new_coordinator={elected:.2f}s")
         assert detected < 2.0 and elected < 3.0
@@ -155,19 +146,19 @@ async def test_memory_four_nodes_remove_the_dead_and_survive_a_second_failure() 
     net = MemoryNetwork()
     services = await memory_cluster(4, net)
     try:
-        await wait_for(lambda: agreed(services, 4), 15, "4 nodes to form")
+        await until(lambda: agreed(services, 4), 15, "4 nodes to form")
         leader = next(s for s in services if s.is_coordinator)
         victim = next(s for s in services if s is not leader)
         net.crash(f"h{services.index(victim)}")
         await victim.stop()
         rest = [s for s in services if s is not victim]
         # dead after ~1 s, removed after remove_dead_after (1 s) more
-        took = await wait_for(lambda: agreed(rest, 3), 6, "the dead follower to be removed")
+        took = await until(lambda: agreed(rest, 3), 6, "the dead follower to be removed")
         assert leader.is_coordinator, "removing a dead follower must not disturb the coordinator"
         net.crash(f"h{services.index(leader)}")
         await leader.stop()
         survivors = [s for s in rest if s is not leader]
-        await wait_for(lambda: agreed(survivors, 2), 10, "2 survivors of 4 to elect and remove the old coordinator")
+        await until(lambda: agreed(survivors, 2), 10, "2 survivors of 4 to elect and remove the old coordinator")
         print(f"\nremoved the dead follower after {took:.2f}s")
     finally:
         await shutdown(services)
