@@ -51,6 +51,7 @@ class _Session:
     links_lost_mark: int = 0  # Serving.links_lost when the session last made progress
     replays: int = 0
     done: bool = False
+    stage_nodes: set[str] = field(default_factory=set)  # every node any of its plans sent it to
 
 
 class Serving:
@@ -112,10 +113,12 @@ class Serving:
             session.done = True
             self.sessions.pop(session.id, None)
             self.completed += 1
+            # every stage that may hold its KV: those of each plan it was sent into, and the
+            # current plan's (also when it ends while no plan is ready, mid-failover)
             plan = self.plan()
-            if plan is not None:
-                for node in set(plan.stage_nodes):
-                    self.send(node, "stage", EndSession(session.id))
+            nodes = session.stage_nodes | (set(plan.stage_nodes) if plan is not None else set())
+            for node in sorted(nodes):
+                self.send(node, "stage", EndSession(session.id))
 
     # -- pipeline side ------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class Serving:
             return  # replayed when a plan becomes ready
         ids = np.asarray(session.prompt_ids + session.sequencer.tokens, dtype=np.int32)
         session.epoch = plan.epoch
+        session.stage_nodes.update(plan.stage_nodes)
         session.last_progress = self.clock.now()
         session.links_lost_mark = self.links_lost
         fwd = Forward(plan.epoch.term, plan.epoch.version, session.id, step=session.sequencer.next_seq, start_pos=0,

@@ -70,3 +70,23 @@ async def test_sessions_wait_for_a_plan_and_replay_when_it_is_ready():
     event = await pending
     assert event.stop_token and event.text == ""
     await stream.aclose()
+
+
+async def test_a_session_that_ends_mid_failover_still_releases_every_stage_that_held_it():
+    plan: list[PlanView | None] = [PlanView(Epoch(1, 1), ["a", "b"])]
+    clock = ManualClock()
+    serving, sent = _serving(plan, clock)
+    stream = serving.generate([5, 6], GenerationParams.create(max_tokens=8))
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    fwd = sent[0][2]
+    serving.on_token(TokenOut(1, 1, fwd.session, 0, 42))
+    assert (await first).token_id == 42
+    plan[0] = PlanView(Epoch(2, 1), ["c", "b"])  # failover: a is replaced by c
+    serving.on_plan_ready()
+    plan[0] = None  # and then the plan is lost again before the client goes away
+    sent.clear()
+    await stream.aclose()
+    ends = sorted(node for node, actor, msg in sent if type(msg).__name__ == "EndSession")
+    assert ends == ["a", "b", "c"]  # a may still hold its KV from the first plan
+    assert all(msg.session == fwd.session for _, _, msg in sent)
