@@ -13,9 +13,10 @@ Prompts are tokenized by transformers' tokenizer from the same file (BOS added a
 file says), so the comparison is of the models alone. The chat-template checks of the
 instruct model belong to the tokenizer's tests and the API's.
 
-Slow: transformers takes 70-85 s to load each file (its GGUF dequantization), ours 7-12 s;
-the module runs in 5-8 minutes on a 2-core machine (292 s and 469 s measured) and peaks
-at ~15 GB resident.
+Slow the first time on a machine: transformers takes 70-85 s to load each file (its GGUF
+dequantization), ours 7-12 s. Its answers are kept per file and library versions
+(tests/reference_cache.py; MESH_TEST_FRESH_REFERENCE=1 recomputes them), so later runs
+pay only for our side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kernels.config import load_config
 from kernels.loader import load_stage
 from kernels.sampling import GREEDY, SamplingParams, probabilities, sample, uniform
 from kernels.stage import Stage, StageSpec, StepInput
+from reference_cache import cached_reference
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -70,22 +72,48 @@ def real_model(name: str) -> Path:
 _loaded: dict[tuple, object] = {}
 
 
+@pytest.fixture(scope="module", params=["gemma-3-270m", "qwen2.5-coder-0.5b"])
+def name(request):
+    """The model under test. Module-scoped, so pytest runs every test of one model before
+    the next, and that model's stages (torch and MLX, float32) are dropped when it is done:
+    the module holds one model at a time (12 GB resident when it held both)."""
+    yield request.param
+    _loaded.clear()
+
+
 def loaded(key: tuple, make):
     if key not in _loaded:
         _loaded[key] = make()
     return _loaded[key]
 
 
-def hf_model_and_prompts(name: str):
-    def make():
+def hf_reference(name: str, eos: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """transformers on the file: for each raw prompt its ids (``ids{i}``), the last
+    position's float32 logits (``logits{i}``) and the greedy tokens (``greedy{i}``).
+    Computed once per machine for a given file and library versions (tests/reference_cache.py)."""
+    path = real_model(name)
+
+    def compute() -> dict[str, np.ndarray]:
         transformers.logging.set_verbosity_error()
-        path = real_model(name)
         tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                   dtype=torch.float32).eval()
-        prompts = [np.asarray(tok(p)["input_ids"], dtype=np.int64) for p in RAW_PROMPTS]
-        return model, prompts
-    return loaded(("hf", name), make)
+        out = {}
+        for i, prompt in enumerate(RAW_PROMPTS):
+            ids = np.asarray(tok(prompt)["input_ids"], dtype=np.int64)
+            with torch.inference_mode():
+                out[f"logits{i}"] = model(torch.tensor(ids)[None]).logits[0, -1].numpy()
+            out[f"ids{i}"] = ids
+            out[f"greedy{i}"] = np.asarray(hf_greedy(model, ids, GREEDY_TOKENS, eos), dtype=np.int64)
+        return out
+
+    inputs = {"prompts": RAW_PROMPTS, "greedy_tokens": GREEDY_TOKENS, "eos": list(eos)}
+    return loaded(("hf", name), lambda: cached_reference(path, inputs, compute))
+
+
+def hf_prompts(name: str, eos: tuple[int, ...]) -> list[np.ndarray]:
+    ref = hf_reference(name, eos)
+    return [ref[f"ids{i}"] for i in range(len(RAW_PROMPTS))]
 
 
 def mesh_stage(name: str, backend: str) -> Stage:
@@ -125,17 +153,14 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-@pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-coder-0.5b"])
 def test_torch_greedy_and_logits_match_transformers(name):
-    model, prompts = hf_model_and_prompts(name)
     ours = mesh_stage(name, "torch")
-    for i, ids in enumerate(prompts):
-        with torch.inference_mode():
-            ref = model(torch.tensor(ids)[None]).logits[0, -1].numpy()
+    hf = hf_reference(name, ours.config.eos_token_ids)
+    for i in range(len(RAW_PROMPTS)):
+        ids, ref, expected = hf[f"ids{i}"], hf[f"logits{i}"], hf[f"greedy{i}"].tolist()
         tokens, rows = run(ours, ids, GREEDY_TOKENS, f"t{i}")
         diff = float(np.abs(rows[0] - ref).max())
         assert diff <= LOGIT_ATOL, f"prompt {i}: last-position logits differ by {diff:.2e}"
-        expected = hf_greedy(model, ids, GREEDY_TOKENS, ours.config.eos_token_ids)
         if tokens != expected:
             k = _first_difference(tokens, expected)
             top2 = np.sort(rows[k])[-2:]
@@ -143,11 +168,10 @@ def test_torch_greedy_and_logits_match_transformers(name):
                         f"transformers {expected[k:k + 1]}); our top-2 gap there {top2[1] - top2[0]:.2e}")
 
 
-@pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-coder-0.5b"])
 def test_mlx_matches_torch_greedy_and_seeded_sampling(name):
     pytest.importorskip("mlx.core")
-    _, prompts = hf_model_and_prompts(name)
     ref, ours = mesh_stage(name, "torch"), mesh_stage(name, "mlx")
+    prompts = hf_prompts(name, ref.config.eos_token_ids)
     assert ours.weights_digest == ref.weights_digest
     for i, ids in enumerate(prompts[:2]):
         for params, n in ((GREEDY, MLX_TOKENS), (SAMPLING, SAMPLED_TOKENS)):
