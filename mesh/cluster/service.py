@@ -47,6 +47,7 @@ from mesh.cluster.bootstrap import Bootstrap, Decision, Peer
 from mesh.cluster.detector import DetectorConfig, FailureDetector, Liveness
 from mesh.cluster.discovery import MdnsDiscovery, PeerHint, parse_peer
 from mesh.cluster.election import Election, ElectionConfig, Outbox, Role
+from mesh.cluster.bounds import ImplausibleMessage, check_message
 from mesh.cluster.fence import Fence
 from mesh.cluster.persistence import FileStorage, MemoryStorage, Storage
 from mesh.cluster.wire import Heartbeat, RaftWire, from_wire, to_wire
@@ -324,6 +325,11 @@ class ClusterService:
         msg = from_wire(wire)
         if msg is None:
             log.warning("cluster.bad_message", node=self.node_id, kind=wire.kind, src=wire.src)
+            return
+        try:
+            check_message(msg, self.election.term, self.node_id)
+        except ImplausibleMessage as exc:
+            log.warning("cluster.implausible_message", node=self.node_id, kind=wire.kind, error=str(exc)[:200])
             return
         self._dispatch(self.election.step(msg))
 
