@@ -31,6 +31,7 @@ class HandshakeGate:
         self.log_interval = log_interval
         self.pending = 0
         self.refused_busy = 0
+        self.refused: dict[str, int] = {}  # refused hellos by reason
         self._per_host: dict[str, int] = {}
         self._last_logged: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
@@ -64,6 +65,7 @@ class HandshakeGate:
 
     def log_refused(self, log: Any, exc: HelloRefused, where: str) -> None:
         """One rate-limited line for a refused hello (`link.secret_mismatch` or `link.hello_refused`)."""
+        self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
         suppressed = self.should_log(exc.reason)
         if suppressed is None:
             return
