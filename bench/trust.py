@@ -198,6 +198,10 @@ def bench_frame() -> dict:
 
 
 async def main() -> None:
+    import structlog
+
+    # The node's log lines (rate-limited refusals) stay on, as in a real node, on stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     result = {"hellos": bench_hellos(), "frame": bench_frame(), "flood": await bench_flood()}
     print(json.dumps(result, indent=2))
 
