@@ -36,8 +36,9 @@ Public API
 - `ActorSystem(identity, cluster_secret: bytes, transport=None, *, limits=Limits(),
   mailbox_size=1000, heartbeat_interval=1.0, heartbeat_timeout=5.0,
   handshake_timeout=5.0, reconnect=True, backoff=(0.05, 5.0), max_send_buffer=64 MiB,
-  ciphers=None)` (record ciphers offered, most preferred first; default
-  `ciphers.supported()`: AES-256-GCM when the CPU has AES instructions, then ChaCha20-Poly1305)
+  ciphers=None, max_pending_handshakes=64)` (record ciphers offered, most preferred first; default
+  `ciphers.supported()`: AES-256-GCM when the CPU has AES instructions, then ChaCha20-Poly1305;
+  inbound handshakes not yet complete are capped, a quarter of them per remote host)
   - `await start(host="127.0.0.1", port=0) -> (host, port)`; `address`; `node_id`;
     `await stop()`.
   - `spawn(actor_or_factory, name=None, *, mailbox_size=None, max_restarts=3,
@@ -69,7 +70,8 @@ Public API
   `Limits`; `handshake.Handshake`; `secure.SecureChannel`.
 - Errors (`actors.errors`): AskTimeout, ActorDead, MailboxFull, PeerUnreachable,
   HandlerError(kind, text), CodecError > FrameTooLarge, LimitExceeded,
-  UnknownMessageType, MessageFieldError; HandshakeError > ClusterSecretMismatch;
+  UnknownMessageType, MessageFieldError; HandshakeError > ClusterSecretMismatch,
+  HelloRefused(reason) (a hello refused before any key agreement);
   ReplayError; DecryptError.
 - Logging: `actors.log.configure(format="console"|"json", level="INFO")`.
 
@@ -87,8 +89,8 @@ from .codec import Limits
 from .envelopes import Terminated
 from .errors import (
     ActorDead, ActorsError, AskTimeout, ClusterSecretMismatch, CodecError, DecryptError,
-    FrameTooLarge, HandlerError, HandshakeError, LimitExceeded, MailboxFull, MessageFieldError,
-    PeerUnreachable, ReplayError, UnknownMessageType,
+    FrameTooLarge, HandlerError, HandshakeError, HelloRefused, LimitExceeded, MailboxFull,
+    MessageFieldError, PeerUnreachable, ReplayError, UnknownMessageType,
 )
 from .identity import NodeIdentity
 from .messages import message, registered_types
@@ -112,7 +114,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 __all__ = [
     "Actor", "ActorDead", "ActorRef", "ActorSystem", "ActorsError", "AskTimeout", "ChildSpec",
     "ClusterSecretMismatch", "CodecError", "Context", "DecryptError", "Escalated", "FrameTooLarge",
-    "HandlerError", "HandshakeError", "LimitExceeded", "Limits", "MailboxFull", "MemoryNetwork",
+    "HandlerError", "HandshakeError", "HelloRefused", "LimitExceeded", "Limits", "MailboxFull", "MemoryNetwork",
     "MessageFieldError", "NodeIdentity", "PeerEvent", "PeerUnreachable", "ReplayError",
     "Supervisor", "TcpTransport", "Terminated", "Transport", "UnknownMessageType", "codec",
     "errors", "log", "message", "registered_types", "run",

@@ -12,6 +12,13 @@ The encrypted channel (`actors.secure`) sends each part as its own record instea
 
 Every limit is checked before memory is committed to it; every failure is a
 `CodecError` subclass, after which the connection that sent the bytes is closed.
+
+The decoder's work is bounded too, not only its input: every array, map and message
+record counts one, and its elements count one each, toward `max_total_items`, counted
+as msgpack builds them (hooks), so a header of millions of empty maps stops at the
+limit instead of building them all and walking them again in `check_depth`. A message
+or tensor record counts RECORD_COST: building one runs Python (field checks, __init__),
+about 30 times the cost of a container msgpack builds in C.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _NO_TENSORS = _U16.pack(0)
+RECORD_COST = 32  # items one message or tensor record counts toward max_total_items
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Limits:
     max_str_len: int = 1024 * 1024
     max_bin_len: int = 4 * 1024 * 1024
     max_items: int = 65536  # per array / map
+    max_total_items: int = 131072  # containers + their elements in one message, all levels
     max_tensors: int = 64
 
 
@@ -145,11 +154,22 @@ def decode(prefix: Any, buffers: Sequence[Any], limits: Limits = DEFAULT_LIMITS)
         raise CodecError("tensor buffers do not match the frame prefix")
     used = [False] * len(buffers)
     depth = [0]
-    options = _unpack_options(limits)
+    budget = [limits.max_total_items]
+
+    def spend(container: Any) -> Any:
+        budget[0] -= len(container) + 1
+        if budget[0] < 0:
+            raise LimitExceeded(f"message holds more than {limits.max_total_items} items")
+        return container
+
+    options = {**_unpack_options(limits), "list_hook": spend, "object_hook": spend}
 
     def ext_hook(code: int, data: bytes) -> Any:
         depth[0] += 1
+        budget[0] -= RECORD_COST
         try:
+            if budget[0] < 0:
+                raise LimitExceeded(f"message holds more than {limits.max_total_items} items")
             if depth[0] > limits.max_depth:
                 raise LimitExceeded(f"message nesting deeper than {limits.max_depth}")
             body = _unpack(data, ext_hook, options)

@@ -64,6 +64,23 @@ class ClusterSecretMismatch(HandshakeError):
     """The peer does not know our cluster secret (or we do not know its one)."""
 
 
+class HelloRefused(HandshakeError):
+    """A responder refused a hello before doing any key agreement: `reason` is "secret" (its
+    MAC is not keyed by our cluster secret), "stale" (its timestamp is too far from our
+    clock), "replay" (we accepted that very hello already) or "busy" (too many pending)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+
+
+class HelloSecretMismatch(HelloRefused, ClusterSecretMismatch):
+    """A hello whose MAC is not keyed by our cluster secret: a stranger, or a wrong --secret-file."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("secret", text)
+
+
 class ReplayError(ActorsError):
     """A frame arrived with a counter that was already used or is out of order: replayed or reordered."""
 

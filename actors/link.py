@@ -9,7 +9,7 @@ from .clock import LOOP_CLOCK, Clock
 from .codec import Limits
 from .envelopes import Ping
 from .errors import ActorsError, HandshakeError, PeerUnreachable
-from .handshake import Handshake, HandshakeResult
+from .handshake import Handshake, HandshakeResult, ReplayGuard
 from .identity import NodeIdentity
 from .log import get_logger
 from .secure import SecureChannel
@@ -48,6 +48,7 @@ class Link:
         on_closed: Callable[["Link", str], None],
         ciphers: tuple[str, ...] | None = None,
         clock: Clock = LOOP_CLOCK,
+        replay: ReplayGuard | None = None,  # the node's guard, shared by its responder handshakes
     ) -> None:
         self.stream = stream
         self.clock = clock
@@ -63,7 +64,7 @@ class Link:
         self.closed = False
         self.last_received = self.clock.now()
         self.last_sent = self.clock.now()
-        self._hs = Handshake(identity, cluster_secret, initiator, listen, ciphers)
+        self._hs = Handshake(identity, cluster_secret, initiator, listen, ciphers, replay=replay)
         self._hs_done: asyncio.Future[HandshakeResult] = asyncio.get_running_loop().create_future()
         self._channel: SecureChannel | None = None
         self.cipher = ""  # negotiated by the handshake

@@ -10,13 +10,15 @@ from typing import Any, AsyncIterator, Callable
 
 from . import envelopes as env
 from .actor import ActorRef, Cell
+from .admission import HandshakeGate
 from .ciphers import check_names as check_ciphers
 from .clock import LOOP_CLOCK, Clock
 from .codec import DEFAULT_LIMITS, Limits
 from .errors import (
     ActorDead, ActorsError, AskTimeout, ClusterSecretMismatch, CodecError, HandlerError,
-    HandshakeError, MailboxFull, PeerUnreachable,
+    HandshakeError, HelloRefused, MailboxFull, PeerUnreachable,
 )
+from .handshake import ReplayGuard
 from .identity import NodeIdentity
 from .link import Link
 from .log import get_logger
@@ -58,6 +60,7 @@ class ActorSystem:
         ciphers: tuple[str, ...] | None = None,
         clock: Clock = LOOP_CLOCK,
         rng: random.Random | None = None,
+        max_pending_handshakes: int = 64,
     ) -> None:
         if not cluster_secret:
             raise ValueError("the cluster secret must not be empty")
@@ -77,6 +80,8 @@ class ActorSystem:
         self.ciphers = check_ciphers(ciphers) if ciphers else None  # None: `ciphers.supported()`
         self.address: Address | None = None
         self._secret = cluster_secret
+        self._gate = HandshakeGate(max_pending_handshakes, clock=clock)  # before authentication
+        self._replay = ReplayGuard()
         self._listener: Listener | None = None
         self._cells: dict[str, Cell] = {}
         self._links: dict[str, Link] = {}
@@ -328,23 +333,29 @@ class ActorSystem:
         return await self._establish(stream, initiator=True)
 
     def _accept(self, stream: Stream) -> None:
-        if self._stopped:
+        host = stream.peer_address[0]
+        if self._stopped or not self._gate.try_enter(host):
             stream.abort()
             return
-        self._spawn_task(self._accept_task(stream))
+        self._spawn_task(self._accept_task(stream, host))
 
-    async def _accept_task(self, stream: Stream) -> None:
+    async def _accept_task(self, stream: Stream, host: str) -> None:
         try:
             await self._establish(stream, initiator=False)
         except (HandshakeError, PeerUnreachable):
             pass  # logged in _establish
+        finally:
+            self._gate.leave(host)
 
     async def _establish(self, stream: Stream, initiator: bool) -> Link:
         link = Link(stream, self.identity, self._secret, initiator, self.address, self.limits,
-                    self._on_message, self._on_link_closed, self.ciphers, self.clock)
+                    self._on_message, self._on_link_closed, self.ciphers, self.clock, self._replay)
         where = f"{stream.peer_address[0]}:{stream.peer_address[1]}"
         try:
             await link.handshake(self.handshake_timeout)
+        except HelloRefused as exc:  # a stranger's or a replayed hello: cheap, and logged rate-limited
+            self._gate.log_refused(self.log, exc, where)
+            raise
         except ClusterSecretMismatch as exc:
             peer = link._hs.peer_node_id or "?"
             self.log.error("link.secret_mismatch", peer=peer, address=where,

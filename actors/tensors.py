@@ -6,7 +6,10 @@ the array's own memory. Receiving views the (decrypted) buffer in place with
 are copied once into MLX (MLX cannot adopt foreign memory). bfloat16 needs no
 ml_dtypes: torch and MLX bfloat16 travel as their 16-bit patterns.
 
-torch and mlx are imported lazily, only when such a tensor is met.
+Sending a torch or MLX tensor imports its module lazily (the sender holds one, so it is
+loaded). Receiving never imports anything: a peer's frame chooses the tensor kind, and
+importing torch costs seconds and hundreds of MiB. A torch/MLX tensor arrives as torch/MLX
+only if this process has already loaded that module, else as the numpy array it views.
 """
 
 from __future__ import annotations
@@ -156,21 +159,23 @@ def _wire_dtype(name: str, order: str) -> np.dtype:
     return np.dtype(np_code if order == "|" or name == "bool" else order + np_code)
 
 
-def _np_bfloat16(arr: np.ndarray, shape: tuple[int, ...]) -> Any:
-    try:
-        import ml_dtypes  # optional: only when the sender had it too
+def _loaded(module: str) -> Any:
+    """The module if this process has imported it already, else None (never imports)."""
+    return sys.modules.get(module)
 
+
+def _np_bfloat16(arr: np.ndarray, shape: tuple[int, ...]) -> Any:
+    ml_dtypes = _loaded("ml_dtypes")  # optional: only when this process uses it too
+    if ml_dtypes is not None:
         return arr.view(ml_dtypes.bfloat16)
-    except ImportError:
-        return _to_torch(arr.astype(arr.dtype.newbyteorder("=")), "bfloat16")
+    return _to_torch(arr.astype(arr.dtype.newbyteorder("=")), "bfloat16")
 
 
 def _to_torch(arr: np.ndarray, name: str) -> Any:
-    try:
-        import torch
-    except ImportError:
+    torch = _loaded("torch")
+    if torch is None:
         if name == "bfloat16":
-            raise CodecError("a bfloat16 tensor arrived but neither torch nor ml_dtypes is installed") from None
+            raise CodecError("a bfloat16 tensor arrived but neither torch nor ml_dtypes is loaded here") from None
         return arr
     if not arr.flags.writeable:
         arr = arr.copy()  # torch cannot share read-only memory
@@ -180,9 +185,8 @@ def _to_torch(arr: np.ndarray, name: str) -> Any:
 
 
 def _to_mlx(arr: np.ndarray, name: str) -> Any:
-    try:
-        import mlx.core as mx
-    except ImportError:
+    mx = _loaded("mlx.core")
+    if mx is None:
         return _to_torch(arr, name) if name == "bfloat16" else arr
     if name == "bfloat16":
         return mx.array(arr).view(mx.bfloat16)

@@ -4,8 +4,8 @@ A Stage runs layers ``[spec.start, spec.end)`` of a model, plus the token
 embedding when ``spec.embed`` and the final norm + lm_head when ``spec.head``.
 Everything crossing this boundary is numpy:
 
-- ``StepInput.tokens``: int32/int64 1-D token ids (embedding stage only);
-- ``StepInput.hidden``: float32 ``(T, hidden)`` (every other stage);
+- ``StepInput.tokens``: int32/int64 1-D token ids in ``[0, vocab_size)`` (embedding stage only);
+- ``StepInput.hidden``: float32 ``(T, hidden)`` of the model's hidden size (every other stage);
 - ``forward`` returns, per item, float32 hidden ``(T, hidden)``, or on the head
   stage the logits ``(1, vocab)`` of the last position (``(T, vocab)`` with
   ``all_logits=True``; ``(len(rows), vocab)`` for the step rows an item names in
@@ -20,6 +20,11 @@ Cache semantics, which every backend must honour (tests/kernels/test_stage_confo
 - several 1-token items in one call run as one batched decode step, and give the
   same result as running them one by one (within float tolerance);
 - ``free(session)`` drops the cache; ``cache_len`` of an unknown session is 0.
+
+Inputs come from peers, so ``check_items`` validates all of the above (token ids against
+the vocabulary, hidden states' dtype and shape) before any backend indexes an embedding
+or multiplies a matrix: a bad item raises ``StageInputError``, never an IndexError from
+deep inside a backend, and never a silently broadcast tensor.
 """
 
 from __future__ import annotations
@@ -126,6 +131,7 @@ class Stage(ABC):
                 raise StageInputError(f"stage {self.spec} embeds: give tokens, not hidden")
             if not self.spec.embed and it.hidden is None:
                 raise StageInputError(f"stage {self.spec} does not embed: give hidden states")
+            self._check_tensor(it)
             if it.length == 0:
                 raise StageInputError(f"session {it.session!r}: empty step")
             if it.logit_rows is not None and not all(0 <= r < it.length for r in it.logit_rows):
@@ -138,3 +144,24 @@ class Stage(ABC):
                 raise StageInputError(f"session {it.session!r}: {it.start_pos + it.length} "
                                       f"positions exceed the context length "
                                       f"{self.config.context_length}")
+
+    def _check_tensor(self, it: StepInput) -> None:
+        if it.tokens is not None:
+            tokens = it.tokens
+            if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or tokens.dtype not in (np.int32, np.int64):
+                raise StageInputError(f"session {it.session!r}: tokens must be a 1-D int32/int64 array, got "
+                                      f"{getattr(tokens, 'dtype', type(tokens).__name__)} "
+                                      f"{getattr(tokens, 'shape', '')}")
+            vocab = self.config.vocab_size
+            if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+                bad = int(tokens.max()) if int(tokens.max()) >= vocab else int(tokens.min())
+                raise StageInputError(f"session {it.session!r}: token id {bad} is outside the "
+                                      f"vocabulary [0, {vocab})")
+        if it.hidden is not None:
+            hidden = it.hidden
+            width = self.config.hidden
+            if (not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32 or hidden.ndim != 2
+                    or hidden.shape[1] != width):
+                raise StageInputError(f"session {it.session!r}: hidden states must be float32 (T, {width}), got "
+                                      f"{getattr(hidden, 'dtype', type(hidden).__name__)} "
+                                      f"{getattr(hidden, 'shape', '')}")

@@ -10,7 +10,12 @@ from .base import Address, Listener, Stream, StreamHandler, Transport, feed
 
 
 class _TcpStream(Stream, asyncio.BufferedProtocol):
-    def __init__(self) -> None:
+    """`on_made` (a listener's) is called from `connection_made`, once the stream has its
+    transport and peer address: a stream handed over earlier could not be aborted (its
+    `abort()` found no transport, and the connection stayed open)."""
+
+    def __init__(self, on_made: Callable[[Stream], None] | None = None) -> None:
+        self._on_made = on_made
         self.transport: asyncio.Transport | None = None
         self.peer_address: Address = ("", 0)
         self._handler: StreamHandler | None = None
@@ -33,6 +38,9 @@ class _TcpStream(Stream, asyncio.BufferedProtocol):
             except OSError:
                 pass
         transport.set_write_buffer_limits(high=4 * 1024 * 1024)
+        if self._on_made is not None:
+            on_made, self._on_made = self._on_made, None
+            on_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._handler is not None:
@@ -140,11 +148,5 @@ class TcpTransport(Transport):
 
     async def listen(self, host: str, port: int, on_stream: Callable[[Stream], None]) -> Listener:
         loop = asyncio.get_running_loop()
-
-        def factory() -> _TcpStream:
-            stream = _TcpStream()
-            loop.call_soon(on_stream, stream)
-            return stream
-
-        server = await loop.create_server(factory, host, port, reuse_address=True)
+        server = await loop.create_server(lambda: _TcpStream(on_stream), host, port, reuse_address=True)
         return _TcpListener(server)

@@ -33,6 +33,7 @@ log = structlog.get_logger("mesh.cluster.discovery")
 SERVICE_TYPE = "_mesh._tcp.local."
 TAG_CONTEXT = "mesh 2026-01 cluster tag v1"
 _MAX_ID = 64
+MAX_RESOLVING = 32  # mDNS records resolved at once; more announcements wait for a re-announce
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,9 @@ class MdnsDiscovery:
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._resolving: set[str] = set()
+        self.max_resolving = MAX_RESOLVING
+        self.resolves_dropped = 0
 
     async def start(self) -> None:
         self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
@@ -139,9 +143,17 @@ class MdnsDiscovery:
     ) -> None:
         if state_change is ServiceStateChange.Removed:
             return  # a removed record says nothing about liveness; heartbeats decide
+        # Each resolve is a task and up to 3 s of queries: a flood of announced names must
+        # not become a flood of them. A real peer re-announces, and dials us too.
+        if name in self._resolving or len(self._resolving) >= self.max_resolving:
+            self.resolves_dropped += 1
+            log.debug("mdns.resolve_dropped", name=name[:100], resolving=len(self._resolving))
+            return
+        self._resolving.add(name)
         task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._resolving.discard(name))
 
     async def _resolve(self, service_type: str, name: str) -> None:
         assert self._zc is not None

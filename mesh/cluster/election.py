@@ -236,6 +236,9 @@ class Election:
     # ---- messages ------------------------------------------------------------------
 
     def step(self, m: Message) -> Outbox:
+        if m.src == self.id:
+            log.warning("election.self_named_refused", node=self.id, message=type(m).__name__)
+            return self._flush()
         if isinstance(m, JoinRequest | LeaveRequest):
             self._on_membership_request(m)
             return self._flush()
@@ -402,6 +405,12 @@ class Election:
         self._active.add(m.src)
         pr = self._progress.setdefault(m.src, _Progress(next=self.last_index + 1))
         if m.success:
+            if m.match > self.last_index:
+                # We never sent that much: a follower that claims it would count toward a
+                # commit it does not hold, and its next Append would index past our log.
+                log.warning("election.implausible_match", node=self.id, src=m.src, match=m.match,
+                            last_index=self.last_index)
+                return
             if m.match > pr.match:
                 pr.match = m.match
                 pr.next = m.match + 1
@@ -495,7 +504,13 @@ class Election:
             if index <= self.last_index and self.term_at(index) == entry.term:
                 continue
             if index <= self.last_index:
-                assert index > self.commit, "a committed entry would be overwritten"
+                if index <= self.commit:
+                    # An honest coordinator holds every committed entry (Raft's leader
+                    # completeness), so this Append is forged or broken: refuse all of it.
+                    log.warning("election.committed_overwrite_refused", node=self.id, src=m.src, term=m.term,
+                                index=index, commit=self.commit)
+                    self._send(m.src, AppendResponse(self.term, self.id, False, 0, self.commit))
+                    return
                 del self.log[index - 1 :]
             self.log.append(entry)
         match = m.prev_index + len(m.entries)
@@ -550,7 +565,11 @@ class Election:
     # ---- output --------------------------------------------------------------------
 
     def _send(self, to: str, m: Message) -> None:
-        assert to != self.id, f"{self.id} addressed {type(m).__name__} to itself"
+        if to == self.id:
+            # Only a message that names us as its sender leads here (`step` refuses those);
+            # a reply to ourselves would be delivered back as a peer's word.
+            log.error("election.self_addressed", node=self.id, message=type(m).__name__)
+            return
         self._outbox.append((to, m))
 
     def _persist(self) -> None:

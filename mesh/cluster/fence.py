@@ -9,6 +9,9 @@ Durability: `ClusterService.fence` starts at the election's persisted term and h
 higher term it accepts to the election (`on_raise` -> `Election.observe_term`), which saves
 it before the command is applied. So a restarted node still refuses the terms it had
 fenced off; a bare `Fence()` keeps its highest term in memory only.
+
+A term out of range (`bounds.check_term`: above 2**53, or more than 2**16 above the highest
+seen) is refused like a stale one: adopting it would persist a term no election can follow.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import structlog
 
 from collections.abc import Callable
+
+from mesh.cluster.bounds import ImplausibleMessage, check_term
 
 
 log = structlog.get_logger("mesh.cluster.fence")
@@ -34,7 +39,14 @@ class Fence:
             self.highest = term
 
     def check(self, term: int, *, src: str = "", command: str = "") -> bool:
-        """True if a command of `term` may be applied; False (and a log line) if it is stale."""
+        """True if a command of `term` may be applied; False (and a log line) if it is stale or implausible."""
+        try:
+            check_term(term, self.highest)
+        except ImplausibleMessage as exc:
+            self.rejected += 1
+            log.warning("fence.implausible_term", node=self.node, src=src, command=command, seen=self.highest,
+                        error=str(exc)[:200])
+            return False
         if term < self.highest:
             self.rejected += 1
             log.warning(

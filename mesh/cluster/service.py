@@ -47,7 +47,9 @@ from mesh.cluster.bootstrap import Bootstrap, Decision, Peer
 from mesh.cluster.detector import DetectorConfig, FailureDetector, Liveness
 from mesh.cluster.discovery import MdnsDiscovery, PeerHint, parse_peer
 from mesh.cluster.election import Election, ElectionConfig, Outbox, Role
+from mesh.cluster.bounds import ImplausibleMessage, check_message
 from mesh.cluster.fence import Fence
+from mesh.cluster.hints import HintTable
 from mesh.cluster.persistence import FileStorage, MemoryStorage, Storage
 from mesh.cluster.wire import Heartbeat, RaftWire, from_wire, to_wire
 
@@ -159,6 +161,7 @@ class ClusterService:
         self.detector = FailureDetector(detector)
         self.bootstrap = Bootstrap(self.node_id, bootstrap_after, campaign=self.election.cfg.campaign)
         self.fence = Fence(self.election.term, self.node_id, on_raise=self._on_fenced_term)
+        self.hints = HintTable()
         self._info: dict[str, Heartbeat] = {}
         self._states: dict[str, str] = {}
         self._left: set[str] = set()
@@ -267,10 +270,23 @@ class ClusterService:
         return not self.election.is_voter
 
     def add_hint(self, hint: PeerHint) -> None:
-        """A discovered address (mDNS or static); connects unless already connected."""
+        """A discovered address (mDNS or static); dialed unless already connected, within
+        the bounds of the hint table (`mesh.cluster.hints`)."""
         if hint.node_id not in self.system.peers():
             self.bootstrap.hint(hint.node_id, self.clock.now())
-            self._spawn(self._connect_once(hint.host, hint.port))
+            self.hints.offer(hint)
+            self._dial_hints()
+
+    def _dial_hints(self) -> None:
+        known = set(self.election.voters) | set(self._info)
+        for hint in self.hints.due(self.clock.now(), set(self.system.peers()), known):
+            self._spawn(self._dial_hint(hint))
+
+    async def _dial_hint(self, hint: PeerHint) -> None:
+        try:
+            await self._connect_once(hint.host, hint.port)
+        finally:
+            self.hints.finished(hint)
 
     # ---- loops -----------------------------------------------------------------------
 
@@ -285,6 +301,7 @@ class ClusterService:
             next_at += self.tick_s
             await self.clock.sleep(next_at - self.clock.now())
             self._maybe_bootstrap()
+            self._dial_hints()  # the hints that waited for a dial slot
             self.election.set_dead(self._dead_voters())
             self._dispatch(self.election.tick())
             self._update_member_states()
@@ -324,6 +341,11 @@ class ClusterService:
         msg = from_wire(wire)
         if msg is None:
             log.warning("cluster.bad_message", node=self.node_id, kind=wire.kind, src=wire.src)
+            return
+        try:
+            check_message(msg, self.election.term, self.node_id)
+        except ImplausibleMessage as exc:
+            log.warning("cluster.implausible_message", node=self.node_id, kind=wire.kind, error=str(exc)[:200])
             return
         self._dispatch(self.election.step(msg))
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import structlog
 
+from mesh.cluster.bounds import ImplausibleMessage, check_plan_version
 from mesh.cluster.fence import Fence
 from mesh.pipeline.messages import PlanReady, PlanUpdate
 
@@ -85,7 +86,9 @@ class PlanState:
     # -- inputs -----------------------------------------------------------------------
 
     def offer(self, update: PlanUpdate) -> Offer:
-        """A plan from a coordinator: refused if fenced or older, else followed."""
+        """A plan from a coordinator: refused if fenced, older or out of range, else followed."""
+        if not self._plausible_version(update.version, update.coordinator, "PlanUpdate"):
+            return Offer.REFUSED
         if not self.fence.check(update.term, src=update.coordinator, command="PlanUpdate"):
             return Offer.REFUSED
         epoch = Epoch.of(update)
@@ -100,12 +103,23 @@ class PlanState:
 
     def mark_ready(self, msg: PlanReady) -> bool:
         """The coordinator says every stage of ``msg``'s plan is loaded; True if that is news."""
+        if not self._plausible_version(msg.version, "", "PlanReady"):
+            return False
         if not self.fence.check(msg.term, command="PlanReady"):
             return False
         if not self.is_current(msg) or self.ready:
             return False
         self.ready = True
         self._notify()
+        return True
+
+    def _plausible_version(self, version: Any, src: str, command: str) -> bool:
+        current = self.update.version if self.update is not None else None
+        try:
+            check_plan_version(version, current)
+        except ImplausibleMessage as exc:
+            log.warning("plan.implausible_version", src=src, command=command, error=str(exc)[:200])
+            return False
         return True
 
     def suspend(self) -> bool:

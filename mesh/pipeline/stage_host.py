@@ -303,7 +303,16 @@ class StageHost:
                 seen.add(work.msg.session)
             for work in deferred:
                 self.queue.put_nowait(work)
-            await self._step(batch)
+            try:
+                await self._step(batch)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the loop
+                # Whatever broke (a backend error, an observer, a send), these sessions
+                # cannot go on; every later step still gets a stage that runs.
+                log.error("stage.batch_failed", sessions=[w.msg.session for w in batch],
+                          error=f"{type(exc).__name__}: {exc}"[:300])
+                for work in batch:
+                    if work.msg.session in self.meta:
+                        self._fail(work.msg, f"stage {self.node_id} failed: {type(exc).__name__}: {exc}"[:300])
 
     async def _step(self, batch: list[_Work]) -> None:
         epoch = self.epoch
@@ -318,13 +327,17 @@ class StageHost:
         try:
             outputs = await self.runner.run(self._forward_pass, stage, items, self._take_frees())
             results = list(zip(batch, outputs))
-        except StageInputError:
+        except Exception as batch_error:  # noqa: BLE001 - a peer's bad step, or a backend failure
+            if not isinstance(batch_error, StageInputError):
+                log.warning("stage.batch_retried_per_item", sessions=len(batch),
+                            error=f"{type(batch_error).__name__}: {batch_error}"[:300])
             results = []
             for work, item in zip(batch, items):  # find the bad step, keep the others
                 try:
                     results.append((work, (await self.runner.run(stage.forward, [item]))[0]))
-                except StageInputError as exc:
-                    self._fail(work.msg, str(exc))
+                except Exception as exc:  # noqa: BLE001 - fails this session only
+                    error = str(exc) if isinstance(exc, StageInputError) else f"{type(exc).__name__}: {exc}"
+                    self._fail(work.msg, f"stage {self.node_id}: {error}"[:300])
         self.stats.busy_s += time.perf_counter() - started
         self.stats.last_step_at = self.clock.now()
         self.stats.batches += 1

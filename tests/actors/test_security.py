@@ -66,11 +66,37 @@ def test_handshake_binds_keys_and_derives_directional_keys() -> None:
     assert r.result.peer_listen == ("127.0.0.1", 1)
 
 
-def test_wrong_secret_refused_and_responder_reveals_nothing_first() -> None:
+def test_wrong_secret_refused_and_responder_reveals_nothing_first(monkeypatch) -> None:
+    """A wrong secret is refused at the hello (its MAC), before the responder does any DH or
+    signature; what the responder sends back is a bare refusal, and the initiator learns
+    from it that the secrets differ."""
+    import actors.handshake as hs
+
+    work: list[str] = []
+    real_dh, real_sign = hs.crypto_scalarmult, NodeIdentity.sign
+    monkeypatch.setattr(hs, "crypto_scalarmult", lambda *a: work.append("dh") or real_dh(*a))
+    monkeypatch.setattr(NodeIdentity, "sign", lambda self, d: work.append("sign") or real_sign(self, d))
     i, r = _pair(SECRET, b"another secret entirely")
+    hello = i.start()
+    with pytest.raises(ClusterSecretMismatch, match="check --secret-file"):
+        r.receive_data(hello)
+    assert work == [] and r._eph is None  # no DH, no signature, not even an ephemeral key
+    assert __import__("msgpack").unpackb(r.farewell[4:]) == {"t": "refuse", "reason": "secret"}
+    with pytest.raises(ClusterSecretMismatch, match="check --secret-file"):
+        i.receive_data(r.farewell)
+    # With the right secret, the responder's first answer holds only public values:
+    # keys, nonce, cipher name, signature.
+    i, r = _pair()
     accept = r.receive_data(i.start())
-    # the responder's first answer holds only public values: keys, nonce, cipher name, signature
     assert set(__import__("msgpack").unpackb(accept[0][4:])) == {"t", "eph", "nonce", "pub", "cipher", "sig"}
+
+
+def test_a_proof_under_another_secret_is_still_refused() -> None:
+    """Past the hello (a peer that knows the MAC key but not the psk, in this test by
+    swapping keys), the proof check still refuses."""
+    i, r = _pair()
+    r._secret = b"another secret entirely"  # psk differs, MAC key the same
+    accept = r.receive_data(i.start())
     prove = i.receive_data(b"".join(accept))
     with pytest.raises(ClusterSecretMismatch):
         r.receive_data(b"".join(prove))
