@@ -36,6 +36,7 @@ from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 from kernels.tokenizer.chat_template import ChatTemplateError, ChatTemplateMissing
 from mesh import models, sizing, views
 from mesh.http.app import Api
+from mesh.http.guard import ApiPolicy
 from mesh.cluster.election import ElectionConfig
 from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
 from mesh.errors import BadRequest, MeshError, Unavailable
@@ -82,6 +83,7 @@ class NodeConfig:
     api_host: str = "127.0.0.1"
     api_port: int | None = 0  # None: no HTTP API
     api_key: str | None = None
+    api_policy: ApiPolicy = field(default_factory=ApiPolicy)  # allowed hosts/origins, API limits and timeouts
     interfaces: list[str] = field(default_factory=list)
     peers: list[str] = field(default_factory=list)
     mdns: bool = True
@@ -198,7 +200,8 @@ class Node:
             roles=[] if cfg.campaign else [NO_CAMPAIGN],
         )
         if cfg.api_port is not None:
-            self.api = Api(self, api_key=cfg.api_key)
+            self.api = Api(self, api_key=cfg.api_key, policy=cfg.api_policy,
+                           hosts=[cfg.host, cfg.api_host, *cfg.interfaces])
             self.info.api_port = await self.api.start(cfg.api_host, cfg.api_port)
             if cfg.mdns and cfg.interfaces:
                 await self.api.announce(cfg.interfaces, node_id=self.node_id, name=self.info.name)
