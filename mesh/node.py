@@ -15,7 +15,6 @@ messages, so heartbeats and elections keep running during a long prefill.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import platform
 import random
@@ -28,6 +27,7 @@ import psutil
 import structlog
 
 from actors import Actor, ActorSystem, NodeIdentity
+from actors import statefiles as state_files
 from actors.clock import LOOP_CLOCK, Clock
 from actors.transport.base import Transport
 from kernels.config import load_config
@@ -55,6 +55,7 @@ from mesh.pipeline.messages import (
 )
 from mesh.pipeline.plan import Offer, PlanState
 from mesh.pipeline.serving import Serving
+from mesh.secret_files import loopback_secret
 from mesh.pipeline.stage_host import COORD_ACTOR, SERVE_ACTOR, STAGE_ACTOR, StageHost, StageObserver
 from mesh.planner import NodeCapacity
 from mesh.verify.recorder import VERIFY_ACTOR
@@ -105,11 +106,6 @@ class NodeConfig:
         return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
 
 
-def default_secret(cluster: str) -> bytes:
-    """The secret of a loopback-only cluster started without --secret-file."""
-    return hashlib.blake2b(f"mesh loopback-only cluster {cluster}".encode(), digest_size=32).digest()
-
-
 class _Inbox(Actor):
     """A thin actor that hands each message to the handler for its type."""
 
@@ -157,13 +153,16 @@ class Node:
             raise InsecureBind(
                 f"refusing to listen on {cfg.host} without a cluster secret: anyone on the network could join. "
                 "Create one with `python -m mesh secret new PATH`, copy it to every device and pass --secret-file PATH")
-        secret = cfg.secret if cfg.secret is not None else default_secret(cfg.cluster)
         self.model_path = await asyncio.to_thread(models.resolve, cfg.model, fetch=True)
         self.model_config = load_config(self.model_path)
         self.tokenizer = Tokenizer.from_model(self.model_path)
         self.model_name = cfg.model if cfg.model in models.REGISTRY else Path(cfg.model).stem
-        state_dir = Path(cfg.state_dir) if cfg.state_dir else models.mesh_home() / "node"
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir = state_files.state_dir(Path(cfg.state_dir) if cfg.state_dir else models.mesh_home() / "node")
+        secret = cfg.secret
+        if secret is None:  # loopback only (checked above): a random secret of this state dir, never a fixed one
+            secret, path, created = loopback_secret(state_dir)
+            log.info("node.loopback_secret", path=str(path), created=created,
+                     hint=f"other nodes on this machine join with --secret-file {path}")
         self.identity = NodeIdentity.load_or_create(state_dir)
         self.node_id = self.identity.node_id
         if cfg.threads:  # the torch backend reads it whenever it loads a stage

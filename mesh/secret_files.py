@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import stat
 import zlib
 from collections import Counter
@@ -66,3 +67,25 @@ def read_secret_file(path: Path | str, *, flag: str, min_bits: float = MIN_BITS,
             f"{flag} {path} is too guessable to be a secret (about {bits:.0f} bits of entropy; at least "
             f"{min_bits:.0f} are needed). Create a random one with `{fix}`")
     return secret
+
+
+LOOPBACK_SECRET_FILE = "loopback.secret"
+
+
+def loopback_secret(state_dir: Path) -> tuple[bytes, Path, bool]:
+    """The secret of a loopback-only node started without --secret-file: random, made once
+    per state dir (O_EXCL, 0600), never a fixed value that anyone could look up. Returns
+    (secret, its file, whether it was just created). Other nodes on this machine join
+    with ``--secret-file`` pointing at that file."""
+    from actors.statefiles import create_private, read_private, state_dir as make_state_dir
+
+    path = make_state_dir(state_dir) / LOOPBACK_SECRET_FILE
+    data = read_private(path, max_bytes=MAX_BYTES)
+    created = False
+    if data is None:
+        created = create_private(path, (secrets.token_hex(32) + "\n").encode(), fsync=True)
+        data = read_private(path, max_bytes=MAX_BYTES) or b""
+    secret = data.strip()
+    if estimated_bits(secret) < MIN_BITS:
+        raise SecretFileError(f"{path} is too guessable to be a secret; delete it and a new one is made")
+    return secret, path, created
