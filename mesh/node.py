@@ -203,7 +203,7 @@ class Node:
                            hosts=[cfg.host, cfg.api_host, *cfg.interfaces])
             self.info.api_port = await self.api.start(cfg.api_host, cfg.api_port)
             if cfg.mdns and cfg.interfaces:
-                await self.api.announce(cfg.interfaces, node_id=self.node_id, name=self.info.name)
+                await self.api.announce(cfg.interfaces, identity=self.identity, name=self.info.name)
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
                                       mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret,
                                       election=ElectionConfig(campaign=cfg.campaign), clock=self.clock,

@@ -84,14 +84,15 @@ class Api:
         self.host = host
         return self.port
 
-    async def announce(self, interfaces: list[str], *, node_id: str, name: str) -> None:
-        """Announce this API by mDNS (`_mesh-api._tcp`) where it is reachable, for `mesh run`."""
+    async def announce(self, interfaces: list[str], *, identity, name: str) -> None:
+        """Announce this API by mDNS (`_mesh-api._tcp`) where it is reachable, for `mesh run`;
+        the record is signed with the node's key (``identity``)."""
         from mesh.http.discovery import ApiAnnouncer, reachable_on
 
         where = reachable_on(self.host, interfaces)
         if not where or self.port is None:
             return
-        self._announcer = ApiAnnouncer(where, self.port, node_id=node_id, name=name,
+        self._announcer = ApiAnnouncer(where, self.port, identity=identity, name=name,
                                        model=self.backend.model_name, needs_key=bool(self.api_key))
         try:
             await self._announcer.start()

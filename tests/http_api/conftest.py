@@ -22,9 +22,11 @@ class FakeBackend:
     tokens: int = 2
     generations: int = 0
     encoded: list = field(default_factory=list)
+    members: list = field(default_factory=lambda: ["n1"])  # the node ids /v1/cluster reports
 
     def status(self) -> dict:
-        return {"self": "n1", "coordinator": "n1", "term": 1, "nodes": [{"id": "n1"}], "plan": None}
+        return {"self": self.members[0], "coordinator": self.members[0], "term": 1,
+                "nodes": [{"id": m} for m in self.members], "plan": None}
 
     def encode_chat(self, messages):
         return self.encode_text("".join(m["content"] for m in messages))
