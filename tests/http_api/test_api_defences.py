@@ -264,3 +264,31 @@ async def test_a_long_stream_outlives_the_header_timeout(serve):
     backend.release.set()
     status, body, _ = await pending
     assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+
+
+class _RealTokenizer(FakeBackend):
+    """The fake backend with the model's real tokenizer (what the 4 MiB attack stalled)."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def encode_text(self, text: str):
+        self.encoded.append(len(text))
+        return self.tokenizer.encode_prompt(text)
+
+
+async def test_a_long_prompt_is_tokenized_without_stalling_the_loop(serve, model_path):
+    from kernels.tokenizer import Tokenizer
+
+    # 1.5 MiB (above the default cap, which a user may raise): about 0.4 s of the real
+    # tokenizer. On the loop the stall would be the whole of it.
+    s = await serve(backend=_RealTokenizer(Tokenizer.from_model(model_path)),
+                    policy=ApiPolicy(max_prompt_bytes=2 << 20, max_body_bytes=3 << 20))
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 40000)[: 3 << 19]
+    started = time.perf_counter()
+    (status, body, _), lag = await _loop_lag_during(call("POST", s.url + "/v1/completions",
+                                                         json_body={"prompt": prompt}))
+    took = time.perf_counter() - started
+    assert status == 200, body
+    assert lag < took / 3, f"the event loop stalled {lag:.3f}s of a {took:.3f}s request"
