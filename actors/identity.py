@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import stat
-from pathlib import Path
 
 import blake3
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from .log import get_logger
+from .statefiles import StateFileError, create_private, read_private, state_dir as make_state_dir
 
 KEY_FILE = "node.key"
 NODE_ID_HEX = 16
@@ -37,26 +36,19 @@ class NodeIdentity:
 
     @classmethod
     def load_or_create(cls, state_dir: str | os.PathLike[str]) -> "NodeIdentity":
-        """Load `<state_dir>/node.key`, creating it (mode 0600) on first start."""
-        directory = Path(state_dir)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = directory / KEY_FILE
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            mode = stat.S_IMODE(path.stat().st_mode)
-            if mode & 0o077:
-                log.warning("identity.key_mode_fixed", path=str(path), mode=oct(mode))
-                path.chmod(0o600)
-            seed = path.read_bytes()
-            if len(seed) != 32:
-                raise ValueError(f"{path} is not a 32-byte Ed25519 seed; move it away to create a new identity")
-            return cls(SigningKey(seed))
-        key = SigningKey.generate()
-        with os.fdopen(fd, "wb") as f:
-            f.write(bytes(key))
-        log.info("identity.created", path=str(path), node_id=node_id_of(bytes(key.verify_key)))
-        return cls(key)
+        """Load `<state_dir>/node.key`, creating it (mode 0600, O_EXCL) on first start. A key
+        that is a symlink or that group or others can read is refused (`StateFileError`)."""
+        path = make_state_dir(state_dir) / KEY_FILE
+        seed = read_private(path, max_bytes=64)
+        if seed is None:
+            key = SigningKey.generate()
+            if create_private(path, bytes(key), fsync=True):
+                log.info("identity.created", path=str(path), node_id=node_id_of(bytes(key.verify_key)))
+                return cls(key)
+            seed = read_private(path, max_bytes=64)  # another process created it first
+        if seed is None or len(seed) != 32:
+            raise StateFileError(f"{path} is not a 32-byte Ed25519 seed; move it away to create a new identity")
+        return cls(SigningKey(seed))
 
     def sign(self, data: bytes) -> bytes:
         """A detached 64-byte Ed25519 signature."""

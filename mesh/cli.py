@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from actors.statefiles import StateFileError
 from mesh.commands import COMMAND_MODULES
 from mesh.errors import MeshError
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except MeshError as exc:
+    except (MeshError, StateFileError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -15,7 +15,6 @@ messages, so heartbeats and elections keep running during a long prefill.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import platform
 import random
@@ -28,6 +27,7 @@ import psutil
 import structlog
 
 from actors import Actor, ActorSystem, NodeIdentity
+from actors import statefiles as state_files
 from actors.clock import LOOP_CLOCK, Clock
 from actors.transport.base import Transport
 from kernels.config import load_config
@@ -36,6 +36,7 @@ from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 from kernels.tokenizer.chat_template import ChatTemplateError, ChatTemplateMissing
 from mesh import models, sizing, views
 from mesh.http.app import Api
+from mesh.http.guard import ApiPolicy
 from mesh.cluster.election import ElectionConfig
 from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
 from mesh.errors import BadRequest, MeshError, Unavailable
@@ -54,6 +55,7 @@ from mesh.pipeline.messages import (
 )
 from mesh.pipeline.plan import Offer, PlanState
 from mesh.pipeline.serving import Serving
+from mesh.secret_files import loopback_secret
 from mesh.pipeline.stage_host import COORD_ACTOR, SERVE_ACTOR, STAGE_ACTOR, StageHost, StageObserver
 from mesh.planner import NodeCapacity
 from mesh.verify.recorder import VERIFY_ACTOR
@@ -82,6 +84,7 @@ class NodeConfig:
     api_host: str = "127.0.0.1"
     api_port: int | None = 0  # None: no HTTP API
     api_key: str | None = None
+    api_policy: ApiPolicy = field(default_factory=ApiPolicy)  # allowed hosts/origins, API limits and timeouts
     interfaces: list[str] = field(default_factory=list)
     peers: list[str] = field(default_factory=list)
     mdns: bool = True
@@ -101,11 +104,6 @@ class NodeConfig:
         if self.backend != "auto":
             return self.backend
         return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
-
-
-def default_secret(cluster: str) -> bytes:
-    """The secret of a loopback-only cluster started without --secret-file."""
-    return hashlib.blake2b(f"mesh loopback-only cluster {cluster}".encode(), digest_size=32).digest()
 
 
 class _Inbox(Actor):
@@ -155,13 +153,16 @@ class Node:
             raise InsecureBind(
                 f"refusing to listen on {cfg.host} without a cluster secret: anyone on the network could join. "
                 "Create one with `python -m mesh secret new PATH`, copy it to every device and pass --secret-file PATH")
-        secret = cfg.secret if cfg.secret is not None else default_secret(cfg.cluster)
         self.model_path = await asyncio.to_thread(models.resolve, cfg.model, fetch=True)
         self.model_config = load_config(self.model_path)
         self.tokenizer = Tokenizer.from_model(self.model_path)
         self.model_name = cfg.model if cfg.model in models.REGISTRY else Path(cfg.model).stem
-        state_dir = Path(cfg.state_dir) if cfg.state_dir else models.mesh_home() / "node"
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir = state_files.state_dir(Path(cfg.state_dir) if cfg.state_dir else models.mesh_home() / "node")
+        secret = cfg.secret
+        if secret is None:  # loopback only (checked above): a random secret of this state dir, never a fixed one
+            secret, path, created = loopback_secret(state_dir)
+            log.info("node.loopback_secret", path=str(path), created=created,
+                     hint=f"other nodes on this machine join with --secret-file {path}")
         self.identity = NodeIdentity.load_or_create(state_dir)
         self.node_id = self.identity.node_id
         if cfg.threads:  # the torch backend reads it whenever it loads a stage
@@ -198,10 +199,11 @@ class Node:
             roles=[] if cfg.campaign else [NO_CAMPAIGN],
         )
         if cfg.api_port is not None:
-            self.api = Api(self, api_key=cfg.api_key)
+            self.api = Api(self, api_key=cfg.api_key, policy=cfg.api_policy,
+                           hosts=[cfg.host, cfg.api_host, *cfg.interfaces])
             self.info.api_port = await self.api.start(cfg.api_host, cfg.api_port)
             if cfg.mdns and cfg.interfaces:
-                await self.api.announce(cfg.interfaces, node_id=self.node_id, name=self.info.name)
+                await self.api.announce(cfg.interfaces, identity=self.identity, name=self.info.name)
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
                                       mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret,
                                       election=ElectionConfig(campaign=cfg.campaign), clock=self.clock,

@@ -3,7 +3,9 @@
 Keys and values live in ``k``/``v`` of shape ``(layers, slots, kv_heads, capacity, head_dim)``.
 Each session owns a slot; its cached length is tracked here. The pool grows by
 doubling (slots or capacity) only when a session needs more room, so a decode
-step never allocates cache memory. Batched decode reads the slots of a batch as
+step never allocates cache memory. When a session ends and the live sessions need less
+than a quarter of the pool, it shrinks to their size (never below the initial one): one long
+session must not pin slots x its length for the life of the stage. Batched decode reads the slots of a batch as
 one padded ``(B, kv_heads, L, head_dim)`` tensor plus a mask of valid positions
 (float32), or each session's own positions (quant mode: batch-invariant).
 """
@@ -20,7 +22,8 @@ class KVCache:
         self.max_len = max_len
         self.slot_of: dict[str, int] = {}
         self.length: dict[str, int] = {}
-        self._alloc(slots, min(capacity, max_len))
+        self.min_slots, self.min_capacity = slots, min(capacity, max_len)
+        self._alloc(slots, self.min_capacity)
 
     def _alloc(self, slots: int, capacity: int) -> None:
         shape = (self.n_layers, slots, self.n_kv_heads, capacity, self.head_dim)
@@ -33,6 +36,33 @@ class KVCache:
         self.k, self.v = k, v
 
     @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def _shrink_to_fit(self) -> None:
+        """Re-pack the live sessions into the smallest power-of-two pool that holds them,
+        when that is at most a quarter of the current one: a pool that just doubled for one
+        more session must not shrink and grow again with every session that comes and goes."""
+        slots = self.min_slots
+        while slots < len(self.slot_of):
+            slots *= 2
+        longest = max(self.length.values(), default=0)
+        capacity = self.min_capacity
+        while capacity < longest:
+            capacity *= 2
+        capacity = min(capacity, max(self.max_len, longest))
+        if 4 * slots * capacity > self.k.shape[1] * self.capacity:
+            return
+        shape = (self.n_layers, slots, self.n_kv_heads, capacity, self.head_dim)
+        k, v = torch.zeros(shape), torch.zeros(shape)
+        for new, (session, old) in enumerate(sorted(self.slot_of.items(), key=lambda kv: kv[1])):
+            n = self.length.get(session, 0)
+            k[:, new, :, :n] = self.k[:, old, :, :n]
+            v[:, new, :, :n] = self.v[:, old, :, :n]
+            self.slot_of[session] = new
+        self.k, self.v = k, v
+
+    @property
     def capacity(self) -> int:
         return self.k.shape[3]
 
@@ -40,8 +70,12 @@ class KVCache:
         return self.length.get(session, 0)
 
     def free(self, session: str) -> None:
-        self.slot_of.pop(session, None)
+        """Forget ``session`` and return memory the others do not need. Called between steps
+        (on the compute thread), so no step holds a slot number across the re-pack."""
+        if self.slot_of.pop(session, None) is None:
+            return
         self.length.pop(session, None)
+        self._shrink_to_fit()
 
     def reserve(self, session: str, start_pos: int, n_new: int) -> int:
         """Truncate the session to ``start_pos``, make room for ``n_new`` more; return its slot."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from actors.statefiles import StateFileError, create_private, read_private
 from mesh.cluster.errors import CorruptClusterState
 from mesh.cluster.messages import Entry
 
@@ -78,7 +79,8 @@ def decode_state(data: bytes) -> HardState:
 
 
 class FileStorage:
-    """`<state_dir>/election.json`, replaced atomically with fsync on every save."""
+    """`<state_dir>/election.json`, replaced atomically with fsync on every save; read with
+    O_NOFOLLOW, and its temporary file created with O_EXCL (a planted link is never followed)."""
 
     def __init__(self, state_dir: Path | str) -> None:
         self.dir = Path(state_dir)
@@ -86,8 +88,10 @@ class FileStorage:
 
     def load(self) -> HardState:
         try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
+            data = read_private(self.path, secret=False)  # votes are not secret, but never read via a link
+        except StateFileError as exc:
+            raise CorruptClusterState(str(exc)) from None
+        if data is None:
             return HardState()
         try:
             return decode_state(data)
@@ -99,12 +103,13 @@ class FileStorage:
     def save(self, state: HardState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, encode_state(state))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            os.unlink(tmp)  # left by a crash between write and rename (a link is removed, not followed)
+        except FileNotFoundError:
+            pass
+        if not create_private(tmp, encode_state(state), fsync=True):
+            raise CorruptClusterState(f"{tmp} appeared while saving the election state; is another node "
+                                      "using this state dir?")
         os.replace(tmp, self.path)
         dir_fd = os.open(self.dir, os.O_RDONLY)
         try:

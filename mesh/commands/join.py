@@ -11,9 +11,10 @@ from pathlib import Path
 from actors import log as actors_log
 from mesh import models
 from mesh.errors import MeshError
+from mesh.secret_files import read_secret_file
 
 
-class SecretFileError(MeshError):
+class ConfigError(MeshError):
     pass
 
 
@@ -28,7 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=0, help="peer port (default: pick a free one)")
     p.add_argument("--api-host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1)")
     p.add_argument("--api-port", type=int, default=0, help="port of the HTTP API (default: pick a free one)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route (visible in `ps`: "
+                                     "prefer --api-key-file or $MESH_API_KEY)")
+    p.add_argument("--api-key-file", type=Path, metavar="PATH",
+                   help="read the API key from PATH (mode 0600; `mesh secret new PATH` writes one)")
+    p.add_argument("--api-allow-host", action="append", default=[], dest="api_allow_hosts", metavar="NAME",
+                   help="also serve the API under this Host name (repeatable; .suffix allows a domain). "
+                        "IP addresses, localhost and --host/--api-host/--interface are always allowed")
+    p.add_argument("--api-allow-origin", action="append", default=[], dest="api_allow_origins", metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (CORS; repeatable)")
+    p.add_argument("--api-max-generations", type=int, default=16, metavar="N",
+                   help="generations this node's API runs at once; 4x as many may wait, the rest get 429 (default 16)")
     p.add_argument("--interface", action="append", default=[], dest="interfaces", metavar="ADDR",
                    help="address of an interface mDNS may use (repeatable); without it, --host")
     p.add_argument("--peer", action="append", default=[], dest="peers", metavar="HOST:PORT",
@@ -73,26 +84,36 @@ def config_from_args(args: argparse.Namespace):
     from mesh.sizing import memory_bytes
     from mesh.verify.service import VerifyConfig
 
-    secret = None
-    if args.secret_file is not None:
-        try:
-            secret = args.secret_file.expanduser().read_bytes().strip()
-        except OSError as exc:
-            raise SecretFileError(f"cannot read --secret-file {args.secret_file}: {exc.strerror}") from None
-        if len(secret) < 16:
-            raise SecretFileError(f"{args.secret_file} holds {len(secret)} bytes; a secret needs at least 16 "
-                                  "(create one with `python -m mesh secret new PATH`)")
+    from mesh.http.guard import ApiPolicy
+
+    secret = read_secret_file(args.secret_file, flag="--secret-file") if args.secret_file is not None else None
     try:
         memory = memory_bytes(args.memory) if args.memory else None
     except ValueError as exc:
-        raise SecretFileError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
+    if args.api_max_generations < 1:
+        raise ConfigError("--api-max-generations must be at least 1")
+    policy = ApiPolicy(allow_hosts=args.api_allow_hosts, allow_origins=args.api_allow_origins,
+                       max_generations=args.api_max_generations, max_queue=4 * args.api_max_generations)
     return NodeConfig(model=args.model, cluster=args.cluster, secret=secret, host=args.host, port=args.port,
-                      api_host=args.api_host, api_port=args.api_port, api_key=args.api_key,
+                      api_host=args.api_host, api_port=args.api_port, api_key=api_key_from(args, os.environ),
+                      api_policy=policy,
                       interfaces=args.interfaces or [args.host], peers=args.peers, mdns=not args.no_mdns,
                       backend=args.backend, weight_mode=args.weight_mode, name=args.name, state_dir=args.state_dir,
                       memory_limit=memory, threads=args.threads, speed=args.speed, campaign=not args.no_campaign,
                       # the only place the MESH_* verification variables are read (benches set them)
                       verify=VerifyConfig.from_env(os.environ, audit_rate=args.audit_rate, fault=args.fault))
+
+
+def api_key_from(args: argparse.Namespace, env) -> str | None:
+    """--api-key, else --api-key-file, else $MESH_API_KEY (argv is visible to every user in `ps`)."""
+    if args.api_key and args.api_key_file:
+        raise ConfigError("pass --api-key or --api-key-file, not both")
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file is not None:
+        return read_secret_file(args.api_key_file, flag="--api-key-file").decode("utf-8", "replace")
+    return env.get("MESH_API_KEY") or None
 
 
 def run(args: argparse.Namespace) -> int:

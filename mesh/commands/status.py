@@ -8,7 +8,7 @@ import json
 
 import aiohttp
 
-from mesh.commands.run import add_api_arguments, find_api
+from mesh.commands.run import add_api_arguments, api_key, find_api
 from mesh.errors import MeshError
 
 
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     api = asyncio.run(find_api(args))
-    view = asyncio.run(fetch_view(api, args.api_key))
+    view = asyncio.run(fetch_view(api, api_key(args)))
     if args.json:
         print(json.dumps(view))
     else:

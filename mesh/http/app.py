@@ -4,16 +4,17 @@ Prometheus metrics and the dashboard. aiohttp, in the node's own event loop."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 import structlog
 from aiohttp import web
 
+from mesh.http.guard import COOKIE, Admission, ApiPolicy, Guard, Refused, TooBusy, dashboard_cookie
 from mesh.http.requests import FieldError, HttpStats, StopMatcher, parse_messages, parse_params
 from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
@@ -43,12 +44,23 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> web
 
 
 class Api:
-    def __init__(self, backend: ServingBackend, *, api_key: str | None = None):
+    """``policy``: the limits and what is allowed beyond the safe defaults (see
+    `mesh.http.guard`); ``hosts``: the node's own addresses and names, allowed as Host."""
+
+    def __init__(self, backend: ServingBackend, *, api_key: str | None = None, policy: ApiPolicy | None = None,
+                 hosts: list[str] | tuple[str, ...] = ()):
         self.backend = backend
         self.api_key = api_key
+        self.policy = policy or ApiPolicy()
+        self.guard = Guard(self.policy, api_key=api_key, hosts=hosts)
+        self.admission = Admission(self.policy.max_generations, self.policy.max_queue, self.policy.queue_timeout_s)
+        # Tokenizing a long prompt takes seconds: never on the event loop, and two at a time at most.
+        self._tokenize = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-tokenize")
         self.stats = HttpStats()
         self._announcer = None
-        self.app = web.Application(middlewares=[self._count, self._auth, self._errors], client_max_size=4 << 20)
+        self.app = web.Application(middlewares=[self._count, self._guard, self._errors],
+                                   client_max_size=self.policy.max_body_bytes)
+        self.app.on_response_prepare.append(self._cors_headers)
         self.app.add_routes([
             web.get("/", self.dashboard),
             web.get("/v1/models", self.models),
@@ -62,7 +74,9 @@ class Api:
         self.host = "127.0.0.1"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # keepalive_timeout also bounds a connection that never finishes its request headers:
+        # aiohttp closes a connection still waiting for a whole request at that time.
+        self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=self.policy.header_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -70,14 +84,15 @@ class Api:
         self.host = host
         return self.port
 
-    async def announce(self, interfaces: list[str], *, node_id: str, name: str) -> None:
-        """Announce this API by mDNS (`_mesh-api._tcp`) where it is reachable, for `mesh run`."""
+    async def announce(self, interfaces: list[str], *, identity, name: str) -> None:
+        """Announce this API by mDNS (`_mesh-api._tcp`) where it is reachable, for `mesh run`;
+        the record is signed with the node's key (``identity``)."""
         from mesh.http.discovery import ApiAnnouncer, reachable_on
 
         where = reachable_on(self.host, interfaces)
         if not where or self.port is None:
             return
-        self._announcer = ApiAnnouncer(where, self.port, node_id=node_id, name=name,
+        self._announcer = ApiAnnouncer(where, self.port, identity=identity, name=name,
                                        model=self.backend.model_name, needs_key=bool(self.api_key))
         try:
             await self._announcer.start()
@@ -92,6 +107,7 @@ class Api:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
 
     # -- middleware -------------------------------------------------------------------
 
@@ -104,13 +120,41 @@ class Api:
         return response
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler):
-        if self.api_key and request.path.startswith("/v1/") and request.path != "/v1/cluster":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                              "invalid_request_error", code="invalid_api_key")
+    async def _guard(self, request: web.Request, handler):
+        """Host, CORS preflight, key, then origin and content type (see mesh.http.guard)."""
+        try:
+            self.guard.check_host(request.headers)
+            if request.method == "OPTIONS":
+                return web.Response(status=204, headers=self.guard.preflight(request.headers))
+            if not self.guard.authorized(request.headers, request.cookies):
+                if request.method == "GET" and request.path == "/":
+                    return self._dashboard_login(request)
+                self.guard.check_auth(request.headers, request.cookies)
+            self.guard.check_state_change(request.method, request.headers)
+        except Refused as exc:
+            log.info("api.refused", status=exc.status, code=exc.code, path=request.path,
+                     host=request.headers.get("Host"), origin=request.headers.get("Origin"), peer=request.remote)
+            kind = "invalid_request_error" if exc.status != 401 else "authentication_error"
+            response = _error(exc.status, str(exc), kind, code=exc.code)
+            response.headers.update(exc.headers)
+            return response
         return await handler(request)
+
+    def _dashboard_login(self, request: web.Request) -> web.Response:
+        """The dashboard asks for the key once: ``/?key=KEY`` sets a cookie that holds a MAC of it."""
+        key = request.query.get("key")
+        if key is not None and self.guard.key_matches(key):
+            response = web.Response(status=303, headers={"Location": "/"})
+            response.set_cookie(COOKIE, dashboard_cookie(self.api_key), httponly=True, samesite="Strict", path="/")
+            return response
+        wrong = "<p class=error>That key is wrong.</p>" if key is not None else ""
+        return web.Response(status=401, content_type="text/html", text=_LOGIN.replace("{wrong}", wrong))
+
+    async def _cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = self.guard.cors_origin(request.headers)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -123,7 +167,16 @@ class Api:
             if exc.status == 405:
                 return _error(405, f"method {request.method} not allowed on {request.path}",
                               "invalid_request_error")
+            if exc.status == 413:
+                return _error(413, f"the request body is larger than {self.policy.max_body_bytes} bytes",
+                              "invalid_request_error", code="request_too_large")
             raise
+        except Refused as exc:
+            return _error(exc.status, str(exc), "invalid_request_error", code=exc.code)
+        except TooBusy as exc:
+            response = _error(429, f"this node is busy: {exc}", "rate_limit_error", code="too_many_requests")
+            response.headers["Retry-After"] = "1"
+            return response
         except FieldError as exc:
             return _bad(str(exc), param=exc.param)
         except BadRequest as exc:
@@ -158,7 +211,12 @@ class Api:
 
     async def _body(self, request: web.Request) -> dict:
         try:
-            body = await request.json()
+            raw = await asyncio.wait_for(request.read(), self.policy.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise Refused(408, "body_timeout", f"the request body did not arrive within "
+                                               f"{self.policy.body_timeout_s:g}s") from None
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadRequest("the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -175,8 +233,10 @@ class Api:
             return self._unknown_model(exc.model)
         messages = parse_messages(body)
         params, stops = parse_params(body)
-        prompt_ids = self.backend.encode_chat(messages)
-        return await self._respond(request, body, prompt_ids, params, stops, chat=True)
+        self.guard.check_prompt(sum(len(m["content"].encode()) for m in messages))
+        async with self.admission.slot():
+            prompt_ids = await self._off_loop(self.backend.encode_chat, messages)
+            return await self._respond(request, body, prompt_ids, params, stops, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -189,8 +249,13 @@ class Api:
         if not isinstance(prompt, str):
             raise FieldError("prompt", "'prompt' must be a string")
         params, stops = parse_params(body)
-        prompt_ids = self.backend.encode_text(prompt)
-        return await self._respond(request, body, prompt_ids, params, stops, chat=False)
+        self.guard.check_prompt(len(prompt.encode()))
+        async with self.admission.slot():
+            prompt_ids = await self._off_loop(self.backend.encode_text, prompt)
+            return await self._respond(request, body, prompt_ids, params, stops, chat=False)
+
+    async def _off_loop(self, fn, arg):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, fn, arg)
 
     def _observe(self, clock: "_Clock") -> None:
         now = time.perf_counter()
@@ -336,3 +401,11 @@ class _Clock:
 class _NotFoundModel(Exception):
     def __init__(self, model: Any):
         self.model = model
+
+
+_LOGIN = """<!doctype html><meta charset=utf-8><title>mesh: API key</title>
+<style>body{font:15px system-ui;margin:4em auto;max-width:28em}.error{color:#b00}</style>
+<h1>mesh</h1><p>This node's API needs its key (<code>--api-key</code>). It is asked once: the
+browser then keeps a cookie that proves it.</p>{wrong}
+<form method=get action="/"><input name=key type=password autofocus size=40> <button>Open the dashboard</button></form>
+"""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -50,7 +51,6 @@ from mesh.verify.service import VerifyConfig
 from mesh.verify.worker import InlineAuditCompute
 
 PORT = 7946
-SECRET = b"mesh in-process test cluster secret"
 Handler = Callable[[Node, Any], Any]
 
 
@@ -70,7 +70,9 @@ class InProcessMesh:
         self.net = MemoryNetwork(delay=delay, strict=True, seed=seed)
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mesh-inproc-"))
         self._own_workdir = workdir is None
-        self.base = replace(NodeConfig(), model=model, cluster="inproc", secret=SECRET, port=PORT, mdns=False,
+        # a fresh secret per mesh, as a real cluster has: never a fixed, public one
+        self.base = replace(NodeConfig(), model=model, cluster="inproc", secret=secrets.token_bytes(32), port=PORT,
+                            mdns=False,
                             api_port=None, speed=1.0, memory_limit=8 << 30, backend="torch",
                             verify=verify or VerifyConfig(audit_seed=str(seed)))
         self.base = replace(self.base, **config)

@@ -48,6 +48,11 @@ class LocalNode:
     args: list[str]
     proc: subprocess.Popen | None = None
     node_id: str | None = None
+    api_key: str | None = None
+
+    @property
+    def api_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def api(self) -> str:
@@ -65,6 +70,7 @@ class LocalCluster:
     model: str = "smollm2-135m"
     extra_args: list[str] = field(default_factory=list)
     node_args: dict[int, list[str]] = field(default_factory=dict)
+    api_keys: dict[int, str] = field(default_factory=dict)  # node index -> the key its API requires (in a 0600 file)
     keep_dir: bool = False
     log_level: str = "info"
 
@@ -80,12 +86,20 @@ class LocalCluster:
             backend = self.backend if self.backend != "mixed" else ("torch" if i % 2 == 0 else "mlx")
             peers = [a for j, (p, _) in enumerate(ports) if j != i for a in ("--peer", f"127.0.0.1:{p}")]
             state = self.workdir / f"node{i}"
+            key_args = []
+            if i in self.api_keys:
+                key_file = self.workdir / f"node{i}.api-key"
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(self.api_keys[i] + "\n")
+                key_args = ["--api-key-file", str(key_file)]
             args = [sys.executable, "-m", "mesh", "join", "--cluster", "demo", "--secret-file", str(self.secret_file),
                     "--host", "127.0.0.1", "--port", str(port), "--api-port", str(api_port),
                     "--interface", "127.0.0.1", *peers, "--backend", backend, "--model", self.model,
                     "--name", f"node{i}", "--state-dir", str(state), "--log-format", "json",
-                    "--log-level", self.log_level, *self.extra_args, *self.node_args.get(i, [])]
-            self.nodes.append(LocalNode(i, port, api_port, state, backend, self.workdir / f"node{i}.log", args))
+                    "--log-level", self.log_level, *self.extra_args, *key_args, *self.node_args.get(i, [])]
+            self.nodes.append(LocalNode(i, port, api_port, state, backend, self.workdir / f"node{i}.log", args,
+                                        api_key=self.api_keys.get(i)))
 
     def start(self) -> None:
         for node in self.nodes:
@@ -136,7 +150,8 @@ class LocalCluster:
 
     async def status(self, index: int, session: aiohttp.ClientSession) -> dict | None:
         try:
-            async with session.get(self.nodes[index].api + "/v1/cluster", timeout=aiohttp.ClientTimeout(total=2)) as r:
+            node = self.nodes[index]
+            async with session.get(node.api + "/v1/cluster", headers=node.api_headers, timeout=aiohttp.ClientTimeout(total=2)) as r:
                 return await r.json() if r.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
             return None

@@ -21,7 +21,7 @@ from api_settings import API_KEY, ARTIFACTS, MAX_TOKENS, PROMPT
 
 @pytest.fixture(scope="session")
 def mesh3(model_path):
-    cluster = LocalCluster(n=3, extra_args=["--speed", "1"], node_args={2: ["--api-key", API_KEY]})
+    cluster = LocalCluster(n=3, extra_args=["--speed", "1"], api_keys={2: API_KEY})
     with cluster:
         view = asyncio.run(cluster.wait_ready(timeout=240, stages=3))
         cluster.view = view

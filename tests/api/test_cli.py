@@ -35,7 +35,10 @@ def test_run_finds_the_cluster_by_mdns(mesh3):
     # Other meshes may share this loopback (parallel test runs): pick ours by node id.
     ours = {n["id"]: n for n in mesh3.view["nodes"]}
     by_name = {n["name"]: n["id"] for n in ours.values()}
-    out = mesh("run", "Say hello.", "--interface", "127.0.0.1", "--node", by_name["node1"][:12],
+    # Only signed announcements of trusted nodes are used: node0 is pinned, node1 and node2 are
+    # the members it reports.
+    trust = ["--trust", by_name["node0"]]
+    out = mesh("run", "Say hello.", "--interface", "127.0.0.1", *trust, "--node", by_name["node1"][:12],
                "--max-tokens", "4", "--json")
     if out.returncode != 0 and "NoApiFound" in out.stderr:
         pytest.skip("no multicast on this loopback interface: " + out.stderr.strip())
@@ -43,8 +46,11 @@ def test_run_finds_the_cluster_by_mdns(mesh3):
     result = json.loads(out.stdout)
     assert result["api"] == mesh3.nodes[1].api
     assert result["token_ids"]
-    out = mesh("run", "Say hello.", "--interface", "127.0.0.1", "--node", by_name["node2"][:12], "--max-tokens", "4")
+    out = mesh("run", "Say hello.", "--interface", "127.0.0.1", *trust, "--node", by_name["node2"][:12],
+               "--max-tokens", "4")
     assert out.returncode == 2 and "require a key" in out.stderr  # node2 needs --api-key
+    out = mesh("run", "Say hello.", "--interface", "127.0.0.1", "--node", by_name["node1"][:12], "--max-tokens", "4")
+    assert out.returncode == 2 and "none from a node this machine trusts" in out.stderr  # nothing pinned
 
 
 def test_status_json_and_table(mesh3):
