@@ -80,6 +80,9 @@ class Context:
         self.system = cell.system
         self.self_ref = ActorRef(cell.system, cell.system.node_id, cell.name)
         self.sender: ActorRef | None = None
+        # The node id the current message arrived from, as authenticated by the link's
+        # handshake; None for a message sent on this node. Never a field the remote chose.
+        self.peer: str | None = None
 
     @property
     def name(self) -> str:
@@ -116,27 +119,27 @@ class Cell:
         self.task: asyncio.Task[None] | None = None
 
     # ---- delivery ----------------------------------------------------------------
-    def put_nowait(self, msg: Any, reply: Reply | None, sender: ActorRef | None) -> None:
+    def put_nowait(self, msg: Any, reply: Reply | None, sender: ActorRef | None, peer: str | None = None) -> None:
         if self.state in ("stopping", "dead"):
             raise ActorDead(f"actor {self.name!r} is {self.state}")
         try:
-            self.mailbox.put_nowait((msg, reply, sender))
+            self.mailbox.put_nowait((msg, reply, sender, peer))
         except asyncio.QueueFull:
             raise MailboxFull(f"mailbox of {self.name!r} is full ({self.mailbox.maxsize}); slow down or use send()") from None
 
-    async def put(self, msg: Any, reply: Reply | None, sender: ActorRef | None) -> None:
+    async def put(self, msg: Any, reply: Reply | None, sender: ActorRef | None, peer: str | None = None) -> None:
         if self.state in ("stopping", "dead"):
             raise ActorDead(f"actor {self.name!r} is {self.state}")
-        await self.mailbox.put((msg, reply, sender))
+        await self.mailbox.put((msg, reply, sender, peer))
 
     def deliver_system(self, msg: Any) -> None:
         """Runtime notifications (Terminated) wait for room rather than fail."""
         if self.state in ("stopping", "dead"):
             return
         try:
-            self.mailbox.put_nowait((msg, None, None))
+            self.mailbox.put_nowait((msg, None, None, None))
         except asyncio.QueueFull:
-            asyncio.get_running_loop().create_task(self.mailbox.put((msg, None, None)))
+            asyncio.get_running_loop().create_task(self.mailbox.put((msg, None, None, None)))
 
     # ---- life cycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -159,8 +162,8 @@ class Cell:
             item = await mailbox.get()
             if item is _STOP:
                 continue
-            msg, reply, sender = item
-            ctx.sender = sender
+            msg, reply, sender, peer = item
+            ctx.sender, ctx.peer = sender, peer
             try:
                 result = actor.receive(msg, ctx)
                 if inspect.isawaitable(result):

@@ -485,14 +485,14 @@ class ActorSystem:
                 reply(False, ActorDead(f"no actor {name!r} runs on node {self.node_id}"))
             return None
         try:
-            cell.put_nowait(msg, reply, sender)
+            cell.put_nowait(msg, reply, sender, link.peer_id)
             return None
         except MailboxFull:
-            return self._deliver_later(cell, msg, reply, sender)
+            return self._deliver_later(cell, msg, reply, sender, link.peer_id)
 
-    async def _deliver_later(self, cell: Cell, msg: Any, reply: Any, sender: ActorRef | None) -> None:
+    async def _deliver_later(self, cell: Cell, msg: Any, reply: Any, sender: ActorRef | None, peer: str | None) -> None:
         try:
-            await cell.put(msg, reply, sender)
+            await cell.put(msg, reply, sender, peer)
         except ActorDead as exc:
             if reply is not None:
                 reply(False, exc)

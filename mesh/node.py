@@ -34,7 +34,7 @@ from kernels.config import load_config
 from kernels.runner import ComputeRunner
 from kernels.tokenizer import IncrementalDetokenizer, Tokenizer
 from kernels.tokenizer.chat_template import ChatTemplateError, ChatTemplateMissing
-from mesh import models, sizing, views
+from mesh import binding, models, sizing, views
 from mesh.http.app import Api
 from mesh.http.guard import ApiPolicy
 from mesh.cluster.election import ElectionConfig
@@ -109,13 +109,17 @@ class NodeConfig:
 class _Inbox(Actor):
     """A thin actor that hands each message to the handler for its type."""
 
-    def __init__(self, handlers: dict[type, Callable[[Any], Any]]):
+    def __init__(self, handlers: dict[type, Callable[[Any], Any]],
+                 guard: Callable[[Any, str | None], bool] | None = None):
         self.handlers = handlers
+        self.guard = guard
 
     async def receive(self, msg, ctx):
         handler = self.handlers.get(type(msg))
         if handler is None:
             log.warning("message.unexpected", type=type(msg).__name__)
+            return None
+        if self.guard is not None and not self.guard(msg, ctx.peer):
             return None
         return handler(msg)
 
@@ -139,6 +143,7 @@ class Node:
         self.seed = seed
         self.system: ActorSystem | None = None
         self.cluster: ClusterService | None = None
+        self.forged: dict[str, int] = {}  # refused messages (mesh.binding) by type
         self.api: Api | None = None
         self.plan = PlanState()
         self._tasks: list[asyncio.Task] = []
@@ -237,6 +242,20 @@ class Node:
             VERIFY_ACTOR: self.verify.handlers(),
         }
 
+    def _bound(self, msg: Any, peer: str | None) -> bool:
+        """Whether ``msg`` is believed coming from the authenticated ``peer`` (mesh.binding);
+        a refusal is logged with the peer id and counted, and the node keeps serving."""
+        cluster = self.cluster
+        view = binding.View(self.node_id, cluster.term if cluster is not None else 0,
+                            cluster.coordinator if cluster is not None else None, self.plan.update)
+        reason = binding.refusal(msg, peer, view)
+        if reason is None:
+            return True
+        kind = type(msg).__name__
+        self.forged[kind] = self.forged.get(kind, 0) + 1
+        log.warning("link.forged", node=self.node_id, peer=peer, type=kind, reason=reason)
+        return False
+
     def _session_ids(self) -> Callable[[], str]:
         if self.seed is None:
             return lambda: uuid.uuid4().hex
@@ -246,7 +265,7 @@ class Node:
 
     def _spawn_inboxes(self) -> None:
         for name, handlers in self.routes().items():
-            self.system.spawn(_Inbox(handlers), name=name, mailbox_size=10_000)
+            self.system.spawn(_Inbox(handlers, self._bound), name=name, mailbox_size=10_000)
 
     async def stop(self, *, graceful: bool = True) -> None:
         """Stop the node; ``graceful``: leave the cluster first (the others do not treat it

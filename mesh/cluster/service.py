@@ -120,9 +120,11 @@ class _ClusterActor(Actor):
 
     async def receive(self, msg: Any, ctx: Any) -> None:
         if isinstance(msg, RaftWire):
-            self.service._on_raft(msg)
+            if self.service._bound(msg, msg.src, ctx.peer):
+                self.service._on_raft(msg)
         elif isinstance(msg, Heartbeat):
-            self.service._on_heartbeat(msg)
+            if self.service._bound(msg, msg.node_id, ctx.peer):
+                self.service._on_heartbeat(msg)
 
 
 class ClusterService:
@@ -148,6 +150,7 @@ class ClusterService:
         self.system = system
         self.clock = clock
         self.node_id = system.node_id
+        self.forged: dict[str, int] = {}  # messages refused as not their sender's, by kind
         if storage is None:
             storage = FileStorage(state_dir) if state_dir is not None else MemoryStorage()
         if remove_dead_after is not None and not election.remove_dead_ticks:
@@ -336,6 +339,17 @@ class ClusterService:
             self.detector.link_up(event.node_id)
         else:
             self.detector.link_down(event.node_id, self.clock.now())
+
+    def _bound(self, msg: Any, claimed: str, peer: str | None) -> bool:
+        """Raft traffic's src and a Heartbeat's node id must be the link's authenticated
+        peer: a member cannot speak for another (a forged LeaveRequest, a Heartbeat
+        rewriting another node's address). Refusals are logged and counted."""
+        if peer is None or claimed == peer:
+            return True
+        kind = type(msg).__name__ if not isinstance(msg, RaftWire) else msg.kind
+        self.forged[kind] = self.forged.get(kind, 0) + 1
+        log.warning("cluster.forged_message", node=self.node_id, peer=peer, kind=kind, claimed=claimed)
+        return False
 
     def _on_raft(self, wire: RaftWire) -> None:
         msg = from_wire(wire)

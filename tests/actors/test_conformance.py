@@ -140,3 +140,27 @@ async def test_wrong_secret_is_refused(make_system) -> None:
     with pytest.raises(ClusterSecretMismatch):
         await b.connect(*a.address)
     assert a.peers() == {} and b.peers() == {}
+
+
+class WhoSent(Actor):
+    def __init__(self) -> None:
+        self.peers: list[str | None] = []
+
+    async def receive(self, msg, ctx):
+        self.peers.append(ctx.peer)
+        return ctx.peer
+
+
+async def test_ctx_peer_is_the_links_authenticated_peer_not_a_claim(make_system) -> None:
+    """A remote cannot choose who it is to the handler: ctx.peer is the handshake's peer id
+    for tells and asks (whatever sender name the envelope carries), None for local mail."""
+    a, b = await make_system(), await make_system()
+    who = WhoSent()
+    ref = a.spawn(who, name="who")
+    await b.connect(*a.address)
+    forged_sender = b.ref(a.node_id, "who")  # a sender ref naming the receiver's own node
+    b.ref(a.node_id, "who").tell("hi", sender=forged_sender)
+    assert await b.ref(a.node_id, "who").ask("and you?", timeout=3) == b.node_id
+    ref.tell("local")
+    await until(lambda: len(who.peers) == 3, what="three messages")
+    assert who.peers == [b.node_id, b.node_id, None]

@@ -1,0 +1,77 @@
+"""mesh.binding: who may send what, given the authenticated peer (issue 17, part 1).
+
+Each test is a forged message a rogue member (a key holding the cluster secret) sends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mesh.binding import View, refusal
+from mesh.pipeline.messages import Forward, PlanReady, PlanUpdate, StageEntry, StageReady, TokenOut
+from mesh.verify.messages import NodeFlagged, Summary
+
+COORD, A, B, C, ROGUE = "coord", "a", "b", "c", "rogue"
+PLAN = PlanUpdate(3, 7, COORD, "m", [StageEntry(0, A, 0, 10, "cpu"), StageEntry(1, B, 10, 20, "cpu"),
+                                     StageEntry(2, C, 20, 30, "cpu")])
+
+
+def view(me: str = B) -> View:
+    return View(me, 3, COORD, PLAN)
+
+
+def test_plan_update_with_a_huge_version_from_a_non_coordinator_is_refused() -> None:
+    hijack = PlanUpdate(3, 10**9, ROGUE, "m", [StageEntry(0, ROGUE, 0, 30, "cpu")])
+    assert refusal(hijack, ROGUE, view())
+    naming_the_coordinator = PlanUpdate(3, 10**9, COORD, "m", [StageEntry(0, ROGUE, 0, 30, "cpu")])
+    assert refusal(naming_the_coordinator, ROGUE, view())
+    assert refusal(PlanReady(3, 10**9), ROGUE, view())
+    assert refusal(PLAN, COORD, view()) is None and refusal(PlanReady(3, 7), COORD, view()) is None
+
+
+def test_coordinator_messages_of_another_term_are_refused() -> None:
+    assert refusal(PlanUpdate(4, 1, COORD, "m", []), COORD, view())
+    assert refusal(PlanReady(2, 7), COORD, view())
+    assert refusal(PlanUpdate(3, 1, COORD, "m", []), COORD, View(B, 3, None, None))
+
+
+def test_one_node_flagged_from_a_member_does_not_evict() -> None:
+    flag = NodeFlagged(3, A, "audit failed", json.dumps({}))
+    assert refusal(flag, ROGUE, view()) and refusal(flag, A, view())
+    assert refusal(NodeFlagged(4, A, "x", "{}"), COORD, view())
+    assert refusal(flag, COORD, view()) is None
+
+
+def test_forged_summary_is_refused() -> None:
+    summary = Summary(3, 0, 0, 0, 0, 0, 0)
+    assert refusal(summary, ROGUE, view()) and refusal(summary, COORD, view()) is None
+
+
+def test_stage_ready_for_another_node_is_refused() -> None:
+    assert refusal(StageReady(3, 7, A, True), ROGUE, view(COORD))
+    assert refusal(StageReady(3, 7, A, True), A, view(COORD)) is None
+
+
+def forward(sender: str) -> Forward:
+    return Forward(3, 7, "s", 0, 0, sender, b"")
+
+
+def test_forward_only_from_the_previous_stage() -> None:
+    assert refusal(forward(A), ROGUE, view(B))  # claims to be stage 0
+    assert refusal(forward(ROGUE), ROGUE, view(B))  # honest about itself, but not stage 0
+    assert refusal(forward(C), C, view(B))
+    assert refusal(forward(A), A, view(B)) is None
+    assert refusal(forward(ROGUE), ROGUE, view(A)) is None  # the head takes new sessions from serving nodes
+
+
+def test_token_out_only_from_the_last_stage() -> None:
+    token = TokenOut(3, 7, "s", 0, 42)
+    assert refusal(token, ROGUE, view(A)) and refusal(token, B, view(A))
+    assert refusal(token, ROGUE, View(A, 3, COORD, None))
+    assert refusal(token, C, view(A)) is None
+
+
+@pytest.mark.parametrize("msg", [PLAN, PlanReady(3, 7), NodeFlagged(3, A, "", "{}"), TokenOut(3, 7, "s", 0, 1)])
+def test_local_messages_are_not_checked(msg) -> None:
+    assert refusal(msg, None, View(B, 0, None, None)) is None
