@@ -116,6 +116,11 @@ async def find_api(args: argparse.Namespace) -> str:
     key = api_key(args)
     trusted = await trusted_hints(hints, pins, key)
     if not trusted:
+        # The first answers are not always the trusted node's (a busy node, or a stranger that
+        # answers fast): browse the whole window before giving up.
+        hints = await find_apis(interfaces, timeout=args.discover_timeout, settle=None) or hints
+        trusted = await trusted_hints(hints, pins, key)
+    if not trusted:
         seen = ", ".join(f"{h.name or '?'} {h.node_id[:16] or '?'} at {h.url} "
                          f"({'signed, not a known member' if h.verified else 'not validly signed'})" for h in hints)
         raise NoApiFound(f"found mesh API announcements on {', '.join(interfaces)}, but none from a node this "
