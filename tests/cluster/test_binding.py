@@ -7,6 +7,9 @@ is refused, logged with the peer id (`cluster.forged_message`) and counted.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import pytest
 from actors import ActorSystem, MemoryNetwork, NodeIdentity
 
@@ -26,20 +29,33 @@ async def rogue_on(net: MemoryNetwork, target: str = "h0:7000") -> tuple[ActorSy
     return rogue, rogue.node_id
 
 
-def member(service: ClusterService, node_id: str):
-    return next(x for x in service.members() if x.node_id == node_id)
-
-
-async def test_forged_heartbeat_naming_another_node_does_not_rewrite_its_address() -> None:
+@contextlib.asynccontextmanager
+async def formed_with_rogue(target: str) -> AsyncIterator[tuple[ClusterService, ClusterService, ActorSystem]]:
+    """A formed 3-node memory cluster, its leader, and a rogue linked to the leader or
+    (``target="follower"``) to a follower: yields (leader, the rogue's peer or a follower, rogue)."""
     net = MemoryNetwork()
     services = await memory_cluster(3, net)
     rogue = None
     try:
         await until(lambda: agreed(services, 3), 10, "3 nodes to form")
         leader = next(s for s in services if s.is_coordinator)
-        victim = next(s for s in services if s is not leader)
+        other = next(s for s in services if s is not leader)
+        peer = leader if target == "leader" else other
+        rogue, _ = await rogue_on(net, f"{peer.system.address[0]}:{peer.system.address[1]}")
+        yield leader, other, rogue
+    finally:
+        if rogue is not None:
+            await rogue.stop()
+        await shutdown(services)
+
+
+def member(service: ClusterService, node_id: str):
+    return next(x for x in service.members() if x.node_id == node_id)
+
+
+async def test_forged_heartbeat_naming_another_node_does_not_rewrite_its_address() -> None:
+    async with formed_with_rogue("leader") as (leader, victim, rogue):
         before = member(leader, victim.node_id)
-        rogue, rogue_id = await rogue_on(net, f"{leader.system.address[0]}:{leader.system.address[1]}")
         forged = Heartbeat(victim.node_id, "evil", "10.6.6.6", 6666, free_memory=1 << 50, speed=1e9, api_port=6667)
         for _ in range(5):
             rogue.ref(leader.node_id, ACTOR_NAME).tell(forged)
@@ -47,48 +63,22 @@ async def test_forged_heartbeat_naming_another_node_does_not_rewrite_its_address
         after = member(leader, victim.node_id)
         assert after.address == before.address and after.address != ("10.6.6.6", 6666)
         assert after.api_port != 6667 and after.speed != 1e9
-    finally:
-        if rogue is not None:
-            await rogue.stop()
-        await shutdown(services)
 
 
 async def test_forged_leave_request_does_not_remove_a_voter() -> None:
-    net = MemoryNetwork()
-    services = await memory_cluster(3, net)
-    rogue = None
-    try:
-        await until(lambda: agreed(services, 3), 10, "3 nodes to form")
-        leader = next(s for s in services if s.is_coordinator)
-        victim = next(s for s in services if s is not leader)
-        rogue, _ = await rogue_on(net, f"{leader.system.address[0]}:{leader.system.address[1]}")
+    async with formed_with_rogue("leader") as (leader, victim, rogue):
         rogue.ref(leader.node_id, ACTOR_NAME).tell(to_wire(m.LeaveRequest(victim.node_id)))
         await until(lambda: leader.forged.get("leave", 0) >= 1, 5, "the forged leave refused")
         await settle(200)
         assert victim.node_id in leader.election.voters and len(leader.election.voters) == 3
-    finally:
-        if rogue is not None:
-            await rogue.stop()
-        await shutdown(services)
 
 
 @pytest.mark.parametrize("kind", ["vote", "append"])
 async def test_forged_raft_src_is_refused(kind: str) -> None:
-    net = MemoryNetwork()
-    services = await memory_cluster(3, net)
-    rogue = None
-    try:
-        await until(lambda: agreed(services, 3), 10, "3 nodes to form")
-        leader = next(s for s in services if s.is_coordinator)
-        follower = next(s for s in services if s is not leader)
+    async with formed_with_rogue("follower") as (leader, follower, rogue):
         term = follower.term
-        rogue, _ = await rogue_on(net, f"{follower.system.address[0]}:{follower.system.address[1]}")
         msg = (m.VoteRequest(term + 5, leader.node_id, 10**6, term + 4, False) if kind == "vote"
                else m.Append(term + 5, leader.node_id, 0, 0, (), 0))
         rogue.ref(follower.node_id, ACTOR_NAME).tell(to_wire(msg))
         await until(lambda: follower.forged.get(kind, 0) >= 1, 5, "the forged raft message refused")
         assert follower.term < term + 5
-    finally:
-        if rogue is not None:
-            await rogue.stop()
-        await shutdown(services)
