@@ -10,6 +10,10 @@ to be believed given who sent it and what this node knows, or None to accept it.
 - StageReady speaks only about its sender; a Forward's `sender` field is its sender, and
   on a plan this node knows, a stage past the first takes Forwards only from the stage
   before it; a TokenOut comes only from the last stage of the plan.
+- Verification speaks only for its sender: a CommitBatch's `node`, every result in an
+  AuditReport (its `auditor`) and a WireFault's `reporter` are the peer; an AuditRequest
+  comes only from the coordinator. (The ledger then ties each result to the auditor it
+  assigned, so no one reports in another auditor's name.)
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.pipeline.messages import Forward, PlanReady, PlanUpdate, StageReady, TokenOut
-from mesh.verify.messages import NodeFlagged, Summary
+from mesh.verify.messages import AuditReport, AuditRequest, CommitBatch, NodeFlagged, Summary, WireFault
 
 COORDINATOR_ONLY = (PlanUpdate, PlanReady, NodeFlagged, Summary)
 
@@ -47,6 +51,17 @@ def refusal(msg: Any, peer: str | None, view: View) -> str | None:
         return None
     if isinstance(msg, StageReady):
         return None if msg.node == peer else f"StageReady for {msg.node} sent by {peer}"
+    if isinstance(msg, CommitBatch):
+        return None if msg.node == peer else f"CommitBatch of {msg.node} sent by {peer}"
+    if isinstance(msg, WireFault):
+        return None if msg.reporter == peer else f"WireFault reported by {msg.reporter}, sent by {peer}"
+    if isinstance(msg, AuditReport):
+        others = sorted({str(r.auditor) for r in msg.results if r.auditor != peer})
+        return f"AuditReport with results of {others[:3]}, sent by {peer}" if others else None
+    if isinstance(msg, AuditRequest):
+        if view.coordinator is None or peer != view.coordinator:
+            return f"AuditRequest from {peer}, not the coordinator ({view.coordinator})"
+        return None
     plan = view.plan
     if isinstance(msg, Forward):
         if msg.sender != peer:

@@ -10,7 +10,7 @@ import pytest
 
 from mesh.binding import View, refusal
 from mesh.pipeline.messages import Forward, PlanReady, PlanUpdate, StageEntry, StageReady, TokenOut
-from mesh.verify.messages import NodeFlagged, Summary
+from mesh.verify.messages import AuditReport, AuditRequest, AuditResult, CommitBatch, NodeFlagged, Summary, WireFault
 
 COORD, A, B, C, ROGUE = "coord", "a", "b", "c", "rogue"
 PLAN = PlanUpdate(3, 7, COORD, "m", [StageEntry(0, A, 0, 10, "cpu"), StageEntry(1, B, 10, 20, "cpu"),
@@ -75,3 +75,33 @@ def test_token_out_only_from_the_last_stage() -> None:
 @pytest.mark.parametrize("msg", [PLAN, PlanReady(3, 7), NodeFlagged(3, A, "", "{}"), TokenOut(3, 7, "s", 0, 1)])
 def test_local_messages_are_not_checked(msg) -> None:
     assert refusal(msg, None, View(B, 0, None, None)) is None
+
+
+def result(auditor: str, round_: int = 2, ok: bool = False, inconclusive: bool = False) -> AuditResult:
+    return AuditResult(11, round_, auditor, A, "s", 4, ok, "forged", 1.0, 1.0, "torch", inconclusive)
+
+
+def test_first_auditor_cannot_report_round_two_in_the_second_auditors_name() -> None:
+    # the second auditor of a step is public (auditor_order) and round 2 reuses the audit id
+    assert refusal(AuditReport([result(C)]), B, view(COORD))
+    assert refusal(AuditReport([result(B, 1, ok=True), result(C)]), B, view(COORD))  # one forged row spoils it
+    assert refusal(AuditReport([result(C)]), C, view(COORD)) is None
+
+
+def test_audited_node_cannot_spray_inconclusive_results() -> None:
+    spray = AuditReport([result(B, 1, inconclusive=True), result(C, 1, inconclusive=True)])
+    assert refusal(spray, A, view(COORD))
+
+
+def test_wire_fault_reported_in_another_nodes_name_is_refused() -> None:
+    fault = WireFault(3, 7, C, A, "s", 0, b"x", b"y")  # "C received corrupt bytes from A"
+    assert refusal(fault, ROGUE, view(COORD)) and refusal(fault, B, view(COORD))
+    assert refusal(fault, C, view(COORD)) is None
+
+
+def test_commit_batch_of_another_node_and_audit_request_from_a_member_are_refused() -> None:
+    batch = CommitBatch(3, 7, 0, 0, 10, A, b"k", "torch", "quant", b"w", [], b"r", b"s")
+    assert refusal(batch, ROGUE, view(COORD)) and refusal(batch, A, view(COORD)) is None
+    request = AuditRequest([1], 1, "s", [0], batch, [], 3)
+    assert refusal(request, ROGUE, view(C)) and refusal(request, A, view(C))
+    assert refusal(request, COORD, view(C)) is None
