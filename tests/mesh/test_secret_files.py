@@ -42,6 +42,16 @@ def test_a_guessable_secret_is_refused(tmp_path, weak):
     assert "too guessable" in str(err.value) and "mesh secret new" in str(err.value)
 
 
+@pytest.mark.parametrize("phrase", [
+    "correct horse battery staple, my kitchen has seven blue chairs and a cat",
+    "The quick brown fox jumps over the lazy dog while the neighbour plays trumpet at 3am",
+])
+def test_a_long_english_passphrase_is_accepted(tmp_path, phrase):
+    # the estimate must not refuse what a person would reasonably type as a passphrase
+    path = secret_file(tmp_path / "secret", phrase)
+    assert config_from_args(join_args("--secret-file", str(path))).secret == phrase.encode()
+
+
 def test_mesh_secret_new_writes_a_secret_that_is_accepted(tmp_path):
     path = tmp_path / "dir" / "secret"
     write_secret(path)
