@@ -56,8 +56,8 @@ def refusal(msg: Any, peer: str | None, view: View) -> str | None:
     if isinstance(msg, WireFault):
         return None if msg.reporter == peer else f"WireFault reported by {msg.reporter}, sent by {peer}"
     if isinstance(msg, AuditReport):
-        others = sorted({str(r.auditor) for r in msg.results if r.auditor != peer})
-        return f"AuditReport with results of {others[:3]}, sent by {peer}" if others else None
+        other = next((r.auditor for r in msg.results if r.auditor != peer), None)
+        return None if other is None else f"AuditReport with a result of {other}, sent by {peer}"
     if isinstance(msg, AuditRequest):
         if view.coordinator is None or peer != view.coordinator:
             return f"AuditRequest from {peer}, not the coordinator ({view.coordinator})"
