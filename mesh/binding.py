@@ -11,7 +11,8 @@ to be believed given who sent it and what this node knows, or None to accept it.
   on a plan this node knows, a stage past the first takes Forwards only from the stage
   before it; a TokenOut comes only from the last stage of the plan.
 - Verification speaks only for its sender: a CommitBatch's `node`, every result in an
-  AuditReport (its `auditor`) and a WireFault's `reporter` are the peer; an AuditRequest
+  AuditReport (its `auditor`) and a WireFault's `reporter` are the peer; a WireFault is
+  about the current plan and comes from a stage about the node before it; an AuditRequest
   comes only from the coordinator. (The ledger then ties each result to the auditor it
   assigned, so no one reports in another auditor's name.)
 """
@@ -37,6 +38,20 @@ class View:
     plan: PlanUpdate | None
 
 
+def _wire_fault_refusal(msg: WireFault, peer: str, plan: PlanUpdate | None) -> str | None:
+    """A wire fault is evidence only from the stage that received the bytes, on the
+    current plan, about the node that sends it Forwards: the stage before it (for the
+    head, the serving node, which any member may be)."""
+    if plan is None or (plan.term, plan.version) != (msg.term, msg.version):
+        return f"WireFault on plan {msg.term}.{msg.version}, not the current plan"
+    mine = [s.index for s in plan.stages if s.node == peer]
+    if not mine:
+        return f"WireFault from {peer}, which holds no stage"
+    if min(mine) > 0 and msg.sender not in {s.node for s in plan.stages if s.index == min(mine) - 1}:
+        return f"WireFault from {peer} about {msg.sender}, which is not the stage before it"
+    return None
+
+
 def refusal(msg: Any, peer: str | None, view: View) -> str | None:
     """Why `msg` from authenticated `peer` is refused, or None to accept it."""
     if peer is None:  # sent on this node
@@ -54,7 +69,9 @@ def refusal(msg: Any, peer: str | None, view: View) -> str | None:
     if isinstance(msg, CommitBatch):
         return None if msg.node == peer else f"CommitBatch of {msg.node} sent by {peer}"
     if isinstance(msg, WireFault):
-        return None if msg.reporter == peer else f"WireFault reported by {msg.reporter}, sent by {peer}"
+        if msg.reporter != peer:
+            return f"WireFault reported by {msg.reporter}, sent by {peer}"
+        return _wire_fault_refusal(msg, peer, view.plan)
     if isinstance(msg, AuditReport):
         other = next((r.auditor for r in msg.results if r.auditor != peer), None)
         return None if other is None else f"AuditReport with a result of {other}, sent by {peer}"

@@ -96,7 +96,15 @@ def test_audited_node_cannot_spray_inconclusive_results() -> None:
 def test_wire_fault_reported_in_another_nodes_name_is_refused() -> None:
     fault = WireFault(3, 7, C, A, "s", 0, b"x", b"y")  # "C received corrupt bytes from A"
     assert refusal(fault, ROGUE, view(COORD)) and refusal(fault, B, view(COORD))
-    assert refusal(fault, C, view(COORD)) is None
+    assert refusal(fault, C, view(COORD))  # C takes its Forwards from B, not A
+    assert refusal(WireFault(3, 7, C, B, "s", 0, b"x", b"y"), C, view(COORD)) is None
+
+
+def test_a_member_cannot_flag_a_node_with_wire_faults_in_its_own_name() -> None:
+    # two reports flag their subject: only the stage that receives its bytes may report it
+    assert refusal(WireFault(3, 7, ROGUE, A, "s", 0, b"x", b"y"), ROGUE, view(COORD))  # holds no stage
+    assert refusal(WireFault(3, 8, C, B, "s", 0, b"x", b"y"), C, view(COORD))  # another plan
+    assert refusal(WireFault(3, 7, A, ROGUE, "s", 0, b"x", b"y"), A, view(COORD)) is None  # head: a serving node
 
 
 def test_commit_batch_of_another_node_and_audit_request_from_a_member_are_refused() -> None:
