@@ -169,7 +169,9 @@ async def test_a_flood_of_generations_gets_429_and_the_node_keeps_serving(serve)
     backend = FakeBackend(release=asyncio.Event())
     s = await serve(backend=backend, policy=ApiPolicy(max_generations=2, max_queue=3))
     flood = [asyncio.ensure_future(call("POST", s.url + "/v1/chat/completions", json_body=CHAT)) for _ in range(12)]
-    await until(lambda: sum(f.done() for f in flood) == 7)  # refused while the admitted ones still wait
+    # refused while the admitted ones still wait; an admitted request reaches the backend
+    # only after its tokenization on a thread, so wait for that too
+    await until(lambda: sum(f.done() for f in flood) == 7 and backend.generations == 2)
     refused = [f.result() for f in flood if f.done()]
     assert len(refused) == 7 and all(r[0] == 429 for r in refused)
     assert refused[0][2]["Retry-After"] == "1" and json.loads(refused[0][1])["error"]["code"] == "too_many_requests"
