@@ -31,6 +31,28 @@ class ClusterStartFailed(MeshError):
     pass
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int):
+    """A preexec function: on Linux the child gets SIGKILL when the launcher dies (a killed
+    pytest or demo must not leave `mesh join` processes holding GBs). The signal follows
+    the thread that forked, so spawn from a long-lived thread (every caller here uses the
+    main one). Elsewhere: None, and `stop()` is the only cleanup."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return arm
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -109,7 +131,7 @@ class LocalCluster:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = open(node.log_path, "ab")
         node.proc = subprocess.Popen(node.args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
         log.close()
 
     def restart(self, index: int) -> None:
