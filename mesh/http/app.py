@@ -9,12 +9,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import structlog
 from aiohttp import web
 
-from mesh.http.guard import COOKIE, Admission, ApiPolicy, Guard, Refused, TooBusy, dashboard_cookie
+from mesh.http.guard import COOKIE, Admission, ApiPolicy, ClientGone, Guard, Refused, TooBusy, dashboard_cookie
 from mesh.http.requests import FieldError, HttpStats, StopMatcher, parse_messages, parse_params
 from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
@@ -32,6 +32,11 @@ class ServingBackend(Protocol):
     def generate_stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[TokenEvent]: ...
     def metrics_text(self) -> str: ...
     def mesh_info(self) -> dict: ...
+
+
+def _client_gone(request: web.Request) -> Callable[[], bool]:
+    """Whether the client of ``request`` has closed its connection."""
+    return lambda: request.transport is None or request.transport.is_closing()
 
 
 def _error(status: int, message: str, kind: str, *, param: str | None = None, code: str | None = None) -> web.Response:
@@ -173,6 +178,8 @@ class Api:
             raise
         except Refused as exc:
             return _error(exc.status, str(exc), "invalid_request_error", code=exc.code)
+        except ClientGone:
+            return web.Response(status=499, text="client closed request")  # no one reads it; counted in /metrics
         except TooBusy as exc:
             response = _error(429, f"this node is busy: {exc}", "rate_limit_error", code="too_many_requests")
             response.headers["Retry-After"] = "1"
@@ -234,7 +241,7 @@ class Api:
         messages = parse_messages(body)
         params, stops = parse_params(body)
         self.guard.check_prompt(sum(len(m["content"].encode()) for m in messages))
-        async with self.admission.slot():
+        async with self.admission.slot(gone=_client_gone(request)):
             prompt_ids = await self._off_loop(self.backend.encode_chat, messages)
             return await self._respond(request, body, prompt_ids, params, stops, chat=True)
 
@@ -250,7 +257,7 @@ class Api:
             raise FieldError("prompt", "'prompt' must be a string")
         params, stops = parse_params(body)
         self.guard.check_prompt(len(prompt.encode()))
-        async with self.admission.slot():
+        async with self.admission.slot(gone=_client_gone(request)):
             prompt_ids = await self._off_loop(self.backend.encode_text, prompt)
             return await self._respond(request, body, prompt_ids, params, stops, chat=False)
 

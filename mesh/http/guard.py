@@ -28,7 +28,7 @@ import hmac
 import ipaddress
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable, Mapping
+from typing import AsyncIterator, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 LOOPBACK_NAMES = ("localhost",)
@@ -180,6 +180,13 @@ class TooBusy(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client closed its connection while its generation waited for a slot."""
+
+
+GONE_POLL_S = 0.1  # how often a queued generation checks that its client is still there
+
+
 class Admission:
     """At most ``limit`` generations at once and ``queue`` more waiting; the rest are refused.
 
@@ -191,11 +198,14 @@ class Admission:
         self.active = 0
         self.waiting = 0
         self.refused = 0
+        self.abandoned = 0  # queued generations whose client left before their turn
         self._free = asyncio.Condition()
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self._acquire()
+    async def slot(self, gone: Callable[[], bool] = lambda: False) -> AsyncIterator[None]:
+        """A generation slot. ``gone`` says the client has left: a waiter that sees it
+        gives its place up at once (ClientGone), rather than at the queue timeout."""
+        await self._acquire(gone)
         try:
             yield
         finally:
@@ -203,7 +213,7 @@ class Admission:
                 self.active -= 1
                 self._free.notify_all()  # not notify(1): a waiter that just timed out would swallow it
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, gone: Callable[[], bool]) -> None:
         if self.active < self.limit and self.waiting == 0:
             self.active += 1
             return
@@ -211,12 +221,22 @@ class Admission:
             self.refused += 1
             raise TooBusy(f"{self.active} generations running and {self.waiting} waiting; retry shortly")
         self.waiting += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_timeout_s
         try:
             async with self._free:
-                await asyncio.wait_for(self._free.wait_for(lambda: self.active < self.limit), self.queue_timeout_s)
+                while self.active >= self.limit:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        self.refused += 1
+                        raise TooBusy(f"no generation slot within {self.queue_timeout_s:g}s; retry shortly")
+                    try:  # wake for a free slot, or every GONE_POLL_S to see whether the client left
+                        await asyncio.wait_for(self._free.wait(), min(left, GONE_POLL_S))
+                    except asyncio.TimeoutError:
+                        pass
+                    if gone():
+                        self.abandoned += 1
+                        raise ClientGone("the client left while its generation was queued")
                 self.active += 1
-        except asyncio.TimeoutError:
-            self.refused += 1
-            raise TooBusy(f"no generation slot within {self.queue_timeout_s:g}s; retry shortly") from None
         finally:
             self.waiting -= 1

@@ -197,6 +197,24 @@ async def test_a_queued_generation_gives_up_with_429(serve):
     assert (await first)[0] == 200
 
 
+async def test_a_queued_generation_whose_client_leaves_frees_its_place_at_once(serve):
+    # One running, the queue full: a client that gives up while queued must not hold its
+    # place (and later generate for no one) for the 30 s queue timeout.
+    backend = FakeBackend(release=asyncio.Event())
+    s = await serve(backend=backend, policy=ApiPolicy(max_generations=1, max_queue=1, queue_timeout_s=30.0))
+    first = asyncio.ensure_future(call("POST", s.url + "/v1/chat/completions", json_body=CHAT))
+    await until(lambda: backend.generations == 1)
+    leaver = asyncio.ensure_future(call("POST", s.url + "/v1/chat/completions", json_body=CHAT))
+    await until(lambda: s.api.admission.waiting == 1)
+    leaver.cancel()  # the client closes its connection
+    await until(lambda: s.api.admission.waiting == 0, timeout=2.0, what="the queue to drop the leaver")
+    queued = asyncio.ensure_future(call("POST", s.url + "/v1/chat/completions", json_body=CHAT))
+    await until(lambda: s.api.admission.waiting == 1)  # its place went to the next client
+    backend.release.set()
+    assert (await first)[0] == 200 and (await queued)[0] == 200
+    assert backend.generations == 2  # no generation ran for the client that left
+
+
 def _raw(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     return sock
