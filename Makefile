@@ -23,12 +23,10 @@ model: $(STAMP)
 demo: setup
 	$(BIN)/python -m mesh demo
 
-# Three pytest processes: the in-process meshes and the real-model checks each hold GBs of
-# layers, and one process would carry them all at once.
+# Every test, as two lanes of pytest processes side by side (tests/lanes.py): the
+# real-process tests beside the kernel checks and then the in-process meshes.
 test: setup
-	$(BIN)/python -m pytest -q tests --ignore=tests/inproc --ignore=tests/kernels
-	$(BIN)/python -m pytest -q tests/inproc
-	$(BIN)/python -m pytest -q tests/kernels
+	$(BIN)/python tests/lanes.py
 
 # The edit-run loop: everything but the slow tests (real processes, namespaces, large models).
 test-fast: setup

@@ -10,6 +10,14 @@ from typing import Any
 import pytest
 
 from actors.clock import VirtualTimeLoop
+from memory_lock import exclusive
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _memory_heavy() -> Iterator[None]:
+    """The in-process meshes hold GBs: never beside the real-model checks (tests/lanes.py)."""
+    with exclusive():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from kernels.config import load_config
 from kernels.loader import load_stage
 from kernels.sampling import GREEDY, SamplingParams, probabilities, sample, uniform
 from kernels.stage import Stage, StageSpec, StepInput
+from memory_lock import exclusive
 from reference_cache import cached_reference
 
 torch = pytest.importorskip("torch")
@@ -70,6 +71,13 @@ def real_model(name: str) -> Path:
 
 
 _loaded: dict[tuple, object] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _memory_heavy():
+    """The real models hold GBs: never beside the in-process meshes (tests/lanes.py)."""
+    with exclusive():
+        yield
 
 
 @pytest.fixture(scope="module", params=["gemma-3-270m", "qwen2.5-coder-0.5b"])
