@@ -95,8 +95,8 @@ def serves_single_device_tokens(mesh, vrun, reference) -> None:
     assert vrun(mesh.tokens(REQ.prompt, node=0, max_tokens=TOKENS)) == reference.tokens(REQ)
 
 
-def stage0_and_session(honest, rogue):
-    """The head (its inputs are the prompt), one session it holds, and who audits it."""
+def stage0_and_session(honest):
+    """The head (its inputs are the prompt), and the last session it committed steps of."""
     head = next(n for n in honest if n.plan.update.stages[0].node == n.node_id)
     (session, epoch), _ = next(iter(reversed(head.verify.recorder.sessions.items())))
     return head, session, epoch
@@ -176,7 +176,7 @@ def test_forged_heartbeat_about_another_node_does_not_move_it(world, vrun, refer
 
 def test_audit_fetch_of_the_prompt_from_a_non_auditor_is_refused(world, vrun):
     mesh, honest, rogue, _ = world
-    head, session, epoch = stage0_and_session(honest, rogue)
+    head, session, epoch = stage0_and_session(honest)
 
     async def attack():  # on the loop: membership reads the loop's (virtual) clock
         auditors = head.verify.fetchers(AuditFetch(epoch.term, epoch.version, session, 0, 0))
@@ -200,7 +200,7 @@ def binding_off(monkeypatch):
 
 def test_without_the_binding_a_non_auditor_reads_the_prompt(world, vrun, binding_off):
     mesh, honest, rogue, _ = world
-    head, session, epoch = stage0_and_session(honest, rogue)
+    head, session, epoch = stage0_and_session(honest)
     reply = vrun(rogue.system.ref(head.node_id, VERIFY_ACTOR).ask(
         AuditFetch(epoch.term, epoch.version, session, 0, 0), timeout=5.0))
     assert isinstance(reply, AuditData) and reply.ok
