@@ -106,10 +106,18 @@ class NodeConfig:
         return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
 
 
+@dataclass(frozen=True)
+class WithPeer:
+    """A route whose handler is also told the authenticated peer that sent the message
+    (None: sent on this node), for a check only the handler can make."""
+
+    handler: Callable[[Any, str | None], Any]
+
+
 class _Inbox(Actor):
     """A thin actor that hands each message to the handler for its type."""
 
-    def __init__(self, handlers: dict[type, Callable[[Any], Any]],
+    def __init__(self, handlers: dict[type, Callable[[Any], Any] | WithPeer],
                  guard: Callable[[Any, str | None], bool] | None = None):
         self.handlers = handlers
         self.guard = guard
@@ -121,6 +129,8 @@ class _Inbox(Actor):
             return None
         if self.guard is not None and not self.guard(msg, ctx.peer):
             return None
+        if isinstance(handler, WithPeer):
+            return handler.handler(msg, ctx.peer)
         return handler(msg)
 
 
@@ -229,13 +239,13 @@ class Node:
         verification off. A subclass may wrap it (a test's wire faults do)."""
         return self.verify.observer
 
-    def routes(self) -> dict[str, dict[type, Callable[[Any], Any]]]:
+    def routes(self) -> dict[str, dict[type, Callable[[Any], Any] | WithPeer]]:
         """The actors peers address, and which part handles each message they take. A
         subclass may replace handlers (a test's rogue node does)."""
         return {
             STAGE_ACTOR: {PlanUpdate: self._on_plan_update, PlanReady: self._on_plan_ready,
                           Forward: self.stage_host.on_forward, TokenOut: self.stage_host.on_token,
-                          Retransmit: self._on_retransmit, EndSession: self.stage_host.on_end},
+                          Retransmit: WithPeer(self._on_retransmit), EndSession: WithPeer(self._on_end)},
             SERVE_ACTOR: {TokenOut: self.serving.on_token, SessionFailed: self.serving.on_failed,
                           StepLost: self.serving.on_step_lost},
             COORD_ACTOR: {StageReady: self.coordinator.on_stage_ready},
@@ -247,14 +257,25 @@ class Node:
         a refusal is logged with the peer id and counted, and the node keeps serving."""
         cluster = self.cluster
         view = binding.View(self.node_id, cluster.term if cluster is not None else 0,
-                            cluster.coordinator if cluster is not None else None, self.plan.update)
+                            cluster.coordinator if cluster is not None else None, self.plan.update,
+                            fetchers=self.verify.fetchers, serve_node=self._serve_node)
         reason = binding.refusal(msg, peer, view)
         if reason is None:
             return True
+        self._refused(msg, peer, reason)
+        return False
+
+    def _refused(self, msg: Any, peer: str | None, reason: str) -> None:
         kind = type(msg).__name__
         self.forged[kind] = self.forged.get(kind, 0) + 1
         log.warning("link.forged", node=self.node_id, peer=peer, type=kind, reason=reason)
-        return False
+
+    def _serve_node(self, session: str) -> str | None:
+        """The node serving ``session``, if this node knows: itself, or what its stage was told."""
+        if session in self.serving.sessions:
+            return self.node_id
+        meta = self.stage_host.meta.get(session)
+        return meta.serve_node if meta is not None else None
 
     def _session_ids(self) -> Callable[[], str]:
         if self.seed is None:
@@ -404,9 +425,14 @@ class Node:
         self.serving.on_plan_ready()
         self.verify.on_plan_ready(self.plan.update)
 
-    def _on_retransmit(self, msg: Retransmit) -> None:
-        self.stage_host.on_retransmit(msg)
-        self.serving.on_retransmit(msg)
+    def _on_retransmit(self, msg: Retransmit, peer: str | None) -> None:
+        self.stage_host.on_retransmit(msg, peer)
+        self.serving.on_retransmit(msg, peer)
+
+    def _on_end(self, msg: EndSession, peer: str | None) -> None:
+        reason = self.stage_host.on_end(msg, peer)
+        if reason is not None:
+            self._refused(msg, peer, reason)
 
     # -- serving ----------------------------------------------------------------------
 

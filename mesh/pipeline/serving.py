@@ -178,12 +178,14 @@ class Serving:
         if session is not None and not session.done:
             session.events.put_nowait(SessionError(msg.error))
 
-    def on_retransmit(self, msg: Retransmit) -> None:
+    def on_retransmit(self, msg: Retransmit, peer: str | None = None) -> None:
+        """``peer`` (None: this node) asks for the session's last Forward again: only the
+        head, where it went, may."""
         session = self.sessions.get(msg.session)
         if session is None or session.last_forward is None or session.last_forward.step != msg.step:
             return
         plan = self.plan()
-        if plan is not None and session.epoch == plan.epoch:
+        if plan is not None and session.epoch == plan.epoch and (peer or self.node_id) == plan.stage_nodes[0]:
             self.send(plan.stage_nodes[0], "stage", session.last_forward)
 
     def check_stalls(self, now: float | None = None) -> int:

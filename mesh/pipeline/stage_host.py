@@ -147,7 +147,7 @@ class StageHost:
         self._task: asyncio.Task | None = None
         self._loading: asyncio.Lock = asyncio.Lock()
         self._to_free: list[str] = []
-        self._ended: dict[str, None] = {}  # recently ended sessions, oldest first (bounded)
+        self._ended: dict[str, set[str]] = {}  # recently ended sessions -> who ended them, oldest first (bounded)
         self._releases: set[asyncio.Future] = set()
         self._ready: StageReady | None = None
 
@@ -241,8 +241,15 @@ class StageHost:
             self.send(msg.sender, STAGE_ACTOR, Retransmit(msg.term, msg.version, msg.session, msg.step,
                                                           "digest mismatch"))
             return
-        if msg.session in self._ended:
-            return  # the session's EndSession overtook this step: caching it would leak
+        enders = self._ended.get(msg.session)
+        if enders is not None:
+            if msg.meta is None or msg.meta.serve_node in enders:
+                return  # the session's EndSession overtook this step: caching it would leak
+            # ended only by nodes that do not serve it: no end at all
+            for ender in sorted(enders):
+                log.warning("link.forged", node=self.node_id, peer=ender, type="EndSession",
+                            reason=f"ended session {msg.session} before its prefill, but {msg.meta.serve_node} serves it")
+            del self._ended[msg.session]
         if msg.meta is not None:
             self.meta[msg.session] = msg.meta
             self.front[msg.session] = max(self.front.get(msg.session, -1), msg.step)
@@ -264,17 +271,27 @@ class StageHost:
                       sender=self.node_id, digest=tensor_digest(tokens), tokens=tokens)
         self.queue.put_nowait(_Work(fwd, tokens))
 
-    def on_retransmit(self, msg: Retransmit) -> None:
+    def on_retransmit(self, msg: Retransmit, peer: str | None = None) -> None:
+        """``peer`` asks for the step again (None: this node): only the node it went to may."""
         sent = self.last_sent.get(msg.session)
         if sent is None or sent[1].step != msg.step or Epoch.of(msg) != self.epoch:
+            return
+        if sent[0] != (peer or self.node_id):
             return
         self.stats.retransmits_sent += 1
         log.info("forward.retransmit", session=msg.session, step=msg.step, reason=msg.reason)
         self.send(sent[0], STAGE_ACTOR, sent[1])  # the clean copy: faults apply to the wire only
 
-    def on_end(self, msg: EndSession) -> None:
+    def on_end(self, msg: EndSession, peer: str | None = None) -> str | None:
+        """``peer`` (None: this node) ends a session: only its serving node may. Returns why
+        the end is refused, or None. The end of a session not seen yet (it overtook the
+        prefill) is kept with its sender, and holds only if the prefill names it as serving."""
+        ender = peer or self.node_id
+        meta = self.meta.get(msg.session)
+        if meta is not None and meta.serve_node != ender:
+            return f"EndSession of session {msg.session} from {ender}, but {meta.serve_node} serves it"
         self.observer.on_end(msg.session, self.epoch)
-        self._ended[msg.session] = None
+        self._ended.setdefault(msg.session, set()).add(ender)
         if len(self._ended) > 4096:
             del self._ended[next(iter(self._ended))]
         self._free(msg.session)
@@ -282,6 +299,7 @@ class StageHost:
             release = asyncio.ensure_future(self.runner.run(self._release, self.stage, self._take_frees()))
             self._releases.add(release)
             release.add_done_callback(self._releases.discard)
+        return None
 
     def _free(self, session: str) -> None:
         self.meta.pop(session, None)

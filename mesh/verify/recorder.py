@@ -44,6 +44,7 @@ RETAIN_BYTES = 1024 * 2 ** 20  # VerifyConfig.retain_mb
 @dataclass
 class _SessionLog:
     epoch: Epoch
+    stage: StageEntry | None = None  # the stage of the plan that committed these steps
     inputs: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)  # step -> (start_pos, tensor)
     outputs: OrderedDict = field(default_factory=OrderedDict)  # step -> committed output
     pending: list[StepRecord] = field(default_factory=list)
@@ -167,6 +168,11 @@ class StageRecorder:
                          np.concatenate([s.inputs[k][1] for k in steps]), wanted, [len(o) for o in outputs],
                          np.concatenate(outputs), sampling=s.sampling)
 
+    def stage_of(self, session: str, epoch: Epoch) -> StageEntry | None:
+        """The stage that committed ``session``'s steps on ``epoch``'s plan, if this node holds them."""
+        s = self.sessions.get((session, epoch))
+        return s.stage if s is not None else None
+
     # -- internals ----------------------------------------------------------------------
 
     def _cheats(self) -> bool:
@@ -183,7 +189,7 @@ class StageRecorder:
         key = (session, epoch)
         s = self.sessions.get(key)
         if s is None:
-            s = self.sessions[key] = _SessionLog(epoch)
+            s = self.sessions[key] = _SessionLog(epoch, self.entry)
         self.sessions.move_to_end(key)
         while len(self.sessions) > self.max_sessions:
             old = self.sessions.popitem(last=False)[1]

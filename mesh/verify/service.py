@@ -18,6 +18,7 @@ from actors.clock import LOOP_CLOCK, Clock
 from actors.identity import NodeIdentity
 from kernels.stage import StageSpec
 from mesh.pipeline.coordinator import CoordinatorRole
+from mesh.pipeline.plan import Epoch
 from mesh.pipeline.stage_host import StageObserver
 from mesh.verify import auditor
 from mesh.verify.auditor import Auditor
@@ -214,12 +215,26 @@ class VerifyService:
         members, me, n = self.members(), self.node_id, len(plan.stages)
         mine = []  # (choice, stage): the stages this node audits first come first (loads run in turn)
         for entry in plan.stages:
-            order = auditor_order(entry.index, entry.node, entry.backend, members, set(self.flags))[:2]
+            order = self._auditors(entry.index, entry.node, entry.backend, members)
             if entry.node != me and me in order:
                 mine.append((order.index(me), entry.index, entry))
         for _, _, entry in sorted(mine, key=lambda m: m[:2]):
             spec = StageSpec(entry.start, entry.end, embed=entry.index == 0, head=entry.index == n - 1)
             self.auditor.preload(spec, entry.backend, self.weight_mode)
+
+    def _auditors(self, stage: int, node: str, backend: str, members: dict[str, str]) -> list[str]:
+        """Who audits ``stage`` as ``node`` holds it: the first audit's auditor and its
+        escalation's (the ledger picks them so)."""
+        return auditor_order(stage, node, backend, members, set(self.flags))[:2]
+
+    def fetchers(self, req: AuditFetch) -> list[str] | None:
+        """The nodes that may fetch what ``req`` asks of this node: the auditors of the
+        stage that committed those steps; None if this node holds none of them."""
+        entry = self.recorder.stage_of(req.session, Epoch.of(req))
+        if entry is None:
+            return None
+        # the backend the commitments name (the ledger orders the auditors by it)
+        return self._auditors(entry.index, self.node_id, self.recorder.backend, self.members())
 
     def _on_request(self, req: AuditRequest) -> None:
         coordinator = self.coordinator()

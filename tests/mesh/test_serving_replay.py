@@ -6,7 +6,7 @@ import asyncio
 
 from actors.clock import ManualClock
 from mesh.generation import GenerationParams
-from mesh.pipeline.messages import Forward, TokenOut
+from mesh.pipeline.messages import Forward, Retransmit, TokenOut
 from mesh.pipeline.plan import Epoch, PlanView
 from mesh.pipeline.serving import Serving
 
@@ -90,3 +90,19 @@ async def test_a_session_that_ends_mid_failover_still_releases_every_stage_that_
     ends = sorted(node for node, actor, msg in sent if type(msg).__name__ == "EndSession")
     assert ends == ["a", "b", "c"]  # a may still hold its KV from the first plan
     assert all(msg.session == fwd.session for _, _, msg in sent)
+
+
+async def test_only_the_head_makes_the_serving_node_resend_a_prompt():
+    plan = [PlanView(Epoch(1, 1), ["a", "b"])]
+    serving, sent = _serving(plan, ManualClock())
+    stream = serving.generate([5, 6, 7], GenerationParams.create(max_tokens=4))
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    (_, _, fwd), = sent
+    serving.on_retransmit(Retransmit(1, 1, fwd.session, 0, "forged"), "b")  # a stage, but not where it went
+    assert len(sent) == 1
+    serving.on_retransmit(Retransmit(1, 1, fwd.session, 0, "digest mismatch"), "a")
+    assert sent[-1] == ("a", "stage", fwd)
+    serving.on_token(TokenOut(1, 1, fwd.session, 0, 42, "length"))
+    assert (await first).finish_reason == "length"
+    await stream.aclose()
