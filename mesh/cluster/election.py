@@ -38,7 +38,8 @@ What it implements:
   voters it knows (`VouchRequest`) and follows that coordinator for that term once
   one of them answers that it follows it too (`Vouched`). Raft trusts its voters, not
   Byzantine ones; a key that is unknown to the log is trusted with nothing. A node
-  with an empty log (it is joining) follows whoever replicates to it first;
+  that is not yet a member of its own log (it is joining) follows whoever replicates
+  to it first;
 - removal of dead voters: the caller reports which nodes its failure detector
   declares dead (`set_dead`); a coordinator removes a voter that has stayed dead
   for `remove_dead_ticks` through the same single-server change, so the
@@ -657,13 +658,17 @@ class Election:
     def _may_speak(self, m: Message) -> bool:
         """Whether this termed message's sender may move our term, leader or vote (see the
         module docstring: only members speak)."""
+        # A node that is not yet a member of its own log is joining: it has nothing to
+        # protect and no one to check with, so it follows the first coordinator that
+        # replicates to it, and votes (a vote counts only for a candidate that has it as a voter).
+        joining = self.id not in self._latest_config()[1]
         if isinstance(m, Append):
-            if not self.log or m.src in self._current_voters() or (m.term, m.src) in self._vouched:
+            if joining or m.src in self._current_voters() or (m.term, m.src) in self._vouched:
                 return True
             if m.term >= self.term:
                 self._ask_vouch(m.term, m.src)
         elif isinstance(m, VoteRequest):
-            if m.src in self._current_voters():
+            if joining or m.src in self._current_voters():
                 return True
         elif m.src in self._known_members():
             return True
