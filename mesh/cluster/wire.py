@@ -51,6 +51,15 @@ class Heartbeat:
     api_port: int = 0
 
 
+@message("mesh.cluster.Admit")
+@dataclass
+class AdmitRequest:
+    """A member approves a key that asked to join (`mesh admit`); told to the coordinator,
+    which admits it. Answered with the node id, or a failure that says why not."""
+
+    node_id: str
+
+
 def to_wire(msg: m.Message) -> RaftWire:
     if isinstance(msg, m.VoteRequest):
         return RaftWire("vote", msg.src, msg.term, msg.last_index, msg.last_term, flag=msg.pre)
