@@ -1,0 +1,84 @@
+"""`mesh admit` end to end, without a model: ClusterServices on the memory transport in
+`--admit ask` mode, and the real HTTP API and `mesh admit` client of one member.
+
+A key that proves the secret waits; a member's approval, posted to its own API, is
+forwarded over the authenticated link to the coordinator, which admits it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from actors import ActorSystem, MemoryNetwork, NodeIdentity
+from actors.errors import ActorsError
+
+from mesh.cluster.admission import Admission, Mode
+from mesh.cluster.service import ACTOR_NAME, ClusterService, LocalFacts
+from mesh.cluster.wire import AdmitRequest
+from mesh.commands.admit import post_admit
+from mesh.http.app import Api
+from waiting import until
+
+SECRET = b"test-cluster-secret"
+
+
+class ClusterOnly:
+    """The slice of a Node the admit route and the cluster view use."""
+
+    model_name = "none"
+
+    def __init__(self, service: ClusterService) -> None:
+        self.service = service
+
+    async def admit(self, prefix: str) -> str:
+        return await self.service.admit(prefix)
+
+    def status(self) -> dict:
+        return {"pending": list(self.service.pending())}
+
+
+async def start(net: MemoryNetwork, i: int, n: int) -> ClusterService:
+    system = ActorSystem(NodeIdentity.generate(), SECRET, net.transport(f"h{i}"),
+                         heartbeat_interval=0.2, heartbeat_timeout=1.0, backoff=(0.05, 0.5))
+    await system.start(f"h{i}", 7000)
+    service = ClusterService(system, static_peers=[f"h{j}:7000" for j in range(n) if j != i],
+                             facts=LocalFacts(name=f"n{i}", backend="torch"), bootstrap_after=0.5, seed=i,
+                             admission=Admission(Mode.ASK))
+    await service.start()
+    return service
+
+
+async def test_ask_mode_admits_a_key_approved_with_mesh_admit_on_another_member() -> None:
+    net = MemoryNetwork()
+    services = [await start(net, i, 3) for i in range(2)]
+    api = None
+    try:
+        await until(lambda: any(s.is_coordinator for s in services), 10, "a founder")
+        founder = next(s for s in services if s.is_coordinator)
+        second = next(s for s in services if s is not founder)
+        await until(lambda: second.node_id in founder.pending(), 5, "the second key to wait")
+        assert not second.election.is_member
+        assert not next(m for m in founder.members() if m.node_id == second.node_id).member  # no stages for it
+        await founder.admit(second.node_id[:6])
+        await until(lambda: second.election.is_member and second.node_id in founder.election.members, 5,
+                    "the second key admitted")
+
+        third = await start(net, 2, 3)
+        services.append(third)
+        await until(lambda: third.node_id in second.pending(), 5, "the third key listed on the other member")
+        assert third.node_id not in founder.election.members
+        # A key that is no member cannot approve itself (nor anyone) over its own link.
+        with pytest.raises(ActorsError, match="not a member"):
+            await third.system.ref(founder.node_id, ACTOR_NAME).ask(AdmitRequest(third.node_id), timeout=2)
+        assert third.node_id not in founder.election.members
+        api = Api(ClusterOnly(second), hosts=["127.0.0.1"])
+        await api.start("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{api.port}"
+        assert await post_admit(url, third.node_id[:5]) == third.node_id  # forwarded to the coordinator
+        await until(lambda: all(third.node_id in s.election.members for s in services), 5, "the third admitted")
+        assert next(m for m in founder.members() if m.node_id == third.node_id).member
+    finally:
+        if api is not None:
+            await api.stop()
+        for s in services:
+            await s.stop()
+            await s.system.stop()
