@@ -250,3 +250,16 @@ def test_implausible_configurations_are_refused() -> None:
         with pytest.raises(ImplausibleMessage):
             check_message(m.Append(1, B, 0, 0, (entry,), 0), local_term=1)
     check_message(m.Append(1, B, 0, 0, (m.Entry(1, (A,), too_many[:MAX_MEMBERS - 1] + (A,)),), 0), local_term=1)
+
+
+def test_only_admitted_members_get_stages() -> None:
+    """A key that heartbeats (pending, or refused) is listed but never handed layers."""
+    from types import SimpleNamespace
+
+    from mesh.cluster.service import Member
+    from mesh.node import Node
+
+    members = [Member(A, free_memory=1 << 30, backend="torch", member=True),
+               Member(ROGUE, free_memory=1 << 40, backend="torch", member=False)]
+    fake = SimpleNamespace(cluster=SimpleNamespace(members=lambda: members))
+    assert [c.node_id for c in Node._capacities(fake)] == [A]  # type: ignore[arg-type]

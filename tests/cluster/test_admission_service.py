@@ -82,3 +82,40 @@ async def test_ask_mode_admits_a_key_approved_with_mesh_admit_on_another_member(
         for s in services:
             await s.stop()
             await s.system.stop()
+
+
+async def test_a_fresh_key_cannot_make_itself_coordinator_over_the_runtime() -> None:
+    """The election hole over real links: a rogue key with the secret sends a higher-term
+    Append (and a vote request) in its own name to a follower. The follower keeps its
+    coordinator, so mesh/binding.py never takes the rogue's PlanUpdates as the coordinator's."""
+    from structlog.testing import capture_logs
+
+    from mesh.cluster.wire import RaftWire
+
+    net = MemoryNetwork()
+    services = [await start(net, i, 2) for i in range(2)]
+    rogue = None
+    try:
+        await until(lambda: any(s.is_coordinator for s in services), 10, "a founder")
+        founder = next(s for s in services if s.is_coordinator)
+        second = next(s for s in services if s is not founder)
+        await founder.admit(second.node_id)
+        await until(lambda: second.coordinator == founder.node_id and second.election.is_member, 5, "2 members")
+        rogue = ActorSystem(NodeIdentity.generate(), SECRET, net.transport("rogue"), reconnect=False)
+        await rogue.start("rogue", 7000)
+        await rogue.connect(f"h{services.index(second)}", 7000)
+        term = second.term
+        with capture_logs() as logs:
+            ref = rogue.ref(second.node_id, ACTOR_NAME)
+            ref.tell(RaftWire("append", rogue.node_id, term + 1, 0, 0, 0, entries=[]))
+            ref.tell(RaftWire("vote", rogue.node_id, term + 2, 99, term + 1))
+            await until(lambda: sum(e["event"] == "election.not_a_member_refused" for e in logs) >= 2, 5,
+                        "both refused")
+        assert second.coordinator == founder.node_id and second.term == term
+        assert all(e.get("peer") == rogue.node_id for e in logs if e["event"] == "election.not_a_member_refused")
+    finally:
+        if rogue is not None:
+            await rogue.stop()
+        for s in services:
+            await s.stop()
+            await s.system.stop()
