@@ -37,11 +37,12 @@ class ClusterOnly:
 
 
 async def start(net: MemoryNetwork, i: int, n: int) -> ClusterService:
+    """Node i of n; node 0 founds, the later ones wait long enough to hear it first (never found)."""
     system = ActorSystem(NodeIdentity.generate(), SECRET, net.transport(f"h{i}"),
                          heartbeat_interval=0.2, heartbeat_timeout=1.0, backoff=(0.05, 0.5))
     await system.start(f"h{i}", 7000)
     service = ClusterService(system, static_peers=[f"h{j}:7000" for j in range(n) if j != i],
-                             facts=LocalFacts(name=f"n{i}", backend="torch"), bootstrap_after=0.5, seed=i,
+                             facts=LocalFacts(name=f"n{i}", backend="torch"), bootstrap_after=0.2 if i == 0 else 5.0, seed=i,
                              admission=Admission(Mode.ASK))
     await service.start()
     return service
@@ -49,22 +50,23 @@ async def start(net: MemoryNetwork, i: int, n: int) -> ClusterService:
 
 async def test_ask_mode_admits_a_key_approved_with_mesh_admit_on_another_member() -> None:
     net = MemoryNetwork()
-    services = [await start(net, i, 3) for i in range(2)]
+    services = [await start(net, 0, 3)]
     api = None
     try:
-        await until(lambda: any(s.is_coordinator for s in services), 10, "a founder")
+        await until(lambda: services[0].is_coordinator, 10, "a founder")
+        services.append(await start(net, 1, 3))
         founder = next(s for s in services if s.is_coordinator)
         second = next(s for s in services if s is not founder)
-        await until(lambda: second.node_id in founder.pending(), 5, "the second key to wait")
+        await until(lambda: second.node_id in founder.pending(), 10, "the second key to wait")
         assert not second.election.is_member
         assert not next(m for m in founder.members() if m.node_id == second.node_id).member  # no stages for it
         await founder.admit(second.node_id[:6])
-        await until(lambda: second.election.is_member and second.node_id in founder.election.members, 5,
+        await until(lambda: second.election.is_member and second.node_id in founder.election.members, 10,
                     "the second key admitted")
 
         third = await start(net, 2, 3)
         services.append(third)
-        await until(lambda: third.node_id in second.pending(), 5, "the third key listed on the other member")
+        await until(lambda: third.node_id in second.pending(), 10, "the third key listed on the other member")
         assert third.node_id not in founder.election.members
         # A key that is no member cannot approve itself (nor anyone) over its own link.
         with pytest.raises(ActorsError, match="not a member"):
@@ -74,7 +76,7 @@ async def test_ask_mode_admits_a_key_approved_with_mesh_admit_on_another_member(
         await api.start("127.0.0.1", 0)
         url = f"http://127.0.0.1:{api.port}"
         assert await post_admit(url, third.node_id[:5]) == third.node_id  # forwarded to the coordinator
-        await until(lambda: all(third.node_id in s.election.members for s in services), 5, "the third admitted")
+        await until(lambda: all(third.node_id in s.election.members for s in services), 10, "the third admitted")
         assert next(m for m in founder.members() if m.node_id == third.node_id).member
     finally:
         if api is not None:
@@ -93,14 +95,15 @@ async def test_a_fresh_key_cannot_make_itself_coordinator_over_the_runtime() -> 
     from mesh.cluster.wire import RaftWire
 
     net = MemoryNetwork()
-    services = [await start(net, i, 2) for i in range(2)]
+    services = [await start(net, 0, 2)]
     rogue = None
     try:
-        await until(lambda: any(s.is_coordinator for s in services), 10, "a founder")
+        await until(lambda: services[0].is_coordinator, 10, "a founder")
+        services.append(await start(net, 1, 2))
         founder = next(s for s in services if s.is_coordinator)
         second = next(s for s in services if s is not founder)
         await founder.admit(second.node_id)
-        await until(lambda: second.coordinator == founder.node_id and second.election.is_member, 5, "2 members")
+        await until(lambda: second.coordinator == founder.node_id and second.election.is_member, 10, "2 members")
         rogue = ActorSystem(NodeIdentity.generate(), SECRET, net.transport("rogue"), reconnect=False)
         await rogue.start("rogue", 7000)
         await rogue.connect(f"h{services.index(second)}", 7000)
@@ -109,7 +112,7 @@ async def test_a_fresh_key_cannot_make_itself_coordinator_over_the_runtime() -> 
             ref = rogue.ref(second.node_id, ACTOR_NAME)
             ref.tell(RaftWire("append", rogue.node_id, term + 1, 0, 0, 0, entries=[]))
             ref.tell(RaftWire("vote", rogue.node_id, term + 2, 99, term + 1))
-            await until(lambda: sum(e["event"] == "election.not_a_member_refused" for e in logs) >= 2, 5,
+            await until(lambda: sum(e["event"] == "election.not_a_member_refused" for e in logs) >= 2, 10,
                         "both refused")
         assert second.coordinator == founder.node_id and second.term == term
         assert all(e.get("peer") == rogue.node_id for e in logs if e["event"] == "election.not_a_member_refused")
