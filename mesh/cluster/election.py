@@ -43,8 +43,9 @@ What it implements:
 - removal of dead voters: the caller reports which nodes its failure detector
   declares dead (`set_dead`); a coordinator removes a voter that has stayed dead
   for `remove_dead_ticks` through the same single-server change, so the
-  survivors of a crash keep a majority for the next one. A removed node that
-  comes back finds itself outside the configuration and asks to join again.
+  survivors of a crash keep a majority for the next one, and the seat goes to the
+  most senior live learner. A removed node stays a member: when it comes back it
+  replicates as a learner, and gets a vote again when a seat is free.
 
 At most one coordinator per term: a candidate needs votes from a majority of its
 committed configuration, each node votes once per term (persisted), and two

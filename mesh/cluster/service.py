@@ -16,8 +16,14 @@ through the coordinator over the authenticated transport.
 
 Dead voters: every tick the election learns which voters the detector declares dead; a
 coordinator removes one that stays dead for `remove_dead_after` seconds (a single-server
-change), so a 4-node cluster that loses one node keeps a majority of 3 for the next
-failure. A removed node that comes back asks to join again.
+change), and the seat goes to the most senior live member without a vote, so the
+cluster keeps a majority for the next failure. A removed node that comes back is a
+member without a vote until a seat frees.
+
+Admission: a key that is not a member asks the coordinator to admit it; the `Admission`
+rule (auto | ask | pinned, mesh/cluster/admission.py) decides. `admit(prefix)` approves
+a waiting key from any member: the approval travels to the coordinator as an
+`AdmitRequest` over the authenticated link, and is refused from a non-member.
 
 Bootstrap of a new home cluster: a node with no persisted state waits `bootstrap_after`
 seconds for peers. If one of them is already part of a cluster, it asks to join. If
