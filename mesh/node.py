@@ -37,6 +37,7 @@ from kernels.tokenizer.chat_template import ChatTemplateError, ChatTemplateMissi
 from mesh import binding, models, sizing, views
 from mesh.http.app import Api
 from mesh.http.guard import ApiPolicy
+from mesh.cluster.admission import Admission
 from mesh.cluster.election import ElectionConfig
 from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
 from mesh.errors import BadRequest, MeshError, Unavailable
@@ -97,6 +98,9 @@ class NodeConfig:
     speed: float | None = None  # speed score for the planner; default: measured at start
     max_batch: int = 16
     campaign: bool = True  # False: vote, but never become coordinator (e.g. a node that serves clients)
+    admit: str = "auto"  # who may join: auto | ask (a member approves: `mesh admit`) | pinned (admit_keys)
+    admit_keys: list[str] = field(default_factory=list)  # node ids admitted with admit="pinned"
+    max_voters: int = 3  # seats with a vote, by seniority; later members replicate without one
     leaderless_grace_s: float = 3.0  # without a coordinator this long, stop serving (cut off from the majority)
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # commitments, audits, test-only faults
 
@@ -168,6 +172,9 @@ class Node:
             raise InsecureBind(
                 f"refusing to listen on {cfg.host} without a cluster secret: anyone on the network could join. "
                 "Create one with `python -m mesh secret new PATH`, copy it to every device and pass --secret-file PATH")
+        admission = Admission(cfg.admit, cfg.admit_keys)  # a bad --admit-key fails before the model loads
+        if cfg.max_voters < 1:
+            raise ValueError("max_voters must be at least 1")
         self.model_path = await asyncio.to_thread(models.resolve, cfg.model, fetch=True)
         self.model_config = load_config(self.model_path)
         self.tokenizer = Tokenizer.from_model(self.model_path)
@@ -221,8 +228,9 @@ class Node:
                 await self.api.announce(cfg.interfaces, identity=self.identity, name=self.info.name)
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
                                       mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret,
-                                      election=ElectionConfig(campaign=cfg.campaign), clock=self.clock,
-                                      seed=self.seed)
+                                      election=ElectionConfig(campaign=cfg.campaign, max_voters=cfg.max_voters),
+                                      clock=self.clock, seed=self.seed,
+                                      admission=admission)
         self.plan.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
         self.plan.fence.node = self.node_id
         await self.cluster.start()
@@ -381,8 +389,10 @@ class Node:
 
     def _capacities(self) -> list[NodeCapacity]:
         # A suspect node keeps its place until it is declared dead: no re-plan on a hiccup.
+        # Only admitted members get stages: a key that merely heartbeats (pending in ask
+        # mode, or refused) is never handed layers, prompts or audits.
         return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
-                for m in self.cluster.members() if m.state in ("alive", "suspect") and m.backend]
+                for m in self.cluster.members() if m.member and m.state in ("alive", "suspect") and m.backend]
 
     # -- pipeline messages ------------------------------------------------------------
 
@@ -497,6 +507,12 @@ class Node:
 
     def status(self) -> dict:
         return views.status(self)
+
+    async def admit(self, prefix: str) -> str:
+        """Approve the pending key starting with `prefix` (`mesh admit`); its node id."""
+        if self.cluster is None:
+            raise Unavailable("this node has not joined a cluster yet")
+        return await self.cluster.admit(prefix)
 
     def verification(self) -> dict:
         return self.verify.verification()

@@ -22,7 +22,8 @@ def status(node: Node) -> dict:
     nodes = [{
         "id": m.node_id, "name": m.name, "address": f"{m.address[0]}:{m.address[1]}" if m.address else None,
         "api_port": m.api_port, "backend": m.backend, "device": m.device, "free_memory": m.free_memory,
-        "speed": m.speed, "state": m.state, "voter": m.voter, "roles": roles.get(m.node_id, []),
+        "speed": m.speed, "state": m.state, "member": m.member, "voter": m.voter,
+        "roles": roles.get(m.node_id, []),
     } for m in members]
     plan_view = None
     if plan is not None:
@@ -32,6 +33,7 @@ def status(node: Node) -> dict:
                                 for s in plan.stages]}
     return {"self": node.node_id, "name": node.info.name, "coordinator": coordinator,
             "term": cluster.term if cluster is not None else 0, "nodes": nodes, "plan": plan_view,
+            "admission": {"mode": node.config.admit, "pending": list(cluster.pending()) if cluster else []},
             "model": node.model_name, "failovers": node.plan.failovers, "verification": node.verify.verification(),
             "stage": stage_stats(node)}
 

@@ -12,7 +12,8 @@ The bounds:
   (a real cluster moves one term per election; 65536 missed elections is not a thing);
 - a log index (prev_index, commit, match, last_index, hint) is an int in [0, MAX_INDEX];
 - an Append carries at most MAX_ENTRIES entries, none of a term above the Append's own,
-  each configuration at most MAX_VOTERS node ids of at most MAX_NODE_ID characters;
+  each configuration at most MAX_MEMBERS members of at most MAX_NODE_ID characters, no
+  id twice, and its voters (at least one) among its members;
 - a plan version is an int in [0, MAX_PLAN_VERSION), and at most MAX_PLAN_VERSION_STEP
   above the version of the plan this node follows.
 """
@@ -27,7 +28,7 @@ MAX_TERM = 2**53
 MAX_TERM_STEP = 2**16
 MAX_INDEX = 2**40
 MAX_ENTRIES = 1024
-MAX_VOTERS = 256
+MAX_MEMBERS = 64
 MAX_NODE_ID = 128
 MAX_PLAN_VERSION = 10**9
 MAX_PLAN_VERSION_STEP = 2**16
@@ -71,6 +72,10 @@ def check_message(msg: m.Message, local_term: int, self_id: str = "") -> None:
         raise ImplausibleMessage(f"a peer's {type(msg).__name__} names us ({self_id}) as its sender")
     if isinstance(msg, m.JoinRequest | m.LeaveRequest):
         return
+    if isinstance(msg, m.VouchRequest | m.Vouched):
+        _node_id(msg.about, "about")
+        check_term(msg.term, local_term)
+        return
     check_term(msg.term, local_term)
     if isinstance(msg, m.VoteRequest):
         _int(msg.last_index, "last_index", MAX_INDEX)
@@ -87,10 +92,19 @@ def check_message(msg: m.Message, local_term: int, self_id: str = "") -> None:
         for entry in msg.entries:
             _int(entry.term, "entry term", msg.term)
             if entry.voters is not None:
-                if not 0 < len(entry.voters) <= MAX_VOTERS:
-                    raise ImplausibleMessage(f"a configuration of {len(entry.voters)} voters")
-                for voter in entry.voters:
-                    _node_id(voter, "voter")
+                check_config(entry.voters, entry.members or entry.voters)
+
+
+def check_config(voters: tuple[str, ...], members: tuple[str, ...]) -> None:
+    """Raise ImplausibleMessage unless (voters, members) is a configuration an honest node writes."""
+    if not 0 < len(members) <= MAX_MEMBERS:
+        raise ImplausibleMessage(f"a configuration of {len(members)} members (1..{MAX_MEMBERS})")
+    for member in members:
+        _node_id(member, "member")
+    if len(set(members)) != len(members) or len(set(voters)) != len(voters):
+        raise ImplausibleMessage("a configuration that names a node twice")
+    if not voters or not set(voters) <= set(members):
+        raise ImplausibleMessage("a configuration whose voters are not among its members")
 
 
 def check_plan_version(version: Any, current: int | None) -> int:

@@ -16,18 +16,36 @@ What it implements:
 - check-quorum: a coordinator that has not heard from a majority within an election
   timeout steps down; a node that heard from a live coordinator within that time
   ignores vote requests (the coordinator's lease);
-- membership: the voting configuration lives in a tiny replicated log. It changes
-  one node at a time (Raft single-server change), only through the coordinator, and
-  only committed configurations count (for quorums and for who may campaign). A
-  coordinator proposes a change only when no other change is pending and it has
-  committed an entry of its own term (the no-op it appends on taking office). A
-  node that is not a voter keeps asking the coordinator to add it (`JoinRequest`);
-  `leave()` asks it to remove this node, so a graceful exit is not a failure;
+- membership by key: the configuration lives in a tiny replicated log and names the
+  admitted members (node ids, most senior first) and the voters among them. A key
+  that is not a member keeps asking the coordinator to admit it (`JoinRequest`); the
+  coordinator's `Admission` rule (mesh/cluster/admission.py) decides. There are at
+  most `max_voters` voters, chosen by seniority: a new member gets a vote only while
+  a seat is free, and when a voter leaves or is removed the most senior live member
+  without a vote is promoted. The other members are learners: they replicate the log
+  and do not count for quorums, so keys minted by a holder of the secret never reach
+  a quorum. The voters change one node at a time (Raft single-server change), only
+  through the coordinator, and only committed configurations count (for quorums and
+  for who may campaign). A coordinator proposes a change only when no other change is
+  pending and it has committed an entry of its own term (the no-op it appends on
+  taking office). `leave()` asks it to take this node's vote, so a graceful exit is
+  not a failure (the node stays a member);
+- only members speak: an Append or a VoteRequest from a node that is not a voter in
+  this node's current configuration (the committed one and any later entries) is
+  ignored, and so is any other termed message from a node that is a member in no
+  entry of the log; no term adopted, no leader followed, no vote given. A member that
+  lags may not yet hold the entries that made its new coordinator a voter: it asks the
+  voters it knows (`VouchRequest`) and follows that coordinator for that term once
+  one of them answers that it follows it too (`Vouched`). Raft trusts its voters, not
+  Byzantine ones; a key that is unknown to the log is trusted with nothing. A node
+  that is not yet a member of its own log (it is joining) follows whoever replicates
+  to it first;
 - removal of dead voters: the caller reports which nodes its failure detector
   declares dead (`set_dead`); a coordinator removes a voter that has stayed dead
   for `remove_dead_ticks` through the same single-server change, so the
-  survivors of a crash keep a majority for the next one. A removed node that
-  comes back finds itself outside the configuration and asks to join again.
+  survivors of a crash keep a majority for the next one, and the seat goes to the
+  most senior live learner. A removed node stays a member: when it comes back it
+  replicates as a learner, and gets a vote again when a seat is free.
 
 At most one coordinator per term: a candidate needs votes from a majority of its
 committed configuration, each node votes once per term (persisted), and two
@@ -61,7 +79,11 @@ from mesh.cluster.messages import (
     Message,
     VoteRequest,
     VoteResponse,
+    Vouched,
+    VouchRequest,
 )
+from mesh.cluster.admission import Admission, Verdict
+from mesh.cluster.bounds import MAX_MEMBERS
 from mesh.cluster.persistence import HardState, Storage
 
 log = structlog.get_logger("mesh.cluster.election")
@@ -85,6 +107,7 @@ class ElectionConfig:
     check_quorum: bool = True
     remove_dead_ticks: int = 0  # 0: never remove a voter unless it leaves
     campaign: bool = True  # False: this node votes but never stands for coordinator
+    max_voters: int = 3  # seats with a vote; later members are learners until one frees
 
 
 @dataclass(slots=True)
@@ -102,6 +125,10 @@ class ElectionStatus:
     voters: tuple[str, ...]
     commit: int
     last_index: int
+    members: tuple[str, ...] = ()
+
+
+VOUCH_MEMORY = 8  # vouch questions and answers remembered (a few terms' worth)
 
 
 def quorum(n: int) -> int:
@@ -116,11 +143,13 @@ class Election:
         rng: random.Random,
         config: ElectionConfig = ElectionConfig(),
         peers: tuple[str, ...] = (),
+        admission: Admission | None = None,
     ) -> None:
         self.id = node_id
         self.storage = storage
         self.rng = rng
         self.cfg = config
+        self.admission = admission or Admission()
         hard = storage.load()
         self.term = hard.term
         self.voted_for = hard.voted_for
@@ -134,15 +163,21 @@ class Election:
         self._outbox: Outbox = []
         self._votes: dict[str, bool] = {}
         self._progress: dict[str, _Progress] = {}
-        self._learners: set[str] = set()
-        self._departing: dict[str, int] = {}
         self._active: set[str] = set()
+        self._ticks = 0
+        self._heard: dict[str, int] = {}  # coordinator: member -> tick of its last AppendResponse
+        self._declined: set[str] = set()  # coordinator: members that asked to give up their vote
+        self._vouch_asked: dict[tuple[int, str], int] = {}  # (term, node) -> tick we asked about it
+        self._vouched: list[tuple[int, str]] = []  # (term, node) a known voter follows
+        self._last_vouch_tick = -1
         self._dead_ticks: dict[str, int] = {}
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._join_elapsed = 0
         self._timeout = self._random_timeout()
-        self.voters: tuple[str, ...] = self._committed_voters()
+        self.voters: tuple[str, ...] = ()
+        self.members: tuple[str, ...] = ()
+        self.voters, self.members = self._committed_config()
 
     # ---- queries -------------------------------------------------------------------
 
@@ -158,9 +193,22 @@ class Election:
     def is_voter(self) -> bool:
         return self.id in self.voters
 
+    @property
+    def is_member(self) -> bool:
+        return self.id in self.members
+
+    @property
+    def membership_settled(self) -> bool:
+        """This node is where it asked to be: a member if it wants to take part, no voter if it left."""
+        return self.is_member if self.wants_membership else not self.is_voter
+
+    def pending(self) -> tuple[str, ...]:
+        """Keys that asked to join and wait for an approval (ask mode), oldest first."""
+        return self.admission.pending()
+
     def status(self) -> ElectionStatus:
         return ElectionStatus(
-            self.id, self.term, self.role, self.leader, self.voters, self.commit, self.last_index
+            self.id, self.term, self.role, self.leader, self.voters, self.commit, self.last_index, self.members
         )
 
     def term_at(self, index: int) -> int:
@@ -176,7 +224,8 @@ class Election:
         """
         if self.log:
             return
-        self.log = [Entry(0, tuple(sorted(voters)))]
+        founders = tuple(sorted(voters))
+        self.log = [Entry(0, founders, founders)]
         self.commit = 1
         self.peers |= set(voters) - {self.id}
         self._apply()
@@ -194,9 +243,18 @@ class Election:
         return self._flush()
 
     def join(self) -> Outbox:
-        """Ask (again) to become a voter, e.g. after an earlier `leave()`."""
+        """Ask (again) for a vote, e.g. after an earlier `leave()`; retried until a member."""
         self.wants_membership = True
-        self._request_membership_change()
+        self._request_membership_change(force=True)
+        return self._flush()
+
+    def approve(self, node_id: str) -> Outbox:
+        """An existing member approved `node_id` (ask mode); a coordinator admits it at once
+        if it is waiting, any other node when it next asks."""
+        waiting = node_id in self.admission.pending()
+        self.admission.approve(node_id)
+        if waiting and self.role is Role.COORDINATOR and node_id not in self._latest_config()[1]:
+            self._on_membership_request(JoinRequest(node_id))
         return self._flush()
 
     def set_dead(self, nodes: Iterable[str]) -> None:
@@ -219,6 +277,7 @@ class Election:
         return self._flush()
 
     def tick(self) -> Outbox:
+        self._ticks += 1
         for node in self._dead_ticks:
             self._dead_ticks[node] += 1
         if self.role is Role.COORDINATOR:
@@ -241,6 +300,14 @@ class Election:
             return self._flush()
         if isinstance(m, JoinRequest | LeaveRequest):
             self._on_membership_request(m)
+            return self._flush()
+        if isinstance(m, VouchRequest):
+            self._on_vouch_request(m)
+            return self._flush()
+        if isinstance(m, Vouched):
+            self._on_vouched(m)
+            return self._flush()
+        if not self._may_speak(m):
             return self._flush()
         self.add_peer(m.src)
         if m.src in self._dead_ticks:
@@ -349,8 +416,7 @@ class Election:
         self._election_elapsed = 0
         self._timeout = self._random_timeout()
         self._progress.clear()
-        self._learners.clear()
-        self._departing.clear()
+        self._declined.clear()
 
     def _become_coordinator(self) -> None:
         self.role = Role.COORDINATOR
@@ -372,12 +438,10 @@ class Election:
             self._heartbeat_elapsed = 0
             self._broadcast_append()
         self._remove_dead_voter()
+        self._promote()
         self._election_elapsed += 1
         if self._election_elapsed >= self.cfg.election_ticks:
             self._election_elapsed = 0
-            for node in [n for n, left in self._departing.items() if left <= 1]:
-                del self._departing[node]
-            self._departing = {n: left - 1 for n, left in self._departing.items()}
             if self.cfg.check_quorum:
                 heard = len(self._active & set(self.voters)) + (self.id in self.voters)
                 self._active = set()
@@ -386,8 +450,7 @@ class Election:
                     self._become_follower(self.term, None)
 
     def _targets(self) -> set[str]:
-        latest = next((e.voters for e in reversed(self.log) if e.voters is not None), ())
-        return (set(self.voters) | set(latest) | self._learners | set(self._departing)) - {self.id}
+        return (set(self.members) | set(self._latest_config()[1])) - {self.id}
 
     def _broadcast_append(self) -> None:
         for node in sorted(self._targets()):
@@ -403,6 +466,7 @@ class Election:
         if self.role is not Role.COORDINATOR:
             return
         self._active.add(m.src)
+        self._heard[m.src] = self._ticks
         pr = self._progress.setdefault(m.src, _Progress(next=self.last_index + 1))
         if m.success:
             if m.match > self.last_index:
@@ -442,27 +506,56 @@ class Election:
         return not pending and self.term_at(self.commit) == self.term
 
     def _on_membership_request(self, m: JoinRequest | LeaveRequest) -> None:
+        voters, members = self._latest_config()
+        if isinstance(m, JoinRequest) and m.src not in members:
+            # Every node records the request (so its status lists a pending key); only the
+            # coordinator acts on the verdict.
+            verdict = self.admission.consider(m.src)
+            if self.role is not Role.COORDINATOR:
+                return
+            if verdict is not Verdict.ADMIT:
+                log.info("election.join_not_admitted", node=self.id, key=m.src, verdict=verdict.value,
+                         mode=self.admission.mode.value)
+                return
+            if len(members) >= MAX_MEMBERS:
+                log.warning("election.members_full", node=self.id, key=m.src, members=len(members))
+                return
+            if not self._can_change_config():
+                return
+            seat = len(voters) < self.cfg.max_voters
+            log.info("election.admitting", node=self.id, key=m.src, mode=self.admission.mode.value, voter=seat)
+            self._propose(set(voters) | ({m.src} if seat else set()), members + (m.src,), "admit", m.src)
+            return
         if self.role is not Role.COORDINATOR:
             return
         if m.src != self.id:
             # The requester learns from the log whether it is (still) a voter. A coordinator
             # that leaves itself has nobody to tell: an Append to itself would make it step
             # down with itself as leader, and as the last voter it would never campaign again.
-            if isinstance(m, JoinRequest):
-                self._learners.add(m.src)
-            else:
-                self._learners.discard(m.src)
             self._send_append(m.src)
-        voters = set(self.voters)
         if isinstance(m, JoinRequest):
-            if m.src in voters or not self._can_change_config():
+            self._declined.discard(m.src)  # a member that asks again wants its vote back
+            return  # it gets a seat through `_promote`, when one is free
+        self._declined.add(m.src)
+        if m.src not in voters or len(voters) == 1 or not self._can_change_config():
+            return
+        self._propose(set(voters) - {m.src}, members, "leave", m.src)
+
+    def _live(self, node: str) -> bool:
+        """A member the coordinator heard from within an election timeout, and not declared dead."""
+        heard = self._heard.get(node)
+        return (heard is not None and self._ticks - heard < self.cfg.election_ticks
+                and not self._dead_ticks.get(node, 0))
+
+    def _promote(self) -> None:
+        """Give a free seat to the most senior live member without a vote (one change at a time)."""
+        voters, members = self._latest_config()
+        if len(voters) >= self.cfg.max_voters or not self._can_change_config():
+            return
+        for node in members:
+            if node not in voters and node != self.id and node not in self._declined and self._live(node):
+                self._propose(set(voters) | {node}, members, "promote", node)
                 return
-            voters.add(m.src)
-        else:
-            if m.src not in voters or len(voters) == 1 or not self._can_change_config():
-                return
-            voters.discard(m.src)
-        self._propose(voters, "join" if isinstance(m, JoinRequest) else "leave", m.src)
 
     def _remove_dead_voter(self) -> None:
         """Remove one voter that has been dead for `remove_dead_ticks`, if the change can commit."""
@@ -479,12 +572,12 @@ class Election:
         if len(alive) < quorum(len(self.voters)):
             return
         gone = min(dead, key=lambda v: (-self._dead_ticks[v], v))
-        self._propose(set(self.voters) - {gone}, "dead", gone)
+        self._propose(set(self.voters) - {gone}, self.members, "dead", gone)  # it stays a member
 
-    def _propose(self, voters: set[str], reason: str, about: str) -> None:
-        self.log.append(Entry(self.term, tuple(sorted(voters))))
-        log.info("election.config_proposed", node=self.id, term=self.term, voters=sorted(voters), reason=reason,
-                 about=about)
+    def _propose(self, voters: set[str], members: tuple[str, ...], reason: str, about: str) -> None:
+        self.log.append(Entry(self.term, tuple(sorted(voters)), members))
+        log.info("election.config_proposed", node=self.id, term=self.term, voters=sorted(voters),
+                 members=len(members), reason=reason, about=about)
         self._maybe_commit()
         self._broadcast_append()
 
@@ -521,38 +614,114 @@ class Election:
 
     # ---- membership ----------------------------------------------------------------
 
-    def _committed_voters(self) -> tuple[str, ...]:
+    def _committed_config(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(voters, members) of the latest committed configuration."""
         for entry in reversed(self.log[: self.commit]):
             if entry.voters is not None:
-                return entry.voters
-        return ()
+                return entry.voters, entry.members or entry.voters
+        return (), ()
+
+    def _latest_config(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(voters, members) of the latest configuration in the log, committed or not."""
+        for entry in reversed(self.log):
+            if entry.voters is not None:
+                return entry.voters, entry.members or entry.voters
+        return (), ()
 
     def _apply(self) -> None:
         before = set(self.voters)
-        self.voters = self._committed_voters()
+        self.voters, self.members = self._committed_config()
+        for node in self.members:
+            self.admission.admitted(node)
+        self.peers |= set(self.members) - {self.id}
         if set(self.voters) == before:
             return
-        log.info("election.config_committed", node=self.id, term=self.term, voters=self.voters)
-        self.peers |= set(self.voters) - {self.id}
-        if self.role is Role.COORDINATOR:
-            for gone in before - set(self.voters) - {self.id}:
-                self._departing[gone] = 2  # keep telling it for a while that it was removed
-            if self.id not in self.voters:
-                self._become_follower(self.term, None)
+        log.info("election.config_committed", node=self.id, term=self.term, voters=self.voters,
+                 members=len(self.members))
+        if self.role is Role.COORDINATOR and self.id not in self.voters:
+            self._become_follower(self.term, None)
+
+    # ---- who may speak ---------------------------------------------------------------
+
+    def _current_voters(self) -> set[str]:
+        """Voters of the committed configuration and of every entry after it: the nodes
+        that can be coordinator of a term this node might be asked to follow."""
+        start = 0
+        for index in range(self.commit, 0, -1):
+            if self.log[index - 1].voters is not None:
+                start = index - 1
+                break
+        return {v for e in self.log[start:] if e.voters is not None for v in e.voters}
+
+    def _known_members(self) -> set[str]:
+        return {n for e in self.log if e.members is not None for n in e.members}
+
+    def _may_speak(self, m: Message) -> bool:
+        """Whether this termed message's sender may move our term, leader or vote (see the
+        module docstring: only members speak)."""
+        # A node that is not yet a member of its own log is joining: it has nothing to
+        # protect and no one to check with, so it follows the first coordinator that
+        # replicates to it, and votes (a vote counts only for a candidate that has it as a voter).
+        joining = self.id not in self._latest_config()[1]
+        if isinstance(m, Append):
+            if joining or m.src in self._current_voters() or (m.term, m.src) in self._vouched:
+                return True
+            if m.term >= self.term:
+                self._ask_vouch(m.term, m.src)
+        elif isinstance(m, VoteRequest):
+            if joining or m.src in self._current_voters():
+                return True
+        elif m.src in self._known_members():
+            return True
+        log.warning("election.not_a_member_refused", node=self.id, peer=m.src, message=type(m).__name__,
+                    term=m.term)
+        return False
+
+    def _vouchers(self, about: str) -> set[str]:
+        return (set(self.voters) | set(self._latest_config()[0])) - {self.id, about}
+
+    def _ask_vouch(self, term: int, about: str) -> None:
+        # At most one round per tick, and one per (term, node) per election timeout: an
+        # unknown key cannot make us spray questions.
+        asked = self._vouch_asked.get((term, about))
+        if self._last_vouch_tick == self._ticks or (asked is not None and self._ticks - asked < self.cfg.election_ticks):
+            return
+        self._last_vouch_tick = self._ticks
+        self._vouch_asked.pop((term, about), None)
+        self._vouch_asked[(term, about)] = self._ticks
+        while len(self._vouch_asked) > VOUCH_MEMORY:
+            del self._vouch_asked[next(iter(self._vouch_asked))]
+        for voter in sorted(self._vouchers(about)):
+            self._send(voter, VouchRequest(self.id, about, term))
+
+    def _on_vouch_request(self, m: VouchRequest) -> None:
+        follows = self.term == m.term and self.leader == m.about
+        if follows and (self.role is Role.FOLLOWER or (self.is_coordinator and m.about == self.id)):
+            self._send(m.src, Vouched(self.id, m.about, m.term))
+
+    def _on_vouched(self, m: Vouched) -> None:
+        key = (m.term, m.about)
+        if key not in self._vouch_asked or m.src not in self._vouchers(m.about) or key in self._vouched:
+            return
+        log.info("election.coordinator_vouched", node=self.id, coordinator=m.about, term=m.term, voucher=m.src)
+        self._vouched.append(key)
+        del self._vouched[:-VOUCH_MEMORY]
+
+    # ---- membership requests ---------------------------------------------------------
 
     def _leader_recent(self) -> bool:
         return self.leader is not None and self._election_elapsed < self.cfg.election_ticks
 
     def _membership_pending(self) -> bool:
-        # A voter that has not heard from a coordinator for a while also asks: it may
-        # have missed the commit that removed it, and then nobody replicates to it.
-        if self.wants_membership != self.is_voter:
+        # A member that has not heard from a coordinator for a while also asks: it may
+        # have missed entries, and the coordinator answers a member with an Append.
+        if not self.membership_settled:
             return True
         return self.role is not Role.COORDINATOR and not self._leader_recent()
 
-    def _request_membership_change(self) -> None:
+    def _request_membership_change(self, force: bool = False) -> None:
         self._join_elapsed = 0
-        if not self._membership_pending():
+        if not force and not self._membership_pending():
             return
         request = JoinRequest(self.id) if self.wants_membership else LeaveRequest(self.id)
         if self.role is Role.COORDINATOR:

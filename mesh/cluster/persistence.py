@@ -16,7 +16,7 @@ from typing import Protocol
 
 from actors.statefiles import StateFileError, create_private, read_private
 from mesh.cluster.errors import CorruptClusterState
-from mesh.cluster.messages import Entry
+from mesh.cluster.messages import Entry, entry_from_list, entry_to_list
 
 STATE_FILE = "election.json"
 
@@ -56,7 +56,7 @@ def encode_state(state: HardState) -> bytes:
         "term": state.term,
         "voted_for": state.voted_for,
         "commit": state.commit,
-        "log": [[e.term, list(e.voters) if e.voters is not None else None] for e in state.log],
+        "log": [entry_to_list(e) for e in state.log],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -65,11 +65,7 @@ def decode_state(data: bytes) -> HardState:
     doc = json.loads(data)
     if not isinstance(doc, dict) or doc.get("version") != 1:
         raise ValueError("unknown state version")
-    log = []
-    for term, voters in doc["log"]:
-        if not isinstance(term, int) or not (voters is None or all(isinstance(v, str) for v in voters)):
-            raise ValueError("bad log entry")
-        log.append(Entry(term, tuple(voters) if voters is not None else None))
+    log = [entry_from_list(item) for item in doc["log"]]  # entries saved before members: members = voters
     term, voted_for, commit = doc["term"], doc["voted_for"], doc["commit"]
     if not isinstance(term, int) or not isinstance(commit, int) or commit > len(log):
         raise ValueError("bad term or commit index")

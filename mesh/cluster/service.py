@@ -16,8 +16,14 @@ through the coordinator over the authenticated transport.
 
 Dead voters: every tick the election learns which voters the detector declares dead; a
 coordinator removes one that stays dead for `remove_dead_after` seconds (a single-server
-change), so a 4-node cluster that loses one node keeps a majority of 3 for the next
-failure. A removed node that comes back asks to join again.
+change), and the seat goes to the most senior live member without a vote, so the
+cluster keeps a majority for the next failure. A removed node that comes back is a
+member without a vote until a seat frees.
+
+Admission: a key that is not a member asks the coordinator to admit it; the `Admission`
+rule (auto | ask | pinned, mesh/cluster/admission.py) decides. `admit(prefix)` approves
+a waiting key from any member: the approval travels to the coordinator as an
+`AdmitRequest` over the authenticated link, and is refused from a non-member.
 
 Bootstrap of a new home cluster: a node with no persisted state waits `bootstrap_after`
 seconds for peers. If one of them is already part of a cluster, it asks to join. If
@@ -43,6 +49,7 @@ import structlog
 from actors import Actor, ActorSystem, PeerEvent
 from actors.clock import LOOP_CLOCK, Clock
 
+from mesh.cluster.admission import Admission, AdmissionError
 from mesh.cluster.bootstrap import Bootstrap, Decision, Peer
 from mesh.cluster.detector import DetectorConfig, FailureDetector, Liveness
 from mesh.cluster.discovery import MdnsDiscovery, PeerHint, parse_peer
@@ -51,7 +58,7 @@ from mesh.cluster.bounds import ImplausibleMessage, check_message
 from mesh.cluster.fence import Fence
 from mesh.cluster.hints import HintTable
 from mesh.cluster.persistence import FileStorage, MemoryStorage, Storage
-from mesh.cluster.wire import Heartbeat, RaftWire, from_wire, to_wire
+from mesh.cluster.wire import AdmitRequest, Heartbeat, RaftWire, from_wire, to_wire
 
 log = structlog.get_logger("mesh.cluster.service")
 
@@ -72,6 +79,7 @@ class Member:
     voter: bool = False
     speed: float = 1.0
     api_port: int = 0
+    member: bool = False  # admitted by key (in the committed configuration); only members get stages
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,9 @@ class _ClusterActor(Actor):
         elif isinstance(msg, Heartbeat):
             if self.service._bound(msg, msg.node_id, ctx.peer):
                 self.service._on_heartbeat(msg)
+        elif isinstance(msg, AdmitRequest):
+            return self.service._on_admit(msg, ctx.peer)
+        return None
 
 
 class ClusterService:
@@ -146,6 +157,7 @@ class ClusterService:
         remove_dead_after: float | None = 1.0,
         seed: int | None = None,
         clock: Clock = LOOP_CLOCK,
+        admission: Admission | None = None,
     ) -> None:
         self.system = system
         self.clock = clock
@@ -155,7 +167,7 @@ class ClusterService:
             storage = FileStorage(state_dir) if state_dir is not None else MemoryStorage()
         if remove_dead_after is not None and not election.remove_dead_ticks:
             election = dataclasses.replace(election, remove_dead_ticks=max(1, math.ceil(remove_dead_after / tick)))
-        self.election = Election(self.node_id, storage, random.Random(seed), election)
+        self.election = Election(self.node_id, storage, random.Random(seed), election, admission=admission)
         self.facts = facts or LocalFacts()
         self.static_peers = [parse_peer(p) for p in static_peers]
         self.mdns_interfaces = mdns_interfaces
@@ -193,15 +205,15 @@ class ClusterService:
     def members(self) -> list[Member]:
         """Every node this one knows of, itself first."""
         now = self.clock.now()
-        voters = set(self.election.voters)
+        voters, members = set(self.election.voters), set(self.election.members)
         me = Member(
             self.node_id, self.facts.name, self.system.address, self.facts.backend, self.facts.device,
             self.facts.free_memory, "left" if self._leaving and self.node_id not in voters else "alive",
             self._roles(self.node_id, self.facts.roles), self.node_id in voters,
-            self.facts.speed, self.facts.api_port,
+            self.facts.speed, self.facts.api_port, self.node_id in members,
         )
         out = [me]
-        for node_id in sorted((set(self._info) | voters) - {self.node_id}):
+        for node_id in sorted((set(self._info) | members) - {self.node_id}):
             hb = self._info.get(node_id)
             out.append(Member(
                 node_id,
@@ -215,8 +227,36 @@ class ClusterService:
                 node_id in voters,
                 hb.speed if hb else 1.0,
                 hb.api_port if hb else 0,
+                node_id in members,
             ))
         return out
+
+    def pending(self) -> tuple[str, ...]:
+        """Keys that asked to join and wait for a member's approval (`--admit ask`), oldest first."""
+        return self.election.pending()
+
+    async def admit(self, prefix: str, timeout: float = 3.0) -> str:
+        """Approve the pending key that starts with `prefix` (or a full node id): this node
+        records the approval and tells the coordinator over the authenticated link, which
+        admits it. Returns the node id; raises AdmissionError (or a failed ask) if not."""
+        node_id = self.election.admission.resolve(prefix)
+        self._dispatch(self.election.approve(node_id))
+        coordinator = self.coordinator
+        if coordinator is None:
+            raise AdmissionError("there is no coordinator right now to admit the key; retry when the cluster "
+                                 "has elected one (`mesh status`)")
+        if coordinator != self.node_id:
+            await self.system.ref(coordinator, ACTOR_NAME).ask(AdmitRequest(node_id), timeout=timeout)
+        log.info("cluster.key_approved", node=self.node_id, key=node_id, coordinator=coordinator)
+        return node_id
+
+    def _on_admit(self, msg: AdmitRequest, peer: str | None) -> str:
+        if peer is not None and peer not in self.election.members:
+            log.warning("cluster.admit_refused", node=self.node_id, peer=peer, key=str(msg.node_id)[:32])
+            raise AdmissionError(f"{peer} is not a member: only a member may approve a key")
+        self._dispatch(self.election.approve(str(msg.node_id)))
+        log.info("cluster.key_approved", node=self.node_id, key=msg.node_id, by=peer)
+        return msg.node_id
 
     def _roles(self, node_id: str, roles: list[str]) -> tuple[str, ...]:
         extra = ["coordinator"] if node_id == self.coordinator else []

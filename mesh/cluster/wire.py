@@ -12,7 +12,7 @@ from actors import message
 
 from mesh.cluster import messages as m
 
-_KINDS = ("vote", "vote_resp", "append", "append_resp", "join", "leave")
+_KINDS = ("vote", "vote_resp", "append", "append_resp", "join", "leave", "vouch", "vouched")
 
 
 @message("mesh.cluster.Raft")
@@ -26,7 +26,8 @@ class RaftWire:
     c: int = 0  # commit (append)
     flag: bool = False  # pre (vote) | granted (vote_resp) | success (append_resp)
     flag2: bool = False  # pre (vote_resp)
-    entries: list = field(default_factory=list)  # [[term, voters | None], ...]
+    entries: list = field(default_factory=list)  # [[term, voters | None, members | None], ...]
+    about: str = ""  # the node a vouch question or answer is about
 
 
 @message("mesh.cluster.Heartbeat")
@@ -50,18 +51,31 @@ class Heartbeat:
     api_port: int = 0
 
 
+@message("mesh.cluster.Admit")
+@dataclass
+class AdmitRequest:
+    """A member approves a key that asked to join (`mesh admit`); told to the coordinator,
+    which admits it. Answered with the node id, or a failure that says why not."""
+
+    node_id: str
+
+
 def to_wire(msg: m.Message) -> RaftWire:
     if isinstance(msg, m.VoteRequest):
         return RaftWire("vote", msg.src, msg.term, msg.last_index, msg.last_term, flag=msg.pre)
     if isinstance(msg, m.VoteResponse):
         return RaftWire("vote_resp", msg.src, msg.term, flag=msg.granted, flag2=msg.pre)
     if isinstance(msg, m.Append):
-        entries = [[e.term, list(e.voters) if e.voters is not None else None] for e in msg.entries]
+        entries = [m.entry_to_list(e) for e in msg.entries]
         return RaftWire("append", msg.src, msg.term, msg.prev_index, msg.prev_term, msg.commit, entries=entries)
     if isinstance(msg, m.AppendResponse):
         return RaftWire("append_resp", msg.src, msg.term, msg.match, msg.hint, flag=msg.success)
     if isinstance(msg, m.JoinRequest):
         return RaftWire("join", msg.src)
+    if isinstance(msg, m.VouchRequest):
+        return RaftWire("vouch", msg.src, msg.term, about=msg.about)
+    if isinstance(msg, m.Vouched):
+        return RaftWire("vouched", msg.src, msg.term, about=msg.about)
     return RaftWire("leave", msg.src)
 
 
@@ -73,10 +87,7 @@ def from_wire(w: RaftWire) -> m.Message | None:
         if w.kind == "vote_resp":
             return m.VoteResponse(w.term, w.src, bool(w.flag), bool(w.flag2))
         if w.kind == "append":
-            entries = tuple(
-                m.Entry(int(t), tuple(str(v) for v in voters) if voters is not None else None)
-                for t, voters in w.entries
-            )
+            entries = tuple(m.entry_from_list(item) for item in w.entries)
             return m.Append(w.term, w.src, w.a, w.b, entries, w.c)
         if w.kind == "append_resp":
             return m.AppendResponse(w.term, w.src, bool(w.flag), w.a, w.b)
@@ -84,6 +95,10 @@ def from_wire(w: RaftWire) -> m.Message | None:
             return m.JoinRequest(w.src)
         if w.kind == "leave":
             return m.LeaveRequest(w.src)
+        if w.kind == "vouch":
+            return m.VouchRequest(w.src, w.about, w.term)
+        if w.kind == "vouched":
+            return m.Vouched(w.src, w.about, w.term)
     except (TypeError, ValueError):
         return None
     return None

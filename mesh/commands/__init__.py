@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "mesh.commands.secret",
     "mesh.commands.run",
     "mesh.commands.status",
+    "mesh.commands.admit",
 ]
 
 

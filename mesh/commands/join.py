@@ -59,6 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "equal scores give equal shares)")
     p.add_argument("--no-campaign", action="store_true",
                    help="vote in elections but never become coordinator (for a node that mostly serves clients)")
+    p.add_argument("--admit", choices=["auto", "ask", "pinned"], default="auto",
+                   help="who may join, when this node is the coordinator: auto = any device with the secret "
+                        "(shown in `mesh status` and the logs; default), ask = a member approves each new key "
+                        "with `mesh admit KEY`, pinned = only the --admit-key ids")
+    p.add_argument("--admit-key", action="append", default=[], dest="admit_keys", metavar="NODE_ID",
+                   help="with --admit pinned: a node id (16 hex, as `mesh status` shows it) to admit (repeatable)")
+    p.add_argument("--max-voters", type=int, default=3, metavar="N",
+                   help="members with a vote, the longest-standing first; later ones replicate without (default 3)")
     p.add_argument("--audit-rate", type=float, default=0.2,
                    help="share of stage steps an auditor re-checks, 0..1 (default 0.2)")
     p.add_argument("--fault", metavar="SPEC",
@@ -93,6 +101,13 @@ def config_from_args(args: argparse.Namespace):
         raise ConfigError(str(exc)) from None
     if args.api_max_generations < 1:
         raise ConfigError("--api-max-generations must be at least 1")
+    if args.max_voters < 1:
+        raise ConfigError("--max-voters must be at least 1")
+    if args.admit_keys and args.admit != "pinned":
+        raise ConfigError("--admit-key is for --admit pinned")
+    from mesh.cluster.admission import Admission
+
+    Admission(args.admit, args.admit_keys)  # AdmissionError (a MeshError) names a bad key
     policy = ApiPolicy(allow_hosts=args.api_allow_hosts, allow_origins=args.api_allow_origins,
                        max_generations=args.api_max_generations, max_queue=4 * args.api_max_generations)
     return NodeConfig(model=args.model, cluster=args.cluster, secret=secret, host=args.host, port=args.port,
@@ -101,6 +116,7 @@ def config_from_args(args: argparse.Namespace):
                       interfaces=args.interfaces or [args.host], peers=args.peers, mdns=not args.no_mdns,
                       backend=args.backend, weight_mode=args.weight_mode, name=args.name, state_dir=args.state_dir,
                       memory_limit=memory, threads=args.threads, speed=args.speed, campaign=not args.no_campaign,
+                      admit=args.admit, admit_keys=[k.lower() for k in args.admit_keys], max_voters=args.max_voters,
                       # the only place the MESH_* verification variables are read (benches set them)
                       verify=VerifyConfig.from_env(os.environ, audit_rate=args.audit_rate, fault=args.fault))
 

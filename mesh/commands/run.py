@@ -84,7 +84,9 @@ async def _members(hint, key: str | None) -> set[str]:
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return set()
     nodes = view.get("nodes") if isinstance(view, dict) else None
-    return {n["id"] for n in nodes if isinstance(n, dict) and isinstance(n.get("id"), str)} if isinstance(
+    # Only admitted members: a key that merely heartbeats to the node is listed, not trusted.
+    return {n["id"] for n in nodes if isinstance(n, dict) and isinstance(n.get("id"), str)
+            and n.get("member", True) is not False} if isinstance(
         nodes, list) else set()
 
 

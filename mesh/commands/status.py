@@ -57,6 +57,12 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def _membership(node: dict) -> str:
+    if node.get("voter"):
+        return "voter"
+    return "learner" if node.get("member") else "no (not admitted)"
+
+
 def print_view(view: dict, api: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -67,14 +73,18 @@ def print_view(view: dict, api: str) -> None:
     console.print(f"[bold]mesh[/bold] via {api} · model [bold]{view.get('model', '?')}[/bold] · coordinator "
                   f"[bold]{names.get(coord, coord) or 'none'}[/bold] ({(coord or '-')[:16]}) · term {view.get('term')}")
     table = Table(show_edge=False)
-    for col in ("id", "name", "address", "backend", "device", "free memory", "state", "roles"):
+    for col in ("key (node id)", "name", "member", "address", "backend", "device", "free memory", "state", "roles"):
         table.add_column(col)
     for n in view.get("nodes", []):
         me = " (this)" if n["id"] == view.get("self") else ""
-        table.add_row(n["id"][:16], (n.get("name") or "-") + me, n.get("address") or "-", n.get("backend") or "-",
-                      n.get("device") or "-", _size(n.get("free_memory")), n.get("state") or "-",
-                      ", ".join(n.get("roles") or []) or "-")
+        table.add_row(n["id"][:16], (n.get("name") or "-") + me, _membership(n), n.get("address") or "-",
+                      n.get("backend") or "-", n.get("device") or "-", _size(n.get("free_memory")),
+                      n.get("state") or "-", ", ".join(n.get("roles") or []) or "-")
     console.print(table)
+    admission = view.get("admission") or {}
+    pending = admission.get("pending") or []
+    if pending:
+        console.print(f"[yellow]waiting to join[/yellow] (approve with `mesh admit KEY`): {', '.join(pending)}")
     plan = view.get("plan")
     if not plan:
         console.print("plan: none yet")

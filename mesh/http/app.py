@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
 
 import structlog
+from actors.errors import ActorsError
 from aiohttp import web
 
 from mesh.http.guard import COOKIE, Admission, ApiPolicy, ClientGone, Guard, Refused, TooBusy, dashboard_cookie
@@ -32,6 +33,7 @@ class ServingBackend(Protocol):
     def generate_stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[TokenEvent]: ...
     def metrics_text(self) -> str: ...
     def mesh_info(self) -> dict: ...
+    async def admit(self, prefix: str) -> str: ...
 
 
 def _client_gone(request: web.Request) -> Callable[[], bool]:
@@ -70,6 +72,7 @@ class Api:
             web.get("/", self.dashboard),
             web.get("/v1/models", self.models),
             web.get("/v1/cluster", self.cluster),
+            web.post("/v1/cluster/admit", self.admit),
             web.get("/metrics", self.metrics),
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/v1/completions", self.completions),
@@ -209,6 +212,24 @@ class Api:
 
     async def cluster(self, request: web.Request) -> web.Response:
         return web.json_response(self.backend.status())
+
+    async def admit(self, request: web.Request) -> web.Response:
+        """`mesh admit PREFIX`: approve a key waiting to join (`--admit ask`). This node tells
+        the coordinator over the authenticated link; the admission shows in /v1/cluster."""
+        from mesh.cluster.admission import AdmissionError
+
+        body = await self._body(request)
+        key = body.get("key")
+        if not isinstance(key, str) or not 0 < len(key) <= 64:
+            raise FieldError("key", "'key' must be a node id or the prefix of a pending one")
+        try:
+            node_id = await self.backend.admit(key)
+        except AdmissionError as exc:
+            return _error(409, str(exc), "invalid_request_error", code="not_admitted")
+        except ActorsError as exc:  # the ask failed, timed out, or the coordinator refused it
+            return _error(503, f"the coordinator did not admit the key: {exc}", "service_unavailable",
+                          code="cluster_unavailable")
+        return web.json_response({"admitted": node_id})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.backend.metrics_text() + self.stats.text(), content_type="text/plain",

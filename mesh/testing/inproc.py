@@ -167,16 +167,18 @@ class InProcessMesh:
         return None
 
     async def wait_ready(self, stages: int | None = None, timeout: float = 60.0) -> None:
-        """Until every live node serves the same ready plan (of ``stages`` stages) and is a
-        voter in every live node's configuration (a plan uses nodes that are still joining:
-        a scenario that kills voters must start from a formed cluster)."""
+        """Until every live node serves the same ready plan (of ``stages`` stages), is a
+        member in every live node's configuration, and every seat (``max_voters``) is taken
+        (a plan uses nodes that are still joining: a scenario that kills voters must start
+        from a formed cluster)."""
         deadline = LOOP_CLOCK.now() + timeout
         while True:
             await asyncio.gather(*(n.wait_ready(timeout=max(0.0, deadline - LOOP_CLOCK.now()), stages=stages)
                                    for n in self.alive))
             epochs = {n.plan.epoch for n in self.alive}
             ids = {n.node_id for n in self.alive}
-            formed = all(ids <= set(n.cluster.election.voters) for n in self.alive)
+            formed = all(ids <= set(n.cluster.election.members)
+                         and len(n.cluster.election.voters) == min(len(ids), n.config.max_voters) for n in self.alive)
             if len(epochs) == 1 and formed and all(n.plan.ready for n in self.alive):
                 return
             if LOOP_CLOCK.now() > deadline:

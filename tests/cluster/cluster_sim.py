@@ -243,10 +243,11 @@ class Sim:
             e = node.election
             if not node.up:
                 continue
-            if e.wants_membership != e.is_voter:
+            if not e.membership_settled:
                 return None
-            if e.is_voter and (e.term != leader.term or e.leader != leader.id or e.voters != leader.voters):
-                return None
+            if e.is_member and (e.term != leader.term or e.leader != leader.id or e.voters != leader.voters
+                                or e.members != leader.members):
+                return None  # a learner too follows the coordinator (a lagging one is vouched for)
             if e.is_voter and e.role not in (Role.FOLLOWER, Role.COORDINATOR):
                 return None
         return leader.id
