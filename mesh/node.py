@@ -21,7 +21,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import psutil
 import structlog
@@ -38,7 +38,7 @@ from mesh import binding, models, sizing, views
 from mesh.http.app import Api
 from mesh.http.guard import ApiPolicy
 from mesh.cluster.election import ElectionConfig
-from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
+from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts, Member
 from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
@@ -104,6 +104,16 @@ class NodeConfig:
         if self.backend != "auto":
             return self.backend
         return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
+
+
+def placeable(members: Iterable[Member]) -> list[NodeCapacity]:
+    """The members the coordinator may give layers (and audits) to: voters only. Any key
+    that holds the cluster secret can heartbeat, and a heartbeat is only its claim; a
+    non-member claiming a large, fast machine would otherwise get the layers, and the plan
+    would wait for it forever (or route every prompt through it). A suspect node keeps its
+    place until it is declared dead: no re-plan on a hiccup."""
+    return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
+            for m in members if m.voter and m.state in ("alive", "suspect") and m.backend]
 
 
 class _Inbox(Actor):
@@ -359,9 +369,7 @@ class Node:
         return self.clock.now() - self._leaderless_since
 
     def _capacities(self) -> list[NodeCapacity]:
-        # A suspect node keeps its place until it is declared dead: no re-plan on a hiccup.
-        return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
-                for m in self.cluster.members() if m.state in ("alive", "suspect") and m.backend]
+        return placeable(self.cluster.members())
 
     # -- pipeline messages ------------------------------------------------------------
 
