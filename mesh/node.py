@@ -21,7 +21,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import psutil
 import structlog
@@ -39,7 +39,7 @@ from mesh.http.app import Api
 from mesh.http.guard import ApiPolicy
 from mesh.cluster.admission import Admission
 from mesh.cluster.election import ElectionConfig
-from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts
+from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts, Member
 from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
@@ -116,6 +116,17 @@ class WithPeer:
     (None: sent on this node), for a check only the handler can make."""
 
     handler: Callable[[Any, str | None], Any]
+
+
+def placeable(members: Iterable[Member]) -> list[NodeCapacity]:
+    """The nodes the coordinator may give layers (and audits) to: admitted members only
+    (voters and learners). Any key that holds the cluster secret can heartbeat, and a
+    heartbeat is only its claim; a key that merely heartbeats (never joined, pending in
+    ask mode, or refused) claiming a large, fast machine would otherwise get the layers,
+    and the plan would wait for it forever (or route every prompt through it). A suspect
+    node keeps its place until it is declared dead: no re-plan on a hiccup."""
+    return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
+            for m in members if m.member and m.state in ("alive", "suspect") and m.backend]
 
 
 class _Inbox(Actor):
@@ -388,11 +399,7 @@ class Node:
         return self.clock.now() - self._leaderless_since
 
     def _capacities(self) -> list[NodeCapacity]:
-        # A suspect node keeps its place until it is declared dead: no re-plan on a hiccup.
-        # Only admitted members get stages: a key that merely heartbeats (pending in ask
-        # mode, or refused) is never handed layers, prompts or audits.
-        return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
-                for m in self.cluster.members() if m.member and m.state in ("alive", "suspect") and m.backend]
+        return placeable(self.cluster.members())
 
     # -- pipeline messages ------------------------------------------------------------
 
