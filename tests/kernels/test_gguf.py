@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kernels.config import load_config
-from kernels.gguf import GGUFError, GGUFFile, UnsupportedTensorType
+from kernels.gguf import GGUFError, GGUFFile, UnsupportedTensorType, _Reader, _reader_class
 
 Q = gguf.GGMLQuantizationType
 
@@ -74,6 +74,33 @@ def test_real_model_tensors_match_gguf_package(model_path: Path):
             continue
         ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(f.tensors[t.name].shape)
         np.testing.assert_array_equal(f.dequantize(t.name), ref, err_msg=t.name)
+
+
+def _same_parse(path: Path) -> None:
+    """Our faster reader gives the library's fields (names, types, every part's dtype, shape
+    and bytes, the data indices) and tensors (name, type, offset, shape, bytes)."""
+    ours, lib = _Reader(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(lib.fields)
+    for name, f in lib.fields.items():
+        g = ours.fields[name]
+        assert (g.offset, g.data, g.types) == (f.offset, f.data, f.types), name
+        assert len(g.parts) == len(f.parts), name
+        for a, b in zip(g.parts, f.parts):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    assert ours.data_offset == lib.data_offset and ours.alignment == lib.alignment
+    assert [(t.name, t.tensor_type, t.data_offset, t.n_bytes, t.shape.tolist()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset, t.n_bytes, t.shape.tolist()) for t in lib.tensors]
+    for a, b in zip(ours.tensors, lib.tensors):
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+        assert np.shares_memory(a.data, ours.data)  # a view of the mapping, not a copy
+    assert np.array_equal(ours.tensors[0].data, lib.tensors[0].data)
+    assert np.array_equal(ours.tensors[-1].data, lib.tensors[-1].data)
+
+
+def test_fast_reader_parses_exactly_what_the_library_parses(model_path: Path, synthetic):
+    assert _reader_class() is _Reader  # the library's primitive is still the one replaced
+    _same_parse(synthetic[0])
+    _same_parse(model_path)
 
 
 def test_config_from_real_model(model_path: Path):
