@@ -671,7 +671,9 @@ class Election:
         elif isinstance(m, VoteRequest):
             if joining or m.src in self._current_voters():
                 return True
-        elif m.src in self._known_members():
+        elif m.src in self._known_members() and (m.term <= self.term or m.src in self._current_voters()):
+            # a learner's term only ever comes from the voters: a higher one from it is a lie
+            # (it would depose the coordinator, an election whenever a minted key liked)
             return True
         log.warning("election.not_a_member_refused", node=self.id, peer=m.src, message=type(m).__name__,
                     term=m.term)
