@@ -16,8 +16,10 @@ it. The damaging half runs last, on the same mesh, mildest first; the flags are 
 (the ledger decides to flag, the eviction is not carried out) so the mesh keeps its
 three stages until the last test, which evicts a node for real.
 
-A hole found on the way: an honest head stage could blame any serving node with a
-WireFault about a session nobody knows (a made-up id); two such reports flagged it.
+Two holes these tests found (both fail on the old code): an answer of a higher term from
+a learner deposed the coordinator (any key admitted under `--admit auto` could force an
+election whenever it liked); and a member at the head stage could blame any serving node
+with WireFaults about a session nobody knows (a made-up id): two of them flagged it.
 """
 
 from __future__ import annotations
