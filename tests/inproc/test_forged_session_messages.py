@@ -77,7 +77,7 @@ def world(vrun):
             await m.add(campaign=ids[i] != min(ids))
         await m.wait_ready(stages=3)  # the three seats taken: the rogue joins as a learner
         # a member with no room for layers that never campaigns: no stage, never coordinator, a learner
-        rogue = await m.add(handlers={}, memory_limit=1 << 20, campaign=False)
+        rogue = await m.add(memory_limit=1 << 20, campaign=False)
         honest = m.nodes[:3]
         await m.wait_for(lambda: all(rogue.node_id in n.cluster.election.members for n in honest),
                          what="the rogue a member on every node")
@@ -98,7 +98,7 @@ class Scene:
         self.plan = serving.plan.update
         self.coord = mesh.coordinator()
         self.stage_nodes = [next(n for n in honest if n.node_id == s.node) for s in self.plan.stages]
-        self.head, self.last = self.stage_nodes[0], self.stage_nodes[-1]
+        self.head = self.stage_nodes[0]
 
     @property
     def term(self) -> int:
@@ -119,12 +119,11 @@ class Scene:
 Attack = Callable[[Scene], Awaitable[Any]]
 
 
-async def answer_under(mesh: InProcessMesh, honest: list, rogue, attack: Attack, *, serving: int = 0,
-                       on_event: Callable[[Scene, Any], None] | None = None) -> tuple[list[int], Any]:
-    """Stream one answer from ``honest[serving]``; once its first token is out (its prefill
+async def answer_under(mesh: InProcessMesh, honest: list, rogue, attack: Attack) -> tuple[list[int], Any]:
+    """Stream one answer from ``honest[0]``; once its first token is out (its prefill
     passed every stage), run ``attack(scene)`` while the rest streams. Returns the
     answer's tokens and what the attack returned."""
-    node = honest[serving]
+    node = honest[0]
     tokens: list[int] = []
     result: Any = None
     scene: Scene | None = None
@@ -133,8 +132,6 @@ async def answer_under(mesh: InProcessMesh, honest: list, rogue, attack: Attack,
             (session,) = node.serving.sessions.values()
             scene = Scene(mesh, honest, rogue, node, session)
             result = await attack(scene)
-        elif on_event is not None:
-            on_event(scene, event)
         if not event.stop_token:
             tokens.append(event.token_id)
     return tokens, result
