@@ -15,7 +15,8 @@ to be believed given who sent it and what this node knows, or None to accept it.
   about the current plan and comes from a stage about the node before it; an AuditRequest
   comes only from the coordinator. (The ledger then ties each result to the auditor it
   assigned, so no one reports in another auditor's name.) At the head, the node a
-  WireFault accuses must be the session's serving node, where this node knows it.
+  WireFault accuses must be the session's serving node, as this node knows it: a head
+  cannot blame anyone for a session the judge knows no serving node of (a made-up id).
 - An AuditFetch comes only from an auditor the audit schedule picks for the stage that
   committed those steps (`auditor_order`'s first two: the first audit and its
   escalation): no other member reads a stage's inputs (stage 0's: the prompt).
@@ -85,7 +86,8 @@ def _holders(plan: PlanUpdate, index: int) -> set[str]:
 def _wire_fault_refusal(msg: WireFault, peer: str, view: View) -> str | None:
     """A wire fault is evidence only from the stage that received the bytes, on the
     current plan, about the node that sends it Forwards: the stage before it (for the
-    head, the serving node, which any member may be: the session's, where known)."""
+    head, the serving node, which any member may be: the session's, which this node
+    must know)."""
     plan = view.plan
     if not _on_plan(msg, plan):
         return f"WireFault on plan {msg.term}.{msg.version}, not the current plan"
@@ -95,8 +97,12 @@ def _wire_fault_refusal(msg: WireFault, peer: str, view: View) -> str | None:
     if min(mine) > 0 and msg.sender not in _holders(plan, min(mine) - 1):
         return f"WireFault from {peer} about {msg.sender}, which is not the stage before it"
     if min(mine) == 0:
+        # the head takes its prefills from any serving node: it may accuse only the serving
+        # node of a session this node (the judge) knows, never one of a made-up session
         serving = view.serve_node(msg.session)
-        if serving is not None and msg.sender != serving:
+        if serving is None:
+            return f"WireFault from the head {peer} about {msg.sender}: no serving node known of session {msg.session}"
+        if msg.sender != serving:
             return f"WireFault from the head {peer} about {msg.sender}, but {serving} serves session {msg.session}"
     return None
 

@@ -33,7 +33,9 @@ What it implements:
 - only members speak: an Append or a VoteRequest from a node that is not a voter in
   this node's current configuration (the committed one and any later entries) is
   ignored, and so is any other termed message from a node that is a member in no
-  entry of the log; no term adopted, no leader followed, no vote given. A member that
+  entry of the log, or of a higher term than ours from a member that is no voter (a
+  learner's term only ever comes from the voters); no term adopted, no leader followed,
+  no vote given. A member that
   lags may not yet hold the entries that made its new coordinator a voter: it asks the
   voters it knows (`VouchRequest`) and follows that coordinator for that term once
   one of them answers that it follows it too (`Vouched`). Raft trusts its voters, not
@@ -671,7 +673,9 @@ class Election:
         elif isinstance(m, VoteRequest):
             if joining or m.src in self._current_voters():
                 return True
-        elif m.src in self._known_members():
+        elif m.src in self._known_members() and (m.term <= self.term or m.src in self._current_voters()):
+            # a learner's term only ever comes from the voters: a higher one from it is a lie
+            # (it would depose the coordinator, an election whenever a minted key liked)
             return True
         log.warning("election.not_a_member_refused", node=self.id, peer=m.src, message=type(m).__name__,
                     term=m.term)

@@ -134,7 +134,9 @@ def test_a_member_cannot_flag_a_node_with_wire_faults_in_its_own_name() -> None:
     # two reports flag their subject: only the stage that receives its bytes may report it
     assert refusal(WireFault(3, 7, ROGUE, A, "s", 0, b"x", b"y"), ROGUE, view(COORD))  # holds no stage
     assert refusal(WireFault(3, 8, C, B, "s", 0, b"x", b"y"), C, view(COORD))  # another plan
-    assert refusal(WireFault(3, 7, A, ROGUE, "s", 0, b"x", b"y"), A, view(COORD)) is None  # head: a serving node
+    # the head may accuse a serving node, which any member may be: the session's, where known
+    knows = View(COORD, 3, COORD, PLAN, serve_node=lambda s: ROGUE)
+    assert refusal(WireFault(3, 7, A, ROGUE, "s", 0, b"x", b"y"), A, knows) is None
 
 
 def test_commit_batch_of_another_node_and_audit_request_from_a_member_are_refused() -> None:
@@ -247,6 +249,13 @@ def test_head_cannot_blame_a_node_that_does_not_serve_the_session() -> None:
     knows = View(COORD, 3, COORD, PLAN, serve_node=lambda s: C)
     assert refusal(fault, A, knows)
     assert refusal(WireFault(3, 7, A, C, "s", 0, b"x", b"y"), A, knows) is None
+
+
+def test_head_cannot_blame_a_serving_node_with_a_made_up_session() -> None:
+    # a session the judge knows no serving node of: a made-up id (the old rule let it pass)
+    made_up = WireFault(3, 7, A, C, "made-up", 0, b"x", b"y")
+    assert refusal(made_up, A, view(COORD))
+    assert refusal(made_up, A, View(COORD, 3, COORD, PLAN, serve_node=lambda s: None))
 
 
 def test_prefill_naming_another_serving_node_is_refused_at_the_head() -> None:
