@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mesh-installed
 UNAME_S := $(shell uname -s)
 
-.PHONY: setup demo test test-fast bench clean model
+.PHONY: setup demo test test-fast bench clean model test-models
 
 setup: $(STAMP) model
 
@@ -20,12 +20,17 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(BIN)/python -m mesh models pull smollm2-135m
 
+# The larger models the tests run the mesh on (745 MB, once per machine, into the model cache).
+test-models: $(STAMP)
+	$(BIN)/python -m mesh models pull gemma-3-270m
+	$(BIN)/python -m mesh models pull qwen2.5-coder-0.5b
+
 demo: setup
 	$(BIN)/python -m mesh demo
 
 # Every test, as two lanes of pytest processes side by side (tests/lanes.py): the
 # real-process tests beside the kernel checks and then the in-process meshes.
-test: setup
+test: setup test-models
 	$(BIN)/python tests/lanes.py
 
 # The edit-run loop: everything but the slow tests (real processes, namespaces, large models).
