@@ -166,7 +166,7 @@ class Election:
         self._active: set[str] = set()
         self._ticks = 0
         self._heard: dict[str, int] = {}  # coordinator: member -> tick of its last AppendResponse
-        self._declined: set[str] = set()  # coordinator: members that asked to give up their vote
+        self._declined: set[str] = set()  # coordinator: members that gave up their vote (never promoted)
         self._vouch_asked: dict[tuple[int, str], int] = {}  # (term, node) -> tick we asked about it
         self._vouched: list[tuple[int, str]] = []  # (term, node) a known voter follows
         self._last_vouch_tick = -1
@@ -322,7 +322,7 @@ class Election:
         elif m.term < self.term:
             if isinstance(m, Append):
                 log.warning("fence.stale_term", node=self.id, src=m.src, term=m.term, seen=self.term)
-                self._send(m.src, AppendResponse(self.term, self.id, False, 0, self.commit))
+                self._answer_append(m.src, False, 0, self.commit)
             elif isinstance(m, VoteRequest) and m.pre:
                 self._send(m.src, VoteResponse(self.term, self.id, False, pre=True))
             return self._flush()
@@ -467,6 +467,10 @@ class Election:
             return
         self._active.add(m.src)
         self._heard[m.src] = self._ticks
+        if m.no_vote:  # known before `_live` can hold for it: an answer is what makes it live
+            self._declined.add(m.src)
+        else:
+            self._declined.discard(m.src)
         pr = self._progress.setdefault(m.src, _Progress(next=self.last_index + 1))
         if m.success:
             if m.match > self.last_index:
@@ -590,7 +594,7 @@ class Election:
         self._election_elapsed = 0
         if m.prev_index > self.last_index or self.term_at(m.prev_index) != m.prev_term:
             hint = min(self.commit, m.prev_index - 1)
-            self._send(m.src, AppendResponse(self.term, self.id, False, 0, hint))
+            self._answer_append(m.src, False, 0, hint)
             return
         for offset, entry in enumerate(m.entries):
             index = m.prev_index + 1 + offset
@@ -602,7 +606,7 @@ class Election:
                     # completeness), so this Append is forged or broken: refuse all of it.
                     log.warning("election.committed_overwrite_refused", node=self.id, src=m.src, term=m.term,
                                 index=index, commit=self.commit)
-                    self._send(m.src, AppendResponse(self.term, self.id, False, 0, self.commit))
+                    self._answer_append(m.src, False, 0, self.commit)
                     return
                 del self.log[index - 1 :]
             self.log.append(entry)
@@ -610,7 +614,12 @@ class Election:
         if min(m.commit, match) > self.commit:
             self.commit = min(m.commit, match)
             self._apply()
-        self._send(m.src, AppendResponse(self.term, self.id, True, match))
+        self._answer_append(m.src, True, match)
+
+    def _answer_append(self, to: str, success: bool, match: int, hint: int = 0) -> None:
+        # Every answer restates whether this node gave up its vote: the coordinator that
+        # took its LeaveRequest may be gone, and its successor must not promote it.
+        self._send(to, AppendResponse(self.term, self.id, success, match, hint, no_vote=not self.wants_membership))
 
     # ---- membership ----------------------------------------------------------------
 
