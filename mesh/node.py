@@ -43,6 +43,7 @@ from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts, Member
 from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
+from mesh.pipeline.load_deadline import LoadDeadline
 from mesh.pipeline.messages import (
     EndSession,
     Forward,
@@ -101,6 +102,8 @@ class NodeConfig:
     admit: str = "auto"  # who may join: auto | ask (a member approves: `mesh admit`) | pinned (admit_keys)
     admit_keys: list[str] = field(default_factory=list)  # node ids admitted with admit="pinned"
     max_voters: int = 3  # seats with a vote, by seniority; later members replicate without one
+    # how long a stage may take to load before the coordinator plans around it, and the back-off after
+    load_deadline: LoadDeadline = field(default_factory=LoadDeadline)
     leaderless_grace_s: float = 3.0  # without a coordinator this long, stop serving (cut off from the majority)
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # commitments, audits, test-only faults
 
@@ -207,7 +210,7 @@ class Node:
         await self.system.start(cfg.host, cfg.port)
         self.coordinator = CoordinatorRole(self.node_id, self.model_name,
                                            sizing.model_profile(self.model_config, cfg.weight_mode), self._send,
-                                           clock=self.clock)
+                                           load_deadline=cfg.load_deadline, clock=self.clock)
         self.verify = VerifyService(
             self.identity, self.model_path, backend=self.backend, weight_mode=cfg.weight_mode, send=self._send,
             ask=self._ask, coordinator=lambda: self.cluster.coordinator if self.cluster is not None else None,
