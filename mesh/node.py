@@ -280,7 +280,7 @@ class Node:
         cluster = self.cluster
         view = binding.View(self.node_id, cluster.term if cluster is not None else 0,
                             cluster.coordinator if cluster is not None else None, self.plan.update,
-                            fetchers=self.verify.fetchers, serve_node=self._serve_node)
+                            fetchers=lambda fetch: self.verify.fetchers(fetch, peer), serve_node=self._serve_node)
         reason = binding.refusal(msg, peer, view)
         if reason is None:
             return True
