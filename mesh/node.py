@@ -39,7 +39,7 @@ from mesh.http.app import Api
 from mesh.http.guard import ApiPolicy
 from mesh.cluster.admission import Admission
 from mesh.cluster.election import ElectionConfig
-from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts, Member
+from mesh.cluster.service import FORGET_DEAD_AFTER_S, NO_CAMPAIGN, ClusterService, LocalFacts, Member
 from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
@@ -102,6 +102,7 @@ class NodeConfig:
     admit: str = "auto"  # who may join: auto | ask (a member approves: `mesh admit`) | pinned (admit_keys)
     admit_keys: list[str] = field(default_factory=list)  # node ids admitted with admit="pinned"
     max_voters: int = 3  # seats with a vote, by seniority; later members replicate without one
+    forget_dead_after_s: float = FORGET_DEAD_AFTER_S  # a member dead this long is removed (it may join again)
     # how long a stage may take to load before the coordinator plans around it, and the back-off after
     load_deadline: LoadDeadline = field(default_factory=LoadDeadline)
     leaderless_grace_s: float = 3.0  # without a coordinator this long, stop serving (cut off from the majority)
@@ -243,7 +244,7 @@ class Node:
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
                                       mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret,
                                       election=ElectionConfig(campaign=cfg.campaign, max_voters=cfg.max_voters),
-                                      clock=self.clock, seed=self.seed,
+                                      clock=self.clock, seed=self.seed, forget_dead_after=cfg.forget_dead_after_s,
                                       admission=admission)
         self.plan.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
         self.plan.fence.node = self.node_id

@@ -45,7 +45,12 @@ What it implements:
   for `remove_dead_ticks` through the same single-server change, so the
   survivors of a crash keep a majority for the next one, and the seat goes to the
   most senior live learner. A removed node stays a member: when it comes back it
-  replicates as a learner, and gets a vote again when a seat is free.
+  replicates as a learner, and gets a vote again when a seat is free. A member
+  without a vote that stays dead for `forget_dead_ticks` (days, not seconds) is
+  removed from the members, so stale keys do not fill the member slots; if it comes
+  back it asks to join again like a new key;
+- a member that gave up its vote (`leave`) says so in every AppendResponse
+  (`no_vote`), so no coordinator, of this term or a later one, promotes it again.
 
 At most one coordinator per term: a candidate needs votes from a majority of its
 committed configuration, each node votes once per term (persisted), and two
@@ -106,6 +111,7 @@ class ElectionConfig:
     pre_vote: bool = True
     check_quorum: bool = True
     remove_dead_ticks: int = 0  # 0: never remove a voter unless it leaves
+    forget_dead_ticks: int = 0  # 0: never; a member without a vote dead this long is removed from the members
     campaign: bool = True  # False: this node votes but never stands for coordinator
     max_voters: int = 3  # seats with a vote; later members are learners until one frees
 
@@ -438,6 +444,7 @@ class Election:
             self._heartbeat_elapsed = 0
             self._broadcast_append()
         self._remove_dead_voter()
+        self._forget_dead_member()
         self._promote()
         self._election_elapsed += 1
         if self._election_elapsed >= self.cfg.election_ticks:
@@ -577,6 +584,20 @@ class Election:
             return
         gone = min(dead, key=lambda v: (-self._dead_ticks[v], v))
         self._propose(set(self.voters) - {gone}, self.members, "dead", gone)  # it stays a member
+
+    def _forget_dead_member(self) -> None:
+        """Remove from the members one that has no vote and has been dead for
+        `forget_dead_ticks`: stale keys would fill the member slots. If it comes back it
+        asks to join again, as a new key does (in ask mode, it waits for an approval)."""
+        grace = self.cfg.forget_dead_ticks
+        if not grace or not self._can_change_config():
+            return
+        voters, members = self._latest_config()
+        dead = [n for n in members if n not in voters and n != self.id and self._dead_ticks.get(n, 0) >= grace]
+        if not dead:
+            return
+        gone = min(dead, key=lambda n: (-self._dead_ticks[n], n))
+        self._propose(set(voters), tuple(n for n in members if n != gone), "forgotten", gone)
 
     def _propose(self, voters: set[str], members: tuple[str, ...], reason: str, about: str) -> None:
         self.log.append(Entry(self.term, tuple(sorted(voters)), members))
