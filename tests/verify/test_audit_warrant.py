@@ -125,3 +125,14 @@ async def test_anyone_else_is_still_refused(forgery):
     }[forgery]
     fetch = dataclasses.replace(fetch_of(req, 0, req.steps), warrant=warrant)
     assert w.refusal(fetch, rogue), forgery
+
+
+async def test_the_warrant_travels_with_the_request_and_the_fetch():
+    from actors import codec
+
+    w = World()
+    _, req = w.assign()
+    fetch = fetch_of(req, 0, req.steps)
+    for msg in (req, fetch, dataclasses.replace(fetch, warrant=None)):
+        parts = codec.encode(msg)
+        assert codec.decode(parts[0], parts[1:]) == msg
