@@ -144,3 +144,13 @@ async def test_a_node_that_left_while_held_out_is_still_held_out_when_it_returns
     w.role.set_members([HONEST, STALLER])
     w.clock.advance(1.0)
     assert nodes(w.last_plan()) == {"honest"}
+
+
+def test_mesh_status_says_who_is_held_out_and_why(capsys):
+    from mesh.commands.status import print_view
+
+    reason = "did not report its layers of plan 1.1 loaded within its 66 s deadline; out of placement for 300 s"
+    print_view({"nodes": [{"id": "staller0123456789", "name": "big-box"}], "coordinator": None, "term": 1,
+                "held_out": {"staller0123456789": {"for_s": 299.5, "missed": 1, "reason": reason}}}, "http://x")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "held out big-box" in out and "66 s deadline" in out, out
