@@ -241,7 +241,6 @@ class CoordinatorRole:
         for node in self.members:
             self.send(node, "stage", update)
 
-
     # -- load deadlines ---------------------------------------------------------------
 
     def _deadlines(self, rec: PlanRecord) -> dict[str, float]:

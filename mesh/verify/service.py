@@ -96,8 +96,8 @@ class VerifyService:
         fault = parse_fault(config.fault) if config.fault else None
         self.recorder = StageRecorder(identity, send, coordinator, backend=backend, weight_mode=weight_mode,
                                       fault=fault, retain_bytes=int(config.retain_mb * 2 ** 20), clock=clock.now)
-        self.ledger = Ledger(self.node_id, self._send_assignment, self._on_flag, audit_rate=config.audit_rate, actor=VERIFY_ACTOR,
-                             clock=clock.now, audit_seed=config.audit_seed)
+        self.ledger = Ledger(self.node_id, self._send_assignment, self._on_flag, audit_rate=config.audit_rate,
+                             actor=VERIFY_ACTOR, clock=clock.now, audit_seed=config.audit_seed)
         self.auditor = Auditor(identity, model_path, backend, self._fetch, self._report, gather_s=config.gather_s,
                                defer_s=config.defer_s, stage_idle_s=stage_idle_s, clock=clock,
                                compute=audit_compute)
