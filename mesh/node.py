@@ -39,10 +39,11 @@ from mesh.http.app import Api
 from mesh.http.guard import ApiPolicy
 from mesh.cluster.admission import Admission
 from mesh.cluster.election import ElectionConfig
-from mesh.cluster.service import NO_CAMPAIGN, ClusterService, LocalFacts, Member
+from mesh.cluster.service import FORGET_DEAD_AFTER_S, NO_CAMPAIGN, ClusterService, LocalFacts, Member
 from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.generation import GenerationParams, TokenEvent
 from mesh.pipeline.coordinator import CoordinatorRole
+from mesh.pipeline.load_deadline import LoadDeadline
 from mesh.pipeline.messages import (
     EndSession,
     Forward,
@@ -101,6 +102,9 @@ class NodeConfig:
     admit: str = "auto"  # who may join: auto | ask (a member approves: `mesh admit`) | pinned (admit_keys)
     admit_keys: list[str] = field(default_factory=list)  # node ids admitted with admit="pinned"
     max_voters: int = 3  # seats with a vote, by seniority; later members replicate without one
+    forget_dead_after_s: float = FORGET_DEAD_AFTER_S  # a member dead this long is removed (it may join again)
+    # how long a stage may take to load before the coordinator plans around it, and the back-off after
+    load_deadline: LoadDeadline = field(default_factory=LoadDeadline)
     leaderless_grace_s: float = 3.0  # without a coordinator this long, stop serving (cut off from the majority)
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # commitments, audits, test-only faults
 
@@ -207,7 +211,7 @@ class Node:
         await self.system.start(cfg.host, cfg.port)
         self.coordinator = CoordinatorRole(self.node_id, self.model_name,
                                            sizing.model_profile(self.model_config, cfg.weight_mode), self._send,
-                                           clock=self.clock)
+                                           load_deadline=cfg.load_deadline, clock=self.clock)
         self.verify = VerifyService(
             self.identity, self.model_path, backend=self.backend, weight_mode=cfg.weight_mode, send=self._send,
             ask=self._ask, coordinator=lambda: self.cluster.coordinator if self.cluster is not None else None,
@@ -240,7 +244,7 @@ class Node:
         self.cluster = ClusterService(self.system, state_dir=state_dir, facts=self.info, static_peers=cfg.peers,
                                       mdns_interfaces=cfg.interfaces if cfg.mdns else None, secret=secret,
                                       election=ElectionConfig(campaign=cfg.campaign, max_voters=cfg.max_voters),
-                                      clock=self.clock, seed=self.seed,
+                                      clock=self.clock, seed=self.seed, forget_dead_after=cfg.forget_dead_after_s,
                                       admission=admission)
         self.plan.fence = self.cluster.fence  # durable: a higher term it accepts is saved by the election
         self.plan.fence.node = self.node_id
@@ -277,7 +281,7 @@ class Node:
         cluster = self.cluster
         view = binding.View(self.node_id, cluster.term if cluster is not None else 0,
                             cluster.coordinator if cluster is not None else None, self.plan.update,
-                            fetchers=self.verify.fetchers, serve_node=self._serve_node)
+                            fetchers=lambda fetch: self.verify.fetchers(fetch, peer), serve_node=self._serve_node)
         reason = binding.refusal(msg, peer, view)
         if reason is None:
             return True

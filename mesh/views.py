@@ -35,6 +35,8 @@ def status(node: Node) -> dict:
             "term": cluster.term if cluster is not None else 0, "nodes": nodes, "plan": plan_view,
             "admission": {"mode": node.config.admit, "pending": list(cluster.pending()) if cluster else []},
             "model": node.model_name, "failovers": node.plan.failovers, "verification": node.verify.verification(),
+            # while coordinating: the nodes out of placement for a missed load deadline, and why
+            "held_out": node.coordinator.held_out_view() if node.coordinator.active else {},
             "stage": stage_stats(node)}
 
 

@@ -12,7 +12,7 @@ runs, so that the peers it can reach have time to say who they are. Then:
    new nodes that campaign; the others then join it one at a time.
 
 `Bootstrap` also says when the links have had time to form (``settled``): a voter never
-heard from since start counts as dead only then (``dead_voters``).
+heard from since start counts as dead only then (``dead_members``).
 
 `ClusterService` (mesh/cluster/service.py) feeds it what its failure detector and the
 peers' heartbeats say, and carries out a `Decision.FOUND`.
@@ -91,9 +91,9 @@ class Bootstrap:
         """Whether the links have had time to form since discovery started."""
         return now - self.started_at > self.wait_s + self.settle_s
 
-    def dead_voters(self, now: float, voters: Iterable[str], alive: Mapping[str, bool]) -> list[str]:
-        """The voters other than this node to report dead. ``alive``: the failure
-        detector's verdict on each voter it watches; one it does not watch (never heard
+    def dead_members(self, now: float, members: Iterable[str], alive: Mapping[str, bool]) -> list[str]:
+        """The members other than this node to report dead. ``alive``: the failure
+        detector's verdict on each member it watches; one it does not watch (never heard
         from since start) is dead once the links settled."""
         settled = self.settled(now)
-        return [v for v in voters if v != self.node_id and (not alive[v] if v in alive else settled)]
+        return [v for v in members if v != self.node_id and (not alive[v] if v in alive else settled)]

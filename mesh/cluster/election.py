@@ -47,7 +47,12 @@ What it implements:
   for `remove_dead_ticks` through the same single-server change, so the
   survivors of a crash keep a majority for the next one, and the seat goes to the
   most senior live learner. A removed node stays a member: when it comes back it
-  replicates as a learner, and gets a vote again when a seat is free.
+  replicates as a learner, and gets a vote again when a seat is free. A member
+  without a vote that stays dead for `forget_dead_ticks` (days, not seconds) is
+  removed from the members, so stale keys do not fill the member slots; if it comes
+  back it asks to join again like a new key;
+- a member that gave up its vote (`leave`) says so in every AppendResponse
+  (`no_vote`), so no coordinator, of this term or a later one, promotes it again.
 
 At most one coordinator per term: a candidate needs votes from a majority of its
 committed configuration, each node votes once per term (persisted), and two
@@ -108,6 +113,7 @@ class ElectionConfig:
     pre_vote: bool = True
     check_quorum: bool = True
     remove_dead_ticks: int = 0  # 0: never remove a voter unless it leaves
+    forget_dead_ticks: int = 0  # 0: never; a member without a vote dead this long is removed from the members
     campaign: bool = True  # False: this node votes but never stands for coordinator
     max_voters: int = 3  # seats with a vote; later members are learners until one frees
 
@@ -168,7 +174,7 @@ class Election:
         self._active: set[str] = set()
         self._ticks = 0
         self._heard: dict[str, int] = {}  # coordinator: member -> tick of its last AppendResponse
-        self._declined: set[str] = set()  # coordinator: members that asked to give up their vote
+        self._declined: set[str] = set()  # coordinator: members that gave up their vote (never promoted)
         self._vouch_asked: dict[tuple[int, str], int] = {}  # (term, node) -> tick we asked about it
         self._vouched: list[tuple[int, str]] = []  # (term, node) a known voter follows
         self._last_vouch_tick = -1
@@ -324,7 +330,7 @@ class Election:
         elif m.term < self.term:
             if isinstance(m, Append):
                 log.warning("fence.stale_term", node=self.id, src=m.src, term=m.term, seen=self.term)
-                self._send(m.src, AppendResponse(self.term, self.id, False, 0, self.commit))
+                self._answer_append(m.src, False, 0, self.commit)
             elif isinstance(m, VoteRequest) and m.pre:
                 self._send(m.src, VoteResponse(self.term, self.id, False, pre=True))
             return self._flush()
@@ -440,6 +446,7 @@ class Election:
             self._heartbeat_elapsed = 0
             self._broadcast_append()
         self._remove_dead_voter()
+        self._forget_dead_member()
         self._promote()
         self._election_elapsed += 1
         if self._election_elapsed >= self.cfg.election_ticks:
@@ -469,6 +476,10 @@ class Election:
             return
         self._active.add(m.src)
         self._heard[m.src] = self._ticks
+        if m.no_vote:  # known before `_live` can hold for it: an answer is what makes it live
+            self._declined.add(m.src)
+        else:
+            self._declined.discard(m.src)
         pr = self._progress.setdefault(m.src, _Progress(next=self.last_index + 1))
         if m.success:
             if m.match > self.last_index:
@@ -576,6 +587,20 @@ class Election:
         gone = min(dead, key=lambda v: (-self._dead_ticks[v], v))
         self._propose(set(self.voters) - {gone}, self.members, "dead", gone)  # it stays a member
 
+    def _forget_dead_member(self) -> None:
+        """Remove from the members one that has no vote and has been dead for
+        `forget_dead_ticks`: stale keys would fill the member slots. If it comes back it
+        asks to join again, as a new key does (in ask mode, it waits for an approval)."""
+        grace = self.cfg.forget_dead_ticks
+        if not grace or not self._can_change_config():
+            return
+        voters, members = self._latest_config()
+        dead = [n for n in members if n not in voters and n != self.id and self._dead_ticks.get(n, 0) >= grace]
+        if not dead:
+            return
+        gone = min(dead, key=lambda n: (-self._dead_ticks[n], n))
+        self._propose(set(voters), tuple(n for n in members if n != gone), "forgotten", gone)
+
     def _propose(self, voters: set[str], members: tuple[str, ...], reason: str, about: str) -> None:
         self.log.append(Entry(self.term, tuple(sorted(voters)), members))
         log.info("election.config_proposed", node=self.id, term=self.term, voters=sorted(voters),
@@ -592,7 +617,7 @@ class Election:
         self._election_elapsed = 0
         if m.prev_index > self.last_index or self.term_at(m.prev_index) != m.prev_term:
             hint = min(self.commit, m.prev_index - 1)
-            self._send(m.src, AppendResponse(self.term, self.id, False, 0, hint))
+            self._answer_append(m.src, False, 0, hint)
             return
         for offset, entry in enumerate(m.entries):
             index = m.prev_index + 1 + offset
@@ -604,7 +629,7 @@ class Election:
                     # completeness), so this Append is forged or broken: refuse all of it.
                     log.warning("election.committed_overwrite_refused", node=self.id, src=m.src, term=m.term,
                                 index=index, commit=self.commit)
-                    self._send(m.src, AppendResponse(self.term, self.id, False, 0, self.commit))
+                    self._answer_append(m.src, False, 0, self.commit)
                     return
                 del self.log[index - 1 :]
             self.log.append(entry)
@@ -612,7 +637,12 @@ class Election:
         if min(m.commit, match) > self.commit:
             self.commit = min(m.commit, match)
             self._apply()
-        self._send(m.src, AppendResponse(self.term, self.id, True, match))
+        self._answer_append(m.src, True, match)
+
+    def _answer_append(self, to: str, success: bool, match: int, hint: int = 0) -> None:
+        # Every answer restates whether this node gave up its vote: the coordinator that
+        # took its LeaveRequest may be gone, and its successor must not promote it.
+        self._send(to, AppendResponse(self.term, self.id, success, match, hint, no_vote=not self.wants_membership))
 
     # ---- membership ----------------------------------------------------------------
 

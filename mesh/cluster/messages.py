@@ -84,11 +84,16 @@ class Append:
 
 @dataclass(frozen=True, slots=True)
 class AppendResponse:
+    """Node -> coordinator. ``no_vote``: the sender gave up its vote (`Election.leave`) and
+    says so with every answer, so a coordinator of any later term knows it before it could
+    promote it (a coordinator's memory of a LeaveRequest ends with its term)."""
+
     term: int
     src: str
     success: bool
     match: int
     hint: int = 0
+    no_vote: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,9 @@ from mesh.cluster.wire import AdmitRequest, Heartbeat, RaftWire, from_wire, to_w
 log = structlog.get_logger("mesh.cluster.service")
 
 ACTOR_NAME = "cluster"
+# A member without a vote that has been dead this long is removed from the members (a
+# week: a laptop away for a weekend keeps its place; a reinstalled device's old key goes).
+FORGET_DEAD_AFTER_S = 7 * 24 * 3600.0
 NO_CAMPAIGN = "no-campaign"  # a role in heartbeats: this node votes but never leads or founds
 
 
@@ -155,6 +158,7 @@ class ClusterService:
         detector: DetectorConfig = DetectorConfig(),
         bootstrap_after: float = 1.0,
         remove_dead_after: float | None = 1.0,
+        forget_dead_after: float | None = FORGET_DEAD_AFTER_S,
         seed: int | None = None,
         clock: Clock = LOOP_CLOCK,
         admission: Admission | None = None,
@@ -167,6 +171,8 @@ class ClusterService:
             storage = FileStorage(state_dir) if state_dir is not None else MemoryStorage()
         if remove_dead_after is not None and not election.remove_dead_ticks:
             election = dataclasses.replace(election, remove_dead_ticks=max(1, math.ceil(remove_dead_after / tick)))
+        if forget_dead_after is not None and not election.forget_dead_ticks:
+            election = dataclasses.replace(election, forget_dead_ticks=max(1, math.ceil(forget_dead_after / tick)))
         self.election = Election(self.node_id, storage, random.Random(seed), election, admission=admission)
         self.facts = facts or LocalFacts()
         self.static_peers = [parse_peer(p) for p in static_peers]
@@ -345,7 +351,7 @@ class ClusterService:
             await self.clock.sleep(next_at - self.clock.now())
             self._maybe_bootstrap()
             self._dial_hints()  # the hints that waited for a dial slot
-            self.election.set_dead(self._dead_voters())
+            self.election.set_dead(self._dead_members())
             self._dispatch(self.election.tick())
             self._update_member_states()
 
@@ -423,11 +429,12 @@ class ClusterService:
     def _on_fenced_term(self, term: int) -> None:
         self._dispatch(self.election.observe_term(term))
 
-    def _dead_voters(self) -> list[str]:
+    def _dead_members(self) -> list[str]:
+        """Voters dead for long lose their vote; members dead for very long are forgotten."""
         now = self.clock.now()
-        voters = self.election.voters
-        watched = {v: self.detector.is_alive(v, now) for v in voters if v in self.detector.peers}
-        return self.bootstrap.dead_voters(now, voters, watched)
+        members = self.election.members
+        watched = {v: self.detector.is_alive(v, now) for v in members if v in self.detector.peers}
+        return self.bootstrap.dead_members(now, members, watched)
 
     def _send_heartbeats(self) -> None:
         host, port = self.system.address or ("", 0)

@@ -25,7 +25,7 @@ class RaftWire:
     b: int = 0  # last_term | prev_term | hint | commit
     c: int = 0  # commit (append)
     flag: bool = False  # pre (vote) | granted (vote_resp) | success (append_resp)
-    flag2: bool = False  # pre (vote_resp)
+    flag2: bool = False  # pre (vote_resp) | no_vote (append_resp)
     entries: list = field(default_factory=list)  # [[term, voters | None, members | None], ...]
     about: str = ""  # the node a vouch question or answer is about
 
@@ -69,7 +69,7 @@ def to_wire(msg: m.Message) -> RaftWire:
         entries = [m.entry_to_list(e) for e in msg.entries]
         return RaftWire("append", msg.src, msg.term, msg.prev_index, msg.prev_term, msg.commit, entries=entries)
     if isinstance(msg, m.AppendResponse):
-        return RaftWire("append_resp", msg.src, msg.term, msg.match, msg.hint, flag=msg.success)
+        return RaftWire("append_resp", msg.src, msg.term, msg.match, msg.hint, flag=msg.success, flag2=msg.no_vote)
     if isinstance(msg, m.JoinRequest):
         return RaftWire("join", msg.src)
     if isinstance(msg, m.VouchRequest):
@@ -90,7 +90,7 @@ def from_wire(w: RaftWire) -> m.Message | None:
             entries = tuple(m.entry_from_list(item) for item in w.entries)
             return m.Append(w.term, w.src, w.a, w.b, entries, w.c)
         if w.kind == "append_resp":
-            return m.AppendResponse(w.term, w.src, bool(w.flag), w.a, w.b)
+            return m.AppendResponse(w.term, w.src, bool(w.flag), w.a, w.b, bool(w.flag2))
         if w.kind == "join":
             return m.JoinRequest(w.src)
         if w.kind == "leave":

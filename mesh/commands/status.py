@@ -85,6 +85,9 @@ def print_view(view: dict, api: str) -> None:
     pending = admission.get("pending") or []
     if pending:
         console.print(f"[yellow]waiting to join[/yellow] (approve with `mesh admit KEY`): {', '.join(pending)}")
+    for node, held in (view.get("held_out") or {}).items():
+        console.print(f"[yellow]held out[/yellow] {names.get(node, node[:8])} ({node[:16]}) for {held['for_s']:.0f} s: "
+                      f"{held['reason']}")
     plan = view.get("plan")
     if not plan:
         console.print("plan: none yet")

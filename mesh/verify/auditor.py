@@ -376,8 +376,7 @@ class Auditor:
                 await self.compute.free(track.skey, track.key)
                 track.next_step = 0
             log.debug("audit.fetching", node=b.node, stage=b.stage, steps=steps)
-            data = await self.fetch(b.node, AuditFetch(b.term, b.version, req.session, track.next_step, steps[-1],
-                                                       steps))
+            data = await self.fetch(b.node, fetch_of(req, track.next_step, steps))
             if not data.ok:
                 return {s: Verdict(False, f"the audited node could not supply the step: {data.error}") for s in steps}
             turn = self.schedule.turn(tkey, from_start=track.next_step == 0)
@@ -398,6 +397,13 @@ class Auditor:
                 track.next_step = 0
                 await self.compute.free(track.skey, track.key)
             return verdicts
+
+
+def fetch_of(req: AuditRequest, from_step: int, steps: list[int]) -> AuditFetch:
+    """What an auditor asks the audited node for ``req``'s ``steps``: the inputs from
+    ``from_step`` on, the outputs of ``steps``, and the coordinator's warrant to show."""
+    b = req.batch
+    return AuditFetch(b.term, b.version, req.session, from_step, steps[-1], steps, warrant=req.warrant)
 
 
 def _outcome(verdicts) -> Outcome:

@@ -25,7 +25,8 @@ class CommitmentRejected(MeshError):
     """A commitment batch failed verification; the message says which check."""
 
 
-def _fields(*parts: object) -> bytes:
+def signed_fields(*parts: object) -> bytes:
+    """Length-prefixed fields: what a signature covers, with no two field lists alike."""
     out = bytearray()
     for p in parts:
         if isinstance(p, bytes):
@@ -39,7 +40,7 @@ def _fields(*parts: object) -> bytes:
 
 
 def leaf_hash(r: StepRecord) -> bytes:
-    return blake3.blake3(_LEAF + _fields(r.session, r.step, r.start_pos, r.length, r.input_digest,
+    return blake3.blake3(_LEAF + signed_fields(r.session, r.step, r.start_pos, r.length, r.input_digest,
                                          r.output_digest, r.token)).digest()
 
 
@@ -78,7 +79,7 @@ def verify_proof(leaf: bytes, index: int, proof: list[bytes], root: bytes) -> bo
 
 
 def header_bytes(b: CommitBatch) -> bytes:
-    return _HEADER + _fields(b.term, b.version, b.stage, b.start, b.end, b.node, b.public_key, b.backend,
+    return _HEADER + signed_fields(b.term, b.version, b.stage, b.start, b.end, b.node, b.public_key, b.backend,
                              b.weight_mode, b.weights_digest, len(b.records), b.root)
 
 
@@ -105,6 +106,6 @@ def verify_batch(b: CommitBatch, *, expect_node: str | None = None) -> None:
 
 def result_bytes(r) -> bytes:
     """What an auditor signs in an AuditResult."""
-    return b"mesh-audit-result\x00" + _fields(r.audit_id, r.round, r.auditor, r.node, r.session, r.step,
+    return b"mesh-audit-result\x00" + signed_fields(r.audit_id, r.round, r.auditor, r.node, r.session, r.step,
                                              int(r.ok), r.reason, repr(r.max_row_rel_l2), repr(r.outside_share),
                                              r.audit_backend, int(r.inconclusive))

@@ -50,6 +50,24 @@ class CommitBatch:
     signature: bytes
 
 
+@message("mesh.verify.AuditWarrant")
+@dataclass
+class AuditWarrant:
+    """The coordinator's signed word that ``auditor`` audits ``node``'s steps of
+    ``session`` on stage ``stage`` of plan (term, version): the audited node lets that
+    auditor fetch them even when its own member list (from which it computes the
+    auditors) lags the coordinator's (mesh/verify/warrant.py)."""
+
+    term: int
+    version: int
+    session: str
+    stage: int
+    node: str
+    auditor: str
+    coordinator_key: bytes
+    signature: bytes = b""
+
+
 @message("mesh.verify.AuditRequest")
 @dataclass
 class AuditRequest:
@@ -69,6 +87,7 @@ class AuditRequest:
     batch: CommitBatch
     records: list[StepRecord]
     n_stages: int
+    warrant: AuditWarrant | None = None  # signed by the coordinator; the auditor shows it with its fetch
 
 
 @message("mesh.verify.AuditFetch")
@@ -84,6 +103,7 @@ class AuditFetch:
     from_step: int
     step: int
     outputs_of: list[int] = field(default_factory=list)
+    warrant: AuditWarrant | None = None  # the coordinator's, from the AuditRequest
 
 
 @message("mesh.verify.AuditData")

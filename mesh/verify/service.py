@@ -35,6 +35,7 @@ from mesh.verify.messages import (
     WireFault,
 )
 from mesh.verify.recorder import RETAIN_BYTES, VERIFY_ACTOR, StageRecorder
+from mesh.verify.warrant import sign_warrant, warrant_refusal
 
 log = structlog.get_logger("mesh.verify")
 # The coordinator sends its counters to the other nodes (for their `mesh status`) at most
@@ -83,6 +84,7 @@ class VerifyService:
                  role: CoordinatorRole, stage_idle_s: Callable[[], float], config: VerifyConfig = VerifyConfig(),
                  clock: Clock = LOOP_CLOCK, audit_compute: Any = None):
         self.node_id = identity.node_id
+        self.identity = identity
         self.config = config
         self.send = send
         self.ask = ask
@@ -94,8 +96,8 @@ class VerifyService:
         fault = parse_fault(config.fault) if config.fault else None
         self.recorder = StageRecorder(identity, send, coordinator, backend=backend, weight_mode=weight_mode,
                                       fault=fault, retain_bytes=int(config.retain_mb * 2 ** 20), clock=clock.now)
-        self.ledger = Ledger(self.node_id, send, self._on_flag, audit_rate=config.audit_rate, actor=VERIFY_ACTOR,
-                             clock=clock.now, audit_seed=config.audit_seed)
+        self.ledger = Ledger(self.node_id, self._send_assignment, self._on_flag, audit_rate=config.audit_rate,
+                             actor=VERIFY_ACTOR, clock=clock.now, audit_seed=config.audit_seed)
         self.auditor = Auditor(identity, model_path, backend, self._fetch, self._report, gather_s=config.gather_s,
                                defer_s=config.defer_s, stage_idle_s=stage_idle_s, clock=clock,
                                compute=audit_compute)
@@ -159,6 +161,13 @@ class VerifyService:
         ledger = self._ledger()
         if ledger is not None:
             ledger.on_wire_fault(report)
+
+    def _send_assignment(self, node: str, actor: str, msg: object) -> bool:
+        """The ledger's sends: an audit request goes with this coordinator's warrant for its
+        auditor, which the audited node checks instead of its own, maybe stale, member list."""
+        if isinstance(msg, AuditRequest):
+            msg = dataclasses.replace(msg, warrant=sign_warrant(self.identity, msg, node))
+        return self.send(node, actor, msg)
 
     def _on_flag(self, flag: Flag) -> None:
         msg = NodeFlagged(self.role.term, flag.node, flag.reason, json.dumps(flag.evidence))
@@ -227,12 +236,15 @@ class VerifyService:
         escalation's (the ledger picks them so)."""
         return auditor_order(stage, node, backend, members, set(self.flags))[:2]
 
-    def fetchers(self, req: AuditFetch) -> list[str] | None:
-        """The nodes that may fetch what ``req`` asks of this node: the auditors of the
-        stage that committed those steps; None if this node holds none of them."""
+    def fetchers(self, req: AuditFetch, peer: str | None = None) -> list[str] | None:
+        """The nodes that may fetch what ``req`` (from ``peer``) asks of this node: the
+        auditor the coordinator's warrant names, else the auditors of the stage that
+        committed those steps as this node computes them; None if it holds none of them."""
         entry = self.recorder.stage_of(req.session, Epoch.of(req))
         if entry is None:
             return None
+        if peer is not None and warrant_refusal(req, peer, self.node_id, entry.index, self.coordinator()) is None:
+            return [peer]
         # the backend the commitments name (the ledger orders the auditors by it)
         return self._auditors(entry.index, self.node_id, self.recorder.backend, self.members())
 

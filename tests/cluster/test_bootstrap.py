@@ -107,12 +107,12 @@ def test_a_voter_never_heard_from_counts_as_dead_only_once_the_links_settled():
     bootstrap = _started("me", at=10.0)
     voters = ("me", "seen", "never")
     watched = {"seen": True}
-    assert bootstrap.dead_voters(10.0 + WAIT + SETTLE_S, voters, watched) == []  # not yet: "never" may still call
-    assert bootstrap.dead_voters(10.0 + WAIT + SETTLE_S + 0.01, voters, watched) == ["never"]
+    assert bootstrap.dead_members(10.0 + WAIT + SETTLE_S, voters, watched) == []  # not yet: "never" may still call
+    assert bootstrap.dead_members(10.0 + WAIT + SETTLE_S + 0.01, voters, watched) == ["never"]
     # a voter the detector watches is dead when the detector says so, settled or not
-    assert bootstrap.dead_voters(10.5, voters, {"seen": False}) == ["seen"]
-    assert bootstrap.dead_voters(30.0, voters, {"seen": False, "never": True}) == ["seen"]
-    assert "me" not in bootstrap.dead_voters(30.0, voters, {"me": False})  # never itself
+    assert bootstrap.dead_members(10.5, voters, {"seen": False}) == ["seen"]
+    assert bootstrap.dead_members(30.0, voters, {"seen": False, "never": True}) == ["seen"]
+    assert "me" not in bootstrap.dead_members(30.0, voters, {"me": False})  # never itself
 
 
 @pytest.mark.parametrize("start", [0.0, 5.0, 1234.5])

@@ -209,3 +209,79 @@ def test_a_leaving_coordinator_commits_its_own_removal() -> None:
         assert leader.voters == tuple(sorted(set(sim.nodes) - {leader.id}))
         assert not leader.is_coordinator and leader.leader != leader.id
         sim.converge(200)
+
+
+def test_a_member_that_gave_up_its_vote_is_not_promoted_by_the_next_coordinator() -> None:
+    """`leave()` asks the coordinator to take this node's vote, and the coordinator kept
+    that wish in memory only: its successor saw a live learner and promoted it again
+    (a vote the member never asked for, and one more voter to reach for a quorum)."""
+    for seed in range(5):
+        sim = Sim(seed, ElectionConfig(remove_dead_ticks=20))
+        sim.bootstrap(3)
+        sim.converge(200)
+        learner = sim.add_node()  # seats full: a learner
+        sim.converge(200)
+        leader = next(n.id for n in sim.nodes.values() if n.election.is_coordinator)
+        quitter = next(n for n in ("n0", "n1", "n2") if n != leader)
+        sim._send(quitter, sim.nodes[quitter].election.leave())
+        sim.converge(200)
+        sim.run(30)  # its seat goes to the learner
+        assert all(quitter not in n.election.voters and learner in n.election.voters
+                   for n in sim.nodes.values()), f"seed={seed}"
+        sim.crash(leader)  # a new coordinator, which removes the dead one and has a free seat
+        for _ in range(400):
+            sim.tick()
+            for n in sim.nodes.values():
+                if n.up and n.election.is_coordinator:
+                    assert quitter not in n.election._latest_config()[0], (
+                        f"seed={seed}: {n.id} (term {n.election.term}) gave {quitter} its vote back")
+        new = next(n.election for n in sim.nodes.values() if n.up and n.election.is_coordinator)
+        assert new.id != leader and leader not in new.voters, f"seed={seed}: the dead coordinator was not removed"
+        assert not sim.nodes[quitter].election.is_voter
+        sim._send(quitter, sim.nodes[quitter].election.join())  # it asks for its vote again: it gets it
+        sim.run(60)
+        assert quitter in new.voters, f"seed={seed}"
+
+
+def test_no_vote_travels_with_every_append_response() -> None:
+    from mesh.cluster.wire import from_wire, to_wire
+
+    for no_vote in (False, True):
+        resp = AppendResponse(4, "b", True, 7, 2, no_vote=no_vote)
+        assert from_wire(to_wire(resp)) == resp
+    b = node("b", ("a", "b"))
+    b.leave()
+    out = b.step(Append(1, "a", 1, 0, (), 1))
+    assert [msg.no_vote for _, msg in out if isinstance(msg, AppendResponse)] == [True]
+
+
+def test_a_member_dead_for_long_is_forgotten_and_may_join_again() -> None:
+    """Members were never removed: keys of devices long gone (reinstalled, given away)
+    filled the 64 member slots, and no new device could join. A coordinator removes a
+    member dead for `forget_dead_ticks` (a voter first loses its vote, after
+    `remove_dead_ticks`), one configuration change at a time through the log."""
+    for seed in range(3):
+        sim = Sim(seed, ElectionConfig(remove_dead_ticks=5, forget_dead_ticks=80))
+        sim.bootstrap(3)
+        sim.converge(200)
+        learners = [sim.add_node(), sim.add_node()]
+        sim.converge(200)
+        leader = next(n.id for n in sim.nodes.values() if n.election.is_coordinator)
+        voter = next(v for v in ("n0", "n1", "n2") if v != leader)
+        sim.crash(learners[1])
+        sim.crash(voter)
+        sim.run(60)  # the voter lost its seat (to the live learner), both are still members
+        coord = next(n.election for n in sim.nodes.values() if n.up and n.election.is_coordinator)
+        assert voter not in coord.voters and learners[0] in coord.voters, f"seed={seed}"
+        assert {voter, learners[1]} <= set(coord.members), f"seed={seed}: forgotten too early"
+        sim.run(60)
+        for n in sim.nodes.values():
+            if n.up:
+                assert voter not in n.election.members and learners[1] not in n.election.members, f"seed={seed}"
+                assert set(n.election.voters) == {leader, learners[0], next(v for v in ("n0", "n1", "n2")
+                                                                            if v not in (leader, voter))}
+        configs = [(set(e.voters), set(e.members)) for e in sim.committed if e.voters is not None]
+        assert all(len(a[0] ^ b[0]) + len(a[1] ^ b[1]) <= 1 for a, b in zip(configs, configs[1:])), "one change at a time"
+        sim.restart(learners[1])  # it comes back: it asks to join again, and is admitted (auto)
+        sim.run(80)
+        assert learners[1] in coord.members and learners[1] not in coord.voters, f"seed={seed}"
