@@ -15,6 +15,10 @@ Prints one JSON object:
   generated tokens (first failing selected step + one commitment chunk + escalation).
 
     python bench/verify.py [--prompts 8] [--tokens 42] [--mesh-tokens 64] [--quick] [--mesh-only]
+    python bench/verify.py --model gemma-3-270m --honest-only   # one family's honest table
+
+``--model`` runs the honest table and the detection on another registry model (a base
+model's prompts are raw text); the mesh part always runs the default model.
 """
 
 from __future__ import annotations
@@ -64,8 +68,10 @@ FAULTS = ["tamper:scale=0.01", "noise:sigma=0.01", "stale", "skip-layer:0", "ski
 
 
 def encode(tok: Tokenizer, prompt: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return tok.encode(text, add_special_tokens=False)
+    """The prompt as a user message through the chat template, or raw text for a base model."""
+    if not tok.chat_template:
+        return tok.encode_prompt(prompt)
+    return tok.encode_chat([{"role": "user", "content": prompt}])
 
 
 def honest_table(cache: StageCache, prompts: list[list[int]], tokens: int) -> dict:
@@ -154,7 +160,8 @@ def commitment_cost(n: int = 2000) -> dict:
 
     out = {}
     for name, width, index in (("hidden_stage", 576, 1), ("head_stage", 49152, 2)):
-        rec = StageRecorder(NodeIdentity.generate(), lambda *a: None, lambda: "c", max_sessions=4)
+        rec = StageRecorder(NodeIdentity.generate(), lambda *a: None, lambda: "c", backend="torch", weight_mode="float32",
+                            max_sessions=4)
         host = Host(index)
         x = np.ones((1, 576), np.float32)
         y = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
@@ -306,15 +313,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--skip-mesh", action="store_true")
     ap.add_argument("--mesh-only", action="store_true", help="only the on/off decode speed of the mesh")
+    ap.add_argument("--honest-only", action="store_true", help="only the honest table (no mesh, no detection)")
+    ap.add_argument("--model", default=models.DEFAULT_MODEL, help="registry model of the honest table and detection")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.tokens, args.detect_prompts, args.mesh_tokens, args.mesh_rounds = 1, 8, 1, 24, 1
-    path = models.resolve(models.DEFAULT_MODEL, fetch=True)
+    path = models.resolve(args.model, fetch=True)
     tok = Tokenizer.from_model(path)
     cache = StageCache(path)
     started = time.perf_counter()
-    result = {"commitment_us_per_token_per_stage": commitment_cost()}
-    if not args.skip_mesh:
+    result = {"model": args.model}
+    if not args.honest_only:
+        result["commitment_us_per_token_per_stage"] = commitment_cost()
+    if not (args.skip_mesh or args.honest_only):
         result["mesh"] = asyncio.run(mesh_speed(args.mesh_tokens, args.mesh_rounds, PROMPTS[:3], args.audit_rate))
     if args.mesh_only:
         print(json.dumps(result, indent=2))
@@ -322,6 +333,10 @@ def main() -> None:
     ids = [encode(tok, p) for p in PROMPTS[:args.prompts]]
     result["honest"] = honest_table(cache, ids, args.tokens)
     result["honest_audited_stage_steps_total"] = sum(v["audited_stage_steps"] for v in result["honest"].values())
+    if args.honest_only:
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(result, indent=2))
+        return
     result["detection"] = detection(cache, [encode(tok, p) for p in PROMPTS[:args.detect_prompts]])
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))

@@ -59,7 +59,7 @@ def test_forged_plan_from_a_stranger_with_the_secret_is_refused_over_tcp(referen
                 rogue.ref(target, STAGE_ACTOR).tell(PlanUpdate(before["term"], version, target, before["model"],
                                                                [StageEntry(0, rogue.node_id, 0, layers, "torch")]))
                 rogue.ref(target, STAGE_ACTOR).tell(PlanReady(before["term"], version))
-                await until(lambda: len(forged_lines(node.log_path, rogue.node_id)) >= 2, 20, "the refusals logged")
+                await until(lambda: len(forged_lines(node.log_path, rogue.node_id)) >= 2, 60, "the refusals logged")
                 answer = await ask(node.api, req, timeout=120.0)
                 return rogue.node_id, before, await cluster_view(node.api), answer
             finally:
