@@ -148,8 +148,8 @@ async def _serve(config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     node = Node(config)
+    await node.start()  # a node that could not start has nothing to stop (as `async with Node(...)`)
     try:
-        await node.start()
         await stop.wait()
     finally:
         await node.stop()

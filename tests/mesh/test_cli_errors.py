@@ -98,3 +98,17 @@ def test_join_speed_must_be_positive(capsys, value):
     code, _, err = _run_cli(["join", "--speed", value], capsys)
     assert code == 2
     assert "--speed" in err and "positive number" in err and "Traceback" not in err
+
+
+def test_join_memory_too_small_for_one_layer_is_one_clear_line(capsys, tmp_path, model_path):
+    code, _, err = _run_cli(["join", "--memory", "1MiB", "--no-mdns", "--state-dir", str(tmp_path), "--api-port",
+                             "0"], capsys)
+    assert code == 2
+    _one_clear_line(err, "MemoryBudgetError", "--memory 1.0 MiB cannot hold even one layer", "give at least")
+
+
+def test_join_memory_larger_than_the_machine_is_one_clear_line(capsys, tmp_path, model_path):
+    code, _, err = _run_cli(["join", "--memory", "64000GiB", "--no-mdns", "--state-dir",
+                             str(tmp_path)], capsys)
+    assert code == 2
+    _one_clear_line(err, "MemoryBudgetError", "more than this machine has")
