@@ -159,3 +159,10 @@ def test_demo_refuses_node_budgets_that_together_cannot_hold_the_model(capsys, m
     code, _, err = _run_cli(["demo", "--node-memory", "lots"], capsys)
     assert code == 2
     _one_clear_line(err, "--node-memory", "is not a size")
+
+
+@pytest.mark.parametrize("flag", ["--kv-sessions", "--kv-context"])
+def test_join_kv_reserve_must_be_positive(capsys, flag):
+    code, _, err = _run_cli(["join", flag, "0"], capsys)
+    assert code == 2
+    _one_clear_line(err, "ConfigError", "--kv-sessions and --kv-context must be at least 1")
