@@ -100,14 +100,23 @@ def test_join_speed_must_be_positive(capsys, value):
     assert "--speed" in err and "positive number" in err and "Traceback" not in err
 
 
-def test_join_memory_too_small_for_one_layer_is_one_clear_line(capsys, tmp_path, model_path):
+@pytest.fixture
+def quiet_join(monkeypatch):
+    """`mesh join` configures structlog to print to this test's captured stderr; later tests
+    would log into a closed file: keep the suite's logging as it is."""
+    from mesh.commands import join
+
+    monkeypatch.setattr(join.actors_log, "configure", lambda **kwargs: None)
+
+
+def test_join_memory_too_small_for_one_layer_is_one_clear_line(capsys, tmp_path, model_path, quiet_join):
     code, _, err = _run_cli(["join", "--memory", "1MiB", "--no-mdns", "--state-dir", str(tmp_path), "--api-port",
                              "0"], capsys)
     assert code == 2
     _one_clear_line(err, "MemoryBudgetError", "--memory 1.0 MiB cannot hold even one layer", "give at least")
 
 
-def test_join_memory_larger_than_the_machine_is_one_clear_line(capsys, tmp_path, model_path):
+def test_join_memory_larger_than_the_machine_is_one_clear_line(capsys, tmp_path, model_path, quiet_join):
     code, _, err = _run_cli(["join", "--memory", "64000GiB", "--no-mdns", "--state-dir",
                              str(tmp_path)], capsys)
     assert code == 2
@@ -162,7 +171,7 @@ def test_demo_refuses_node_budgets_that_together_cannot_hold_the_model(capsys, m
 
 
 @pytest.mark.parametrize("flag", ["--kv-sessions", "--kv-context"])
-def test_join_kv_reserve_must_be_positive(capsys, flag):
+def test_join_kv_reserve_must_be_positive(capsys, flag, quiet_join):
     code, _, err = _run_cli(["join", flag, "0"], capsys)
     assert code == 2
     _one_clear_line(err, "ConfigError", "--kv-sessions and --kv-context must be at least 1")
