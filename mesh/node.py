@@ -244,6 +244,7 @@ class Node:
             speed, speed_source = await self.runner.run(sizing.measure_speed, self.model_path, self.backend,
                                                          cfg.weight_mode)
         log.info("node.speed", score=speed, source=speed_source)
+        self._measured_source = f"{speed} layers/s, {speed_source}"
         self.info = LocalFacts(
             name=cfg.name or platform.node() or self.node_id[:8],
             backend=self.backend,
@@ -408,6 +409,17 @@ class Node:
                 log.warning("node.cut_off", seconds=round(self._leaderless_for(), 1))
                 self.serving.fail_all(Unavailable(_LEADERLESS))
             self.serving.check_stalls()
+            self._refine_speed()
+
+    def _refine_speed(self) -> None:
+        """Heartbeat the score this node's stage shows in its own decode steps (a stated
+        --speed stays). It is used by the next plan; it does not start one."""
+        if self.config.speed:
+            return
+        s = self.stage_host.stats
+        refined = sizing.observed_speed(s.decode_layers, s.decode_best_s, s.decode_samples, self._measured_source)
+        if refined is not None:
+            self.info.speed, self.info.speed_source = refined
 
     def _on_peer(self, event) -> None:
         if not event.up:

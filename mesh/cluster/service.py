@@ -239,7 +239,7 @@ class ClusterService:
                 hb.api_port if hb else 0,
                 node_id in members,
                 _short(hb.host_id) if hb else "",
-                _short(hb.speed_source, 200) if hb else "",
+                _short(hb.speed_source, 300) if hb else "",
             ))
         return out
 

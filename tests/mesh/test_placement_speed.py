@@ -74,3 +74,19 @@ def test_a_member_heartbeating_a_speed_or_memory_that_is_no_number_cannot_stop_t
         rogue = Member("r", **fields)
         p = plan(placeable([*honest, rogue]), SMOL)
         assert "r" not in p.nodes and sorted(shares(p)) == [15, 15], bad
+
+
+def test_the_score_is_refined_from_the_stages_own_decode_steps_once_there_are_enough() -> None:
+    from mesh.pipeline.stage_host import StageStats
+    from mesh.sizing import observed_speed
+
+    stats = StageStats()
+    for seconds in [0.03] * 10 + [0.02] + [0.05] * 4:
+        stats.record_decode((0, 10), seconds)
+    assert observed_speed(stats.decode_layers, stats.decode_best_s, stats.decode_samples, "m") is None  # 15 steps
+    stats.record_decode((0, 10), 0.04)
+    score, source = observed_speed(stats.decode_layers, stats.decode_best_s, stats.decode_samples, "938 layers/s, m")
+    assert score == 500.0  # 10 layers in the best step, 20 ms
+    assert source.startswith("observed: best of 16 one-session decode steps of layers 0-9") and "938 layers/s" in source
+    stats.record_decode((10, 30), 0.5)  # a new plan gave it other layers: their own record
+    assert (stats.decode_layers, stats.decode_samples, stats.decode_best_s) == ((10, 30), 1, 0.5)
