@@ -94,7 +94,8 @@ class NodeConfig:
     weight_mode: str = "float32"
     name: str | None = None
     state_dir: Path | None = None
-    memory_limit: int | None = None  # bytes offered for layers and their KV caches; default: 80% of available RAM
+    memory_limit: int | None = None  # bytes offered for layers and their KV caches (0: none, the node only
+    # votes and serves clients); default: 80% of available RAM
     kv_sessions: int = 4  # the plan reserves KV cache for this many concurrent sessions per stage ...
     kv_context: int = 2048  # ... of this many tokens each (capped at the model's context); the coordinator's count
     threads: int | None = None
@@ -249,7 +250,8 @@ class Node:
             name=cfg.name or platform.node() or self.node_id[:8],
             backend=self.backend,
             device=sizing.device(self.backend),
-            free_memory=cfg.memory_limit or int(psutil.virtual_memory().available * 0.8),
+            free_memory=(cfg.memory_limit if cfg.memory_limit is not None
+                         else int(psutil.virtual_memory().available * 0.8)),
             speed=speed,
             roles=[] if cfg.campaign else [NO_CAMPAIGN],
             host_id=sizing.host_id(),

@@ -38,12 +38,13 @@ def model_profile(c: ModelConfig, weight_mode: str, *, kv_sessions: int = 0, kv_
 
 
 def check_budget(budget: int, profile: ModelProfile, machine_bytes: int, *, flag: str = "--memory") -> None:
-    """Refuse a budget larger than the machine's RAM, or too small for one layer and its KV reserve."""
+    """Refuse a budget larger than the machine's RAM, or too small for one layer and its KV
+    reserve (0 is no layers at all, on purpose)."""
     if budget > machine_bytes:
         raise MemoryBudgetError(f"{flag} {mib(budget)} is more than this machine has ({mib(machine_bytes)} of RAM); "
                                 f"give at most {mib(machine_bytes)}")
     one = profile.layer_bytes + profile.kv_bytes_per_layer
-    if budget < one:
+    if 0 < budget < one:  # 0 offers no layers on purpose: a node that only votes and serves clients
         raise MemoryBudgetError(
             f"{flag} {mib(budget)} cannot hold even one layer: a layer needs {mib(one)} "
             f"({mib(profile.layer_bytes)} of weights + {mib(profile.kv_bytes_per_layer)} of KV cache reserved); "

@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="a human name for this device (default: hostname)")
     p.add_argument("--state-dir", type=Path, help="where the node key and votes live (default $MESH_HOME/node)")
     p.add_argument("--memory", help="memory to offer for layers and their KV caches, e.g. 2GiB; refused if more "
-                                    "than the machine has or too little for one layer (default: 80%% of available)")
+                                    "than the machine has or too little for one layer; 0: no layers, the node only "
+                                    "votes and serves clients (default: 80%% of available)")
     p.add_argument("--kv-sessions", type=int, default=4, metavar="N",
                    help="concurrent sessions per stage whose KV cache the plan reserves memory for (default 4)")
     p.add_argument("--kv-context", type=int, default=2048, metavar="TOKENS",
@@ -101,7 +102,7 @@ def config_from_args(args: argparse.Namespace):
 
     secret = read_secret_file(args.secret_file, flag="--secret-file") if args.secret_file is not None else None
     try:
-        memory = memory_bytes(args.memory) if args.memory else None
+        memory = memory_bytes(args.memory) if args.memory is not None else None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.api_max_generations < 1:

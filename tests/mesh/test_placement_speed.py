@@ -90,3 +90,18 @@ def test_the_score_is_refined_from_the_stages_own_decode_steps_once_there_are_en
     assert source.startswith("observed: best of 16 one-session decode steps of layers 0-9") and "938 layers/s" in source
     stats.record_decode((10, 30), 0.5)  # a new plan gave it other layers: their own record
     assert (stats.decode_layers, stats.decode_samples, stats.decode_best_s) == ((10, 30), 1, 0.5)
+
+
+def test_a_budget_is_refused_above_the_machine_and_below_one_layer_but_zero_offers_no_layers() -> None:
+    import pytest
+
+    from mesh.sizing import MemoryBudgetError, check_budget
+
+    profile = ModelProfile(30, 14 * MIB, 108 * MIB, 27 * MIB, kv_bytes_per_layer=12 * MIB)
+    check_budget(26 * MIB, profile, 1 << 30)  # exactly one layer with its KV reserve
+    check_budget(0, profile, 1 << 30)  # a node that only votes and serves clients
+    with pytest.raises(MemoryBudgetError, match="cannot hold even one layer: a layer needs 26.0 MiB"):
+        check_budget(26 * MIB - 1, profile, 1 << 30)
+    with pytest.raises(MemoryBudgetError, match="more than this machine has"):
+        check_budget((1 << 30) + 1, profile, 1 << 30)
+    assert plan([NodeCapacity("a", 8 << 30, 1.0), NodeCapacity("z", 0, 9.0)], profile).nodes == ["a"]
