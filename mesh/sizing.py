@@ -101,15 +101,14 @@ def measure_speed(path: str | Path, backend: str, weight_mode: str) -> tuple[flo
 def observed_speed(layers: tuple[int, int] | None, best_s: float, samples: int, measured: str,
                    *, min_samples: int = 16) -> tuple[float, str] | None:
     """The speed score refined from this node's own stage: its layers over its best
-    one-session decode step, once ``min_samples`` steps were seen (None before). The step
-    includes the stage's embedding or head, so an end stage scores lower per layer: the
-    plan then gives it fewer layers, as its longer step asks."""
+    one-session decode step, once ``min_samples`` steps were seen (None before). The
+    stage host records no step of a stage that holds the head (see StageStats)."""
     if layers is None or samples < min_samples or not best_s > 0:
         return None
     start, end = layers
     score = float(f"{(end - start) / best_s:.3g}")
     return score, (f"observed: best of {samples} one-session decode steps of layers {start}-{end - 1} on this node "
-                   f"(embedding/head included); at start, {measured}")
+                   f"; at start, {measured}")
 
 
 def host_id() -> str:

@@ -118,7 +118,7 @@ class StageStats:
     cpu_s: float = 0.0  # and the compute thread's CPU time in them
     last_step_at: float = float("-inf")  # the clock's time at the end of the last forward pass
     batch_sizes: dict[int, int] = field(default_factory=dict)
-    # one-session, one-token forward passes of the current layers: what refines the speed score
+    # one-session, one-token forward passes of the current layers (no head): what refines the speed score
     decode_layers: tuple[int, int] | None = None
     decode_samples: int = 0
     decode_best_s: float = float("inf")
@@ -400,7 +400,9 @@ class StageHost:
             seconds = time.perf_counter() - wall
             self.stats.compute_s += seconds
             self.stats.cpu_s += time.thread_time() - cpu
-            if len(items) == 1 and items[0].length == 1:
+            if len(items) == 1 and items[0].length == 1 and not stage.spec.head:
+                # a head's matmul is no layer's cost: a score per layer from it would shrink the
+                # last stage's share at every plan, and its step with it
                 self.stats.record_decode((stage.spec.start, stage.spec.end), seconds)
 
     def _forward(self, node: str, src: Forward, hidden: np.ndarray) -> None:

@@ -105,3 +105,32 @@ def test_a_budget_is_refused_above_the_machine_and_below_one_layer_but_zero_offe
     with pytest.raises(MemoryBudgetError, match="more than this machine has"):
         check_budget((1 << 30) + 1, profile, 1 << 30)
     assert plan([NodeCapacity("a", 8 << 30, 1.0), NodeCapacity("z", 0, 9.0)], profile).nodes == ["a"]
+
+
+def test_the_stage_host_records_one_session_decode_steps_but_none_of_a_head_stage() -> None:
+    from pathlib import Path
+
+    import numpy as np
+
+    from kernels.stage import StageSpec, StepInput
+    from mesh.pipeline.stage_host import StageHost
+
+    class Fake:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def forward(self, items):
+            return [np.zeros((1, 4), np.float32) for _ in items]
+
+        def free(self, session):
+            pass
+
+    host = StageHost("n", Path("unused.gguf"), backend="torch", weight_mode="float32", runner=None,
+                     send=lambda *a: True)
+    one = [StepInput("s", 3, hidden=np.zeros((1, 4), np.float32))]
+    host._forward_pass(Fake(StageSpec(0, 10, embed=True)), one, [])
+    host._forward_pass(Fake(StageSpec(0, 10, embed=True)), [StepInput("s", 0, hidden=np.zeros((5, 4)))], [])  # prefill
+    host._forward_pass(Fake(StageSpec(0, 10, embed=True)), one + [StepInput("t", 0, hidden=np.zeros((1, 4)))], [])
+    assert (host.stats.decode_layers, host.stats.decode_samples) == ((0, 10), 1)
+    host._forward_pass(Fake(StageSpec(20, 30, head=True)), one, [])
+    assert (host.stats.decode_layers, host.stats.decode_samples) == ((0, 10), 1)
