@@ -92,6 +92,9 @@ async def mesh_figures(args: argparse.Namespace, single: SingleDevice) -> dict:
             "tokens": len(singles[0].token_ids),
             "ready_s": round(ready_s, 2),
             "pipeline": [{"layers": s["layers"], "backend": s["backend"]} for s in view["plan"]["stages"]],
+            # each node's speed score at the plan, where it came from, and the one the plan used
+            "scores": [{"node": n.get("name"), "speed": n.get("speed"), "plan_speed": n.get("plan_speed"),
+                        "source": n.get("speed_source")} for n in view.get("nodes", [])],
             "concurrent": {},
         }
         async def counters() -> list[dict]:
@@ -167,6 +170,9 @@ def agreement(args: argparse.Namespace) -> dict:
     same = sum(r["first_difference"] is None for r in rows)
     return {"bench": "pipeline-agreement", "backend": args.agreement, "nodes": args.nodes,
             "pipeline": [{"layers": s["layers"], "backend": s["backend"]} for s in view["plan"]["stages"]],
+            # each node's speed score at the plan, where it came from, and the one the plan used
+            "scores": [{"node": n.get("name"), "speed": n.get("speed"), "plan_speed": n.get("plan_speed"),
+                        "source": n.get("speed_source")} for n in view.get("nodes", [])],
             "requests": len(rows), "identical": same,
             "first_16_equal": sum(r["first_difference"] is None or r["first_difference"] >= 16 for r in rows),
             "rows": rows}

@@ -15,6 +15,7 @@ messages, so heartbeats and elections keep running during a long prefill.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import platform
 import random
@@ -94,9 +95,12 @@ class NodeConfig:
     weight_mode: str = "float32"
     name: str | None = None
     state_dir: Path | None = None
-    memory_limit: int | None = None  # bytes offered for layers; default: 80% of available RAM
+    memory_limit: int | None = None  # bytes offered for layers and their KV caches (0: none, the node only
+    # votes and serves clients); default: 80% of available RAM
+    kv_sessions: int = 4  # the plan reserves KV cache for this many concurrent sessions per stage ...
+    kv_context: int = 2048  # ... of this many tokens each (capped at the model's context); the coordinator's count
     threads: int | None = None
-    speed: float | None = None  # speed score for the planner; default: measured at start
+    speed: float | None = None  # speed score for the planner; default: measured on the model's layer at start
     max_batch: int = 16
     campaign: bool = True  # False: vote, but never become coordinator (e.g. a node that serves clients)
     admit: str = "auto"  # who may join: auto | ask (a member approves: `mesh admit`) | pinned (admit_keys)
@@ -128,9 +132,17 @@ def placeable(members: Iterable[Member]) -> list[NodeCapacity]:
     heartbeat is only its claim; a key that merely heartbeats (never joined, pending in
     ask mode, or refused) claiming a large, fast machine would otherwise get the layers,
     and the plan would wait for it forever (or route every prompt through it). A suspect
-    node keeps its place until it is declared dead: no re-plan on a hiccup."""
-    return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend)
-            for m in members if m.member and m.state in ("alive", "suspect") and m.backend]
+    node keeps its place until it is declared dead: no re-plan on a hiccup. A member whose
+    speed or memory is not a plausible number (a heartbeat may carry any value) is not
+    placed: it cannot stop the plan."""
+    return [NodeCapacity(m.node_id, m.free_memory, m.speed, m.backend, m.host_id)
+            for m in members if m.member and m.state in ("alive", "suspect") and m.backend
+            and _plausible(m.speed, m.free_memory)]
+
+
+def _plausible(speed: object, free_memory: object) -> bool:
+    return (type(speed) in (int, float) and math.isfinite(speed) and speed > 0
+            and type(free_memory) is int and free_memory >= 0)
 
 
 class _Inbox(Actor):
@@ -194,6 +206,12 @@ class Node:
         self.model_config = load_config(self.model_path)
         self.tokenizer = Tokenizer.from_model(self.model_path)
         self.model_name = cfg.model if cfg.model in models.REGISTRY else Path(cfg.model).stem
+        if cfg.kv_sessions < 1 or cfg.kv_context < 1:
+            raise ValueError("kv_sessions and kv_context must be at least 1")
+        profile = sizing.model_profile(self.model_config, cfg.weight_mode, kv_sessions=cfg.kv_sessions,
+                                       kv_context=cfg.kv_context)
+        if cfg.memory_limit is not None:  # before anything listens: a budget that cannot work is a clear error
+            sizing.check_budget(cfg.memory_limit, profile, psutil.virtual_memory().total)
         state_dir = state_files.state_dir(Path(cfg.state_dir) if cfg.state_dir else models.mesh_home() / "node")
         secret = cfg.secret
         if secret is None:  # loopback only (checked above): a random secret of this state dir, never a fixed one
@@ -209,8 +227,7 @@ class Node:
         rng = random.Random(self.seed) if self.seed is not None else None
         self.system = ActorSystem(self.identity, secret, self.transport, clock=self.clock, rng=rng)
         await self.system.start(cfg.host, cfg.port)
-        self.coordinator = CoordinatorRole(self.node_id, self.model_name,
-                                           sizing.model_profile(self.model_config, cfg.weight_mode), self._send,
+        self.coordinator = CoordinatorRole(self.node_id, self.model_name, profile, self._send,
                                            load_deadline=cfg.load_deadline, clock=self.clock)
         self.verify = VerifyService(
             self.identity, self.model_path, backend=self.backend, weight_mode=cfg.weight_mode, send=self._send,
@@ -227,13 +244,23 @@ class Node:
                                session_ids=self._session_ids(),
                                tokenizer_factory=lambda: IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True))
         self._spawn_inboxes()
+        if cfg.speed:
+            speed, speed_source = cfg.speed, "configured (--speed)"
+        else:
+            speed, speed_source = await self.runner.run(sizing.measure_speed, self.model_path, self.backend,
+                                                         cfg.weight_mode)
+        log.info("node.speed", score=speed, source=speed_source)
+        self._measured_source = f"{speed} layers/s, {speed_source}"
         self.info = LocalFacts(
             name=cfg.name or platform.node() or self.node_id[:8],
             backend=self.backend,
             device=sizing.device(self.backend),
-            free_memory=cfg.memory_limit or int(psutil.virtual_memory().available * 0.8),
-            speed=cfg.speed or await self.runner.run(sizing.measure_speed),
+            free_memory=(cfg.memory_limit if cfg.memory_limit is not None
+                         else int(psutil.virtual_memory().available * 0.8)),
+            speed=speed,
             roles=[] if cfg.campaign else [NO_CAMPAIGN],
+            host_id=sizing.host_id(),
+            speed_source=speed_source,
         )
         if cfg.api_port is not None:
             self.api = Api(self, api_key=cfg.api_key, policy=cfg.api_policy,
@@ -389,6 +416,17 @@ class Node:
                 log.warning("node.cut_off", seconds=round(self._leaderless_for(), 1))
                 self.serving.fail_all(Unavailable(_LEADERLESS))
             self.serving.check_stalls()
+            self._refine_speed()
+
+    def _refine_speed(self) -> None:
+        """Heartbeat the score this node's stage shows in its own decode steps (a stated
+        --speed stays). It is used by the next plan; it does not start one."""
+        if self.config.speed:
+            return
+        s = self.stage_host.stats
+        refined = sizing.observed_speed(s.decode_layers, s.decode_best_s, s.decode_samples, self._measured_source)
+        if refined is not None:
+            self.info.speed, self.info.speed_source = refined
 
     def _on_peer(self, event) -> None:
         if not event.up:

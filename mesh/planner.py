@@ -4,13 +4,15 @@ The planner is a pure function of its inputs — the nodes' free memory, measure
 speed and backend, and the model's size profile — so every node that runs it on the
 same inputs gets the same plan. Layers are shared in proportion to speed, capped by
 what each node's memory holds, so a slow node does not become the bottleneck and a
-small node is not overfilled. The first stage also holds the embedding, the last the
+small node is not overfilled. Nodes on the same host share its hardware, so they share
+by the best score measured there (equal shares): scores measured at the same time on
+one machine differ by contention, not by hardware. The first stage also holds the embedding, the last the
 final norm and the head (and samples).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mesh.errors import MeshError
 
@@ -38,6 +40,7 @@ class NodeCapacity:
     free_memory: int  # bytes the node offers for weights and KV caches
     speed: float  # relative speed (layers per second on a decode step); > 0
     backend: str = "torch"
+    host: str = ""  # nodes with the same (non-empty) host share one machine's hardware
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class ModelProfile:
     embed_bytes: int  # embedding table (first stage)
     head_bytes: int  # final norm + lm_head (last stage; the embedding again when tied)
     kv_bytes_per_layer: int = 0  # KV cache reserve per layer (sessions x context)
+    head_shares_embed: bool = False  # a stage holding both keeps one table (a tied head in float32)
+
+    def ends_bytes(self, first: bool, last: bool) -> int:
+        """What a stage holds beside its layers: the embedding on the first, the head on the last."""
+        if first and last and self.head_shares_embed:
+            return self.embed_bytes
+        return (self.embed_bytes if first else 0) + (self.head_bytes if last else 0)
 
 
 @dataclass(frozen=True)
@@ -90,9 +100,9 @@ def plan(nodes: list[NodeCapacity], model: ModelProfile, *, max_stages: int | No
     if model.n_layers <= 0:
         raise ValueError("a model needs at least one layer")
     per_layer = model.layer_bytes + model.kv_bytes_per_layer
-    ordered = sorted(nodes, key=lambda n: (-n.speed, n.node_id))
+    ordered = sorted(same_host_speeds(nodes), key=lambda n: (-n.speed, n.node_id))
     if max_stages == 1:
-        whole = model.n_layers * per_layer + model.embed_bytes + model.head_bytes
+        whole = model.n_layers * per_layer + model.ends_bytes(True, True)
         for cap in ordered:
             if cap.free_memory >= whole:
                 return Plan((StageAssignment(0, cap.node_id, 0, model.n_layers, cap.backend),), model.n_layers)
@@ -104,13 +114,23 @@ def plan(nodes: list[NodeCapacity], model: ModelProfile, *, max_stages: int | No
     return _fill(chosen, model, per_layer)
 
 
+def same_host_speeds(nodes: list[NodeCapacity]) -> list[NodeCapacity]:
+    """Each node with the speed the planner uses: on a shared host, the best score
+    measured there (contention only ever lowers a measurement)."""
+    best: dict[str, float] = {}
+    for n in nodes:
+        if n.host:
+            best[n.host] = max(best.get(n.host, 0.0), n.speed)
+    return [replace(n, speed=best[n.host]) if n.host and best[n.host] != n.speed else n for n in nodes]
+
+
 def _fill(chosen: list[NodeCapacity], model: ModelProfile, per_layer: int) -> Plan:
     needed = model.n_layers * per_layer + model.embed_bytes + model.head_bytes
     available = sum(c.free_memory for c in chosen)
     while chosen:
         slots = []
         for i, cap in enumerate(chosen):
-            fixed = (model.embed_bytes if i == 0 else 0) + (model.head_bytes if i == len(chosen) - 1 else 0)
+            fixed = model.ends_bytes(i == 0, i == len(chosen) - 1)
             room = cap.free_memory - fixed
             slots.append(_Slot(cap, max(0, room // per_layer) if per_layer else model.n_layers))
         useless = [s for s in slots if s.max_layers == 0]

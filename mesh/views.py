@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mesh.planner import same_host_speeds
+
 if TYPE_CHECKING:
     from mesh.node import Node
 
 
 def status(node: Node) -> dict:
+    from mesh.node import placeable
+
     cluster, plan = node.cluster, node.plan.update
     members = cluster.members() if cluster is not None else []
     roles: dict[str, list[str]] = {}
@@ -19,10 +23,14 @@ def status(node: Node) -> dict:
     coordinator = cluster.coordinator if cluster is not None else None
     if coordinator:
         roles.setdefault(coordinator, []).append("coordinator")
+    plan_speed = {c.node_id: c.speed for c in same_host_speeds(placeable(members))}
     nodes = [{
         "id": m.node_id, "name": m.name, "address": f"{m.address[0]}:{m.address[1]}" if m.address else None,
         "api_port": m.api_port, "backend": m.backend, "device": m.device, "free_memory": m.free_memory,
-        "speed": m.speed, "state": m.state, "member": m.member, "voter": m.voter,
+        "speed": m.speed, "speed_source": m.speed_source, "host": m.host_id,
+        # the score the planner shares layers by: the best one measured on the node's host
+        "plan_speed": plan_speed.get(m.node_id),
+        "state": m.state, "member": m.member, "voter": m.voter,
         "roles": roles.get(m.node_id, []),
     } for m in members]
     plan_view = None

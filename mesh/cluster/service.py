@@ -83,6 +83,8 @@ class Member:
     speed: float = 1.0
     api_port: int = 0
     member: bool = False  # admitted by key (in the committed configuration); only members get stages
+    host_id: str = ""  # the machine it runs on, as it claims (mesh.sizing.host_id)
+    speed_source: str = ""  # how its speed score was obtained, as it claims
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,13 @@ class LocalFacts:
     roles: list[str] = field(default_factory=list)
     speed: float = 1.0
     api_port: int = 0
+    host_id: str = ""
+    speed_source: str = ""
+
+
+def _short(text: object, limit: int = 64) -> str:
+    """A peer's free-text claim as the views show it: a string, cut to ``limit``."""
+    return text[:limit] if isinstance(text, str) else ""
 
 
 class EventStream:
@@ -217,6 +226,7 @@ class ClusterService:
             self.facts.free_memory, "left" if self._leaving and self.node_id not in voters else "alive",
             self._roles(self.node_id, self.facts.roles), self.node_id in voters,
             self.facts.speed, self.facts.api_port, self.node_id in members,
+            self.facts.host_id, self.facts.speed_source,
         )
         out = [me]
         for node_id in sorted((set(self._info) | members) - {self.node_id}):
@@ -234,6 +244,8 @@ class ClusterService:
                 hb.speed if hb else 1.0,
                 hb.api_port if hb else 0,
                 node_id in members,
+                _short(hb.host_id) if hb else "",
+                _short(hb.speed_source, 300) if hb else "",
             ))
         return out
 
@@ -442,6 +454,7 @@ class ClusterService:
             self.node_id, self.facts.name, host, port, self.facts.backend, self.facts.device,
             self.facts.free_memory, list(self.facts.roles), self.term, self.coordinator or "",
             bool(self.election.log), self._leaving, self.facts.speed, self.facts.api_port,
+            self.facts.host_id, self.facts.speed_source,
         )
         for node_id in self.system.peers():
             self._tell(node_id, hb)

@@ -49,6 +49,8 @@ class Heartbeat:
     leaving: bool = False
     speed: float = 1.0
     api_port: int = 0
+    host_id: str = ""  # nodes that share one machine (mesh.sizing.host_id): equal shares
+    speed_source: str = ""  # where the speed score came from (measured how, or configured)
 
 
 @message("mesh.cluster.Admit")

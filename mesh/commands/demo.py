@@ -9,9 +9,15 @@ import sys
 
 from mesh import models
 from mesh.commands import add_sampling_arguments
+from mesh.errors import MeshError
+from mesh.sizing import check_budget, memory_bytes, model_profile
 from mesh.testing.kills import parse_kill, stream_with_faults
 from mesh.testing.launcher import LocalCluster
 from mesh.testing.faults import verify_args
+
+class DemoConfigError(MeshError):
+    pass
+
 
 DEFAULT_PROMPT = "Explain in three sentences why splitting a language model across devices helps."
 
@@ -33,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inject a fault (repeatable): kill:stage=K:after=T or kill:coordinator:after=T "
                         "SIGKILLs that node's process after T generated tokens; stage=K:SPEC makes the node "
                         "holding stage K cheat (tamper:scale=E, skip-layer:L, noise:sigma=S, stale, corrupt-wire)")
+    p.add_argument("--node-memory", metavar="SIZE",
+                   help="memory budget of each node, e.g. 300MiB (`mesh join --memory`; default: 80%% of available)")
     p.add_argument("--audit-rate", type=float, default=0.2, help="share of stage steps audited (default 0.2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the cluster (default 300)")
@@ -43,13 +51,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     args.kills = [k for k in (parse_kill(spec) for spec in args.fault) if k is not None]
     args.node_args = verify_args(args.audit_rate, [s for s in args.fault if parse_kill(s) is None])
-    models.resolve(args.model, fetch=True, progress=sys.stderr.isatty())  # once here, not in every node
+    path = models.resolve(args.model, fetch=True, progress=sys.stderr.isatty())  # once here, not in every node
+    if args.node_memory is not None:
+        _check_node_memory(args, path)
     return asyncio.run(_demo(args))
 
 
+def _check_node_memory(args: argparse.Namespace, path) -> None:
+    """What the nodes would refuse at start, said once here: a bad size, a budget more than
+    the machine has or too small for one layer, nodes that together cannot hold the model."""
+    import psutil
+
+    from kernels.config import load_config
+    from mesh.node import NodeConfig
+    from mesh.planner import NodeCapacity, plan
+
+    try:
+        budget = memory_bytes(args.node_memory)
+    except ValueError as exc:
+        raise DemoConfigError(f"--node-memory: {exc}") from None
+    defaults = NodeConfig()
+    profile = model_profile(load_config(path), args.weight_mode, kv_sessions=defaults.kv_sessions,
+                            kv_context=defaults.kv_context)
+    check_budget(budget, profile, psutil.virtual_memory().total, flag="--node-memory")
+    plan([NodeCapacity(f"node{i}", budget, 1.0) for i in range(args.nodes)], profile)  # InsufficientMemory
+
+
 async def _demo(args: argparse.Namespace) -> int:
+    memory = ["--memory", args.node_memory] if args.node_memory is not None else []
     cluster = LocalCluster(n=args.nodes, backend=args.backend, model=args.model, keep_dir=args.keep_logs,
-                           extra_args=["--weight-mode", args.weight_mode, *args.node_args])
+                           extra_args=["--weight-mode", args.weight_mode, *memory, *args.node_args])
     with cluster:
         if not args.json:
             print(f"starting {args.nodes} nodes on 127.0.0.1 (logs in {cluster.workdir}) ...", file=sys.stderr)
@@ -77,9 +108,12 @@ async def _demo(args: argparse.Namespace) -> int:
             "ttft_s": result.ttft_s,
             "decode_tokens_per_s": result.decode_tokens_per_s,
             "coordinator": final.get("coordinator"),
+            # the plan the answer started on (before any failover or eviction)
+            "plan_at_start": [{"index": s["index"], "node": s["node"], "layers": s["layers"], "backend": s["backend"]}
+                              for s in view["plan"]["stages"]],
             "term": final.get("term"),
             # the plan at the end of the run: after an eviction, the one without the flagged node
-            "pipeline": [{"node": s["node"], "layers": s["layers"], "backend": s["backend"]}
+            "pipeline": [{"index": s["index"], "node": s["node"], "layers": s["layers"], "backend": s["backend"]}
                          for s in (final.get("plan") or {}).get("stages", [])] or mesh.get("pipeline", []),
             "verification": final.get("verification") or mesh.get("verification", {}),
             # the kills' records (with the token each came at), else the cluster's list once settled

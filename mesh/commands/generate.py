@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["torch", "mlx"], default="torch", help="compute backend (default torch)")
     p.add_argument("--weight-mode", choices=["float32", "quant"], default="float32",
                    help="float32 weights, or the faster quantized mode")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="refuse to run unless the model, with the KV cache of this one answer, fits in SIZE "
+                        "(e.g. 512MiB); says how many MiB are missing")
     add_sampling_arguments(p, max_tokens=128, top_k=True)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     params = GenerationParams.create(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                      top_k=args.top_k, seed=args.seed)
     params.validate(prompt_len=len(prompt_ids), context_length=config.context_length)
+    if args.memory is not None:
+        _check_memory(args, config, context=len(prompt_ids) + params.max_tokens)
     try:
         stage = load_stage(path, StageSpec.full(config.n_layers), backend=args.backend, weight_mode=args.weight_mode)
     except (ValueError, OSError) as exc:
@@ -84,3 +89,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(rest + "\n")
     return 0
+
+
+def _check_memory(args: argparse.Namespace, config, *, context: int) -> None:
+    """--memory: this one session's model and KV cache must fit, on a machine that has it."""
+    import psutil
+
+    from mesh import sizing
+
+    try:
+        budget = sizing.memory_bytes(args.memory)
+    except ValueError as exc:
+        raise BadRequest(f"--memory: {exc}") from None
+    profile = sizing.model_profile(config, args.weight_mode, kv_sessions=1, kv_context=context)
+    sizing.check_budget(budget, profile, psutil.virtual_memory().total)
+    sizing.check_fits(budget, profile, args.model, args.weight_mode)

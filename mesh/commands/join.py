@@ -52,7 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, .gguf path or HF directory")
     p.add_argument("--name", help="a human name for this device (default: hostname)")
     p.add_argument("--state-dir", type=Path, help="where the node key and votes live (default $MESH_HOME/node)")
-    p.add_argument("--memory", help="memory to offer for layers, e.g. 2GiB (default: 80%% of available)")
+    p.add_argument("--memory", help="memory to offer for layers and their KV caches, e.g. 2GiB; refused if more "
+                                    "than the machine has or too little for one layer; 0: no layers, the node only "
+                                    "votes and serves clients (default: 80%% of available)")
+    p.add_argument("--kv-sessions", type=int, default=4, metavar="N",
+                   help="concurrent sessions per stage whose KV cache the plan reserves memory for (default 4)")
+    p.add_argument("--kv-context", type=int, default=2048, metavar="TOKENS",
+                   help="tokens of context each reserved session may hold (default 2048, at most the model's)")
     p.add_argument("--threads", type=int, help="compute threads (default: half the cores)")
     p.add_argument("--speed", type=_positive, metavar="SCORE",
                    help="speed score the planner shares layers by (default: measured at start; "
@@ -96,13 +102,15 @@ def config_from_args(args: argparse.Namespace):
 
     secret = read_secret_file(args.secret_file, flag="--secret-file") if args.secret_file is not None else None
     try:
-        memory = memory_bytes(args.memory) if args.memory else None
+        memory = memory_bytes(args.memory) if args.memory is not None else None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if args.api_max_generations < 1:
         raise ConfigError("--api-max-generations must be at least 1")
     if args.max_voters < 1:
         raise ConfigError("--max-voters must be at least 1")
+    if args.kv_sessions < 1 or args.kv_context < 1:
+        raise ConfigError("--kv-sessions and --kv-context must be at least 1")
     if args.admit_keys and args.admit != "pinned":
         raise ConfigError("--admit-key is for --admit pinned")
     from mesh.cluster.admission import Admission
@@ -115,7 +123,8 @@ def config_from_args(args: argparse.Namespace):
                       api_policy=policy,
                       interfaces=args.interfaces or [args.host], peers=args.peers, mdns=not args.no_mdns,
                       backend=args.backend, weight_mode=args.weight_mode, name=args.name, state_dir=args.state_dir,
-                      memory_limit=memory, threads=args.threads, speed=args.speed, campaign=not args.no_campaign,
+                      memory_limit=memory, kv_sessions=args.kv_sessions, kv_context=args.kv_context,
+                      threads=args.threads, speed=args.speed, campaign=not args.no_campaign,
                       admit=args.admit, admit_keys=[k.lower() for k in args.admit_keys], max_voters=args.max_voters,
                       # the only place the MESH_* verification variables are read (benches set them)
                       verify=VerifyConfig.from_env(os.environ, audit_rate=args.audit_rate, fault=args.fault))
@@ -148,8 +157,8 @@ async def _serve(config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     node = Node(config)
+    await node.start()  # a node that could not start has nothing to stop (as `async with Node(...)`)
     try:
-        await node.start()
         await stop.wait()
     finally:
         await node.stop()

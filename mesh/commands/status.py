@@ -57,6 +57,23 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def _score(node: dict) -> str:
+    """The speed score in layers/s, and the one the plan uses when a faster node shares its host."""
+    speed, used = node.get("speed"), node.get("plan_speed")
+    if not isinstance(speed, (int, float)):
+        return "-"
+    text = f"{speed:.3g}"
+    if isinstance(used, (int, float)) and used != speed:
+        text += f" (plan: {used:.3g})"
+    return text
+
+
+def _shared(node: dict, nodes: list[dict], names: dict) -> str:
+    host = node.get("host")
+    peers = [names.get(n["id"], n["id"][:8]) for n in nodes if host and n.get("host") == host and n["id"] != node["id"]]
+    return f"; same host as {', '.join(peers)}: equal shares, by the best score there" if peers else ""
+
+
 def _membership(node: dict) -> str:
     if node.get("voter"):
         return "voter"
@@ -73,14 +90,18 @@ def print_view(view: dict, api: str) -> None:
     console.print(f"[bold]mesh[/bold] via {api} · model [bold]{view.get('model', '?')}[/bold] · coordinator "
                   f"[bold]{names.get(coord, coord) or 'none'}[/bold] ({(coord or '-')[:16]}) · term {view.get('term')}")
     table = Table(show_edge=False)
-    for col in ("key (node id)", "name", "member", "address", "backend", "device", "free memory", "state", "roles"):
+    for col in ("key (node id)", "name", "member", "address", "backend", "device", "free memory", "score", "state",
+                "roles"):
         table.add_column(col)
     for n in view.get("nodes", []):
         me = " (this)" if n["id"] == view.get("self") else ""
         table.add_row(n["id"][:16], (n.get("name") or "-") + me, _membership(n), n.get("address") or "-",
-                      n.get("backend") or "-", n.get("device") or "-", _size(n.get("free_memory")),
+                      n.get("backend") or "-", n.get("device") or "-", _size(n.get("free_memory")), _score(n),
                       n.get("state") or "-", ", ".join(n.get("roles") or []) or "-")
     console.print(table)
+    for n in view.get("nodes", []):
+        console.print(f"  score of {names.get(n['id'], n['id'][:8])}: {n.get('speed_source') or 'not stated'}"
+                      + _shared(n, view.get("nodes", []), names))
     admission = view.get("admission") or {}
     pending = admission.get("pending") or []
     if pending:

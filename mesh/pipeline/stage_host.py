@@ -118,6 +118,16 @@ class StageStats:
     cpu_s: float = 0.0  # and the compute thread's CPU time in them
     last_step_at: float = float("-inf")  # the clock's time at the end of the last forward pass
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    # one-session, one-token forward passes of the current layers (no head): what refines the speed score
+    decode_layers: tuple[int, int] | None = None
+    decode_samples: int = 0
+    decode_best_s: float = float("inf")
+
+    def record_decode(self, layers: tuple[int, int], seconds: float) -> None:
+        if layers != self.decode_layers:  # new layers: their own record
+            self.decode_layers, self.decode_samples, self.decode_best_s = layers, 0, float("inf")
+        self.decode_samples += 1
+        self.decode_best_s = min(self.decode_best_s, seconds)
 
 
 class StageHost:
@@ -387,8 +397,13 @@ class StageHost:
         try:
             return stage.forward(items)
         finally:  # on the compute thread, one batch at a time: no race with the loop's reads
-            self.stats.compute_s += time.perf_counter() - wall
+            seconds = time.perf_counter() - wall
+            self.stats.compute_s += seconds
             self.stats.cpu_s += time.thread_time() - cpu
+            if len(items) == 1 and items[0].length == 1 and not stage.spec.head:
+                # a head's matmul is no layer's cost: a score per layer from it would shrink the
+                # last stage's share at every plan, and its step with it
+                self.stats.record_decode((stage.spec.start, stage.spec.end), seconds)
 
     def _forward(self, node: str, src: Forward, hidden: np.ndarray) -> None:
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)

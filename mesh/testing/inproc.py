@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import psutil
 
 from actors.clock import LOOP_CLOCK, VirtualTimeLoop
 from actors.transport.memory import MemoryNetwork
@@ -73,7 +74,8 @@ class InProcessMesh:
         # a fresh secret per mesh, as a real cluster has: never a fixed, public one
         self.base = replace(NodeConfig(), model=model, cluster="inproc", secret=secrets.token_bytes(32), port=PORT,
                             mdns=False,
-                            api_port=None, speed=1.0, memory_limit=8 << 30, backend="torch",
+                            api_port=None, speed=1.0, memory_limit=min(8 << 30, psutil.virtual_memory().total),
+                            backend="torch",
                             verify=verify or VerifyConfig(audit_seed=str(seed)))
         self.base = replace(self.base, **config)
         self.nodes: list[Node] = []

@@ -62,10 +62,14 @@ def test_status_json_and_table(mesh3):
     assert all(n["member"] and n["voter"] for n in view["nodes"])  # the keys, admitted (3 seats: all vote)
     assert view["admission"] == {"mode": "auto", "pending": []}
     assert [n["speed"] for n in view["nodes"]] == [1.0] * 3  # --speed replaces the measured score
+    assert [n["speed_source"] for n in view["nodes"]] == ["configured (--speed)"] * 3
+    assert [n["plan_speed"] for n in view["nodes"]] == [1.0] * 3
+    assert len({n["host"] for n in view["nodes"]}) == 1 and view["nodes"][0]["host"]  # one machine
     assert [s["layers"][1] - s["layers"][0] for s in view["plan"]["stages"]] == [10, 10, 10]
     out = mesh("status", "--api", mesh3.nodes[0].api)
     assert out.returncode == 0, out.stderr
-    for word in ("node0", "node1", "node2", "coordinator", "stage 0", "stage 2", "term", "voter"):
+    for word in ("node0", "node1", "node2", "coordinator", "stage 0", "stage 2", "term", "voter", "score",
+                 "score of node0: configured (--speed); same host as node"):
         assert word in out.stdout
 
 

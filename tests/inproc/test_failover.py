@@ -152,8 +152,8 @@ def test_degraded_mode_says_what_is_missing_and_recovers(vrun, reference, model_
     expected = reference.tokens(req)
 
     async def scenario():
-        # Each node offers 300 MiB: three hold the float32 model (about 650 MiB), two do not.
-        mesh = InProcessMesh(seed=41, memory_limit=300 << 20)
+        # Each node offers 400 MiB: three hold the float32 model with its KV reserve (about 1 GiB), two do not.
+        mesh = InProcessMesh(seed=41, memory_limit=400 << 20)
         try:
             await mesh.start(3)
             await mesh.wait_ready(stages=3)

@@ -54,7 +54,7 @@ def world(vrun):
         for _ in range(3):
             await m.add()
         # a member with no room for layers that never campaigns: no stage, never coordinator
-        rogue = await m.add(handlers={STAGE_ACTOR: {Forward: rogue_inbox.on_forward}}, memory_limit=1 << 20,
+        rogue = await m.add(handlers={STAGE_ACTOR: {Forward: rogue_inbox.on_forward}}, memory_limit=0,
                             campaign=False)
         honest = m.nodes[:3]
         await m.wait_for(lambda: all(rogue.node_id in {c.node_id for c in n._capacities()} for n in honest),

@@ -98,3 +98,80 @@ def test_join_speed_must_be_positive(capsys, value):
     code, _, err = _run_cli(["join", "--speed", value], capsys)
     assert code == 2
     assert "--speed" in err and "positive number" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def quiet_join(monkeypatch):
+    """`mesh join` configures structlog to print to this test's captured stderr; later tests
+    would log into a closed file: keep the suite's logging as it is."""
+    from mesh.commands import join
+
+    monkeypatch.setattr(join.actors_log, "configure", lambda **kwargs: None)
+
+
+def test_join_memory_too_small_for_one_layer_is_one_clear_line(capsys, tmp_path, model_path, quiet_join):
+    code, _, err = _run_cli(["join", "--memory", "1MiB", "--no-mdns", "--state-dir", str(tmp_path), "--api-port",
+                             "0"], capsys)
+    assert code == 2
+    _one_clear_line(err, "MemoryBudgetError", "--memory 1.0 MiB cannot hold even one layer", "give at least")
+
+
+def test_join_memory_larger_than_the_machine_is_one_clear_line(capsys, tmp_path, model_path, quiet_join):
+    code, _, err = _run_cli(["join", "--memory", "64000GiB", "--no-mdns", "--state-dir",
+                             str(tmp_path)], capsys)
+    assert code == 2
+    _one_clear_line(err, "MemoryBudgetError", "more than this machine has")
+
+
+def test_generate_refuses_a_model_that_does_not_fit_its_memory_and_says_how_many_mib_are_missing(capsys, model_path):
+    from kernels.config import load_config
+    from mesh import sizing
+
+    config = load_config(model_path)
+    prompt_len = len(_prompt_ids(model_path))
+    need = sizing.model_bytes(sizing.model_profile(config, "float32", kv_sessions=1, kv_context=prompt_len + 4))
+    code, out, err = _run_cli(["generate", "--prompt", "hi", "--max-tokens", "4", "--memory", "100MiB"], capsys)
+    assert code == 2 and out == ""
+    _one_clear_line(err, "ModelDoesNotFit", "smollm2-135m does not fit in --memory 100.0 MiB",
+                    f"{-(-(need - (100 << 20)) // (1 << 20))} MiB missing")
+    code, out, _ = _run_cli(["generate", "--prompt", "hi", "--max-tokens", "2", "--memory", f"{need}"], capsys)
+    assert code == 0 and out.strip()  # exactly enough: it runs
+
+
+def _prompt_ids(model_path) -> list[int]:
+    from kernels.tokenizer import Tokenizer
+
+    return Tokenizer.from_model(model_path).encode_chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("memory,needle", [("1MiB", "cannot hold even one layer"),
+                                           ("64000GiB", "more than this machine has")])
+def test_generate_and_demo_refuse_a_budget_that_cannot_work(capsys, model_path, memory, needle):
+    code, _, err = _run_cli(["generate", "--prompt", "hi", "--memory", memory], capsys)
+    assert code == 2
+    _one_clear_line(err, "MemoryBudgetError", f"--memory {sizing_mib(memory)}", needle)
+    code, _, err = _run_cli(["demo", "--node-memory", memory], capsys)  # before any node process starts
+    assert code == 2
+    _one_clear_line(err, "MemoryBudgetError", f"--node-memory {sizing_mib(memory)}", needle)
+
+
+def sizing_mib(memory: str) -> str:
+    from mesh.sizing import memory_bytes, mib
+
+    return mib(memory_bytes(memory))
+
+
+def test_demo_refuses_node_budgets_that_together_cannot_hold_the_model(capsys, model_path):
+    code, _, err = _run_cli(["demo", "--node-memory", "100MiB"], capsys)
+    assert code == 2
+    _one_clear_line(err, "InsufficientMemory", "MiB missing")
+    code, _, err = _run_cli(["demo", "--node-memory", "lots"], capsys)
+    assert code == 2
+    _one_clear_line(err, "--node-memory", "is not a size")
+
+
+@pytest.mark.parametrize("flag", ["--kv-sessions", "--kv-context"])
+def test_join_kv_reserve_must_be_positive(capsys, flag, quiet_join):
+    code, _, err = _run_cli(["join", flag, "0"], capsys)
+    assert code == 2
+    _one_clear_line(err, "ConfigError", "--kv-sessions and --kv-context must be at least 1")
