@@ -77,7 +77,7 @@ def world(vrun):
             await m.add(campaign=ids[i] != min(ids))
         await m.wait_ready(stages=3)  # the three seats taken: the rogue joins as a learner
         # a member with no room for layers that never campaigns: no stage, never coordinator, a learner
-        rogue = await m.add(memory_limit=1 << 20, campaign=False)
+        rogue = await m.add(memory_limit=0, campaign=False)
         honest = m.nodes[:3]
         await m.wait_for(lambda: all(rogue.node_id in n.cluster.election.members for n in honest),
                          what="the rogue a member on every node")

@@ -43,7 +43,7 @@ def test_a_member_that_never_reports_its_stage_loaded_is_planned_around(vrun, re
             honest = mesh.nodes[:2]
             with capture_logs() as logs:
                 rogue = await mesh.add(handlers={STAGE_ACTOR: {PlanUpdate: never_load}}, campaign=False,
-                                       memory_limit=64 << 30, speed=100.0)
+                                       memory_limit=4 << 30, speed=100.0)
                 await mesh.wait_for(lambda: bool(plans_with_the_rogue), timeout=30, what="a plan that uses the rogue")
                 stalled_at = LOOP_CLOCK.now()
                 assert not any(n.plan.ready for n in honest)  # the stall: nobody serves meanwhile
@@ -61,7 +61,7 @@ def test_a_member_that_never_reports_its_stage_loaded_is_planned_around(vrun, re
     assert got == [reference.tokens(REQ)] * 2
     assert stage_nodes == set(honest)
     stage = next(s for s in plans_with_the_rogue[0].stages if s.node == rogue)
-    assert stage.end - stage.start > 15  # it was given most of the model
+    assert stage.end > stage.start  # it was given layers (nodes on one host get equal shares: 10 of 30)
     assert DEADLINE.floor_s <= recovered_after < DEADLINE.floor_s + 3.0, recovered_after  # its deadline, not forever
     timeouts = [e for e in logs if e.get("event") == "coordinator.load_timeout"]
     assert [e["node"] for e in timeouts] == [rogue] and timeouts[0]["back_off_s"] == 600.0
