@@ -56,6 +56,30 @@ class Affine:
         return (self.scales[..., None] * w + self.biases[..., None]).reshape(rows, cols)
 
 
+_REQUANT_ROWS = 8192  # rows requantized at a time: bounds the float32 temporaries
+
+
+def requantize(dense: np.ndarray, bits: int = 8) -> Affine:
+    """Float32 ``(rows, cols)`` as group-32 affine codes: each group's minimum is its bias,
+    its range over ``2**bits - 1`` its scale, codes rounded to nearest. For the block types
+    with no exact affine form (Q6_K, Q3_K, Q2_K, whose scales cover 16 elements), so that
+    MLX's quant mode and a float32 re-run of it (an auditor's) hold the very same values."""
+    rows, cols = dense.shape
+    levels = (1 << bits) - 1
+    codes = np.empty((rows, cols), np.uint8)
+    scales = np.empty((rows, cols // GROUP), np.float32)
+    biases = np.empty((rows, cols // GROUP), np.float32)
+    for r in range(0, rows, _REQUANT_ROWS):
+        g = np.asarray(dense[r:r + _REQUANT_ROWS], np.float32).reshape(-1, cols // GROUP, GROUP)
+        lo, hi = g.min(axis=-1), g.max(axis=-1)
+        scale = (hi - lo) / np.float32(levels)
+        step = np.where(scale > 0, scale, np.float32(1.0))
+        q = np.rint((g - lo[..., None]) / step[..., None])
+        codes[r:r + _REQUANT_ROWS] = np.clip(q, 0, levels).astype(np.uint8).reshape(-1, cols)
+        scales[r:r + _REQUANT_ROWS], biases[r:r + _REQUANT_ROWS] = scale, lo
+    return Affine(codes, scales, biases, bits)
+
+
 def decode(raw: np.ndarray, type_name: str, rows: int, cols: int) -> Affine:
     """A matrix of ``type_name`` blocks (``raw``: uint8, rows of blocks) as group-affine codes."""
     if type_name not in AFFINE_BITS:

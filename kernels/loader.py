@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernels.stage import BACKENDS, WEIGHT_MODES, Stage, StageSpec
+from kernels.stage import BACKENDS, LOAD_MODES, MLX_QUANT_VALUES, WEIGHT_MODES, Stage, StageSpec
 from kernels.weights import StageWeights, load_weights
 
 
 def load_stage(path: str | Path, spec: StageSpec, backend: str = "torch",
                weight_mode: str = "float32") -> Stage:
-    """Load layers of ``spec`` from a GGUF file or HF directory onto ``backend``."""
+    """Load layers of ``spec`` from a GGUF file or HF directory onto ``backend``
+    (``weight_mode`` also `MLX_QUANT_VALUES`: float32 on a quant-mode MLX stage's values)."""
+    if weight_mode == MLX_QUANT_VALUES:
+        _check(backend, "float32")
+        return build_stage(load_weights(path, spec, "quant").held_by_mlx_quant(), backend, "float32")
     _check(backend, weight_mode)
     return build_stage(load_weights(path, spec, weight_mode), backend, weight_mode)
 
@@ -35,6 +39,6 @@ def build_stage(weights: StageWeights, backend: str = "torch", weight_mode: str 
 
 def _check(backend: str, weight_mode: str) -> None:
     if weight_mode not in WEIGHT_MODES:
-        raise ValueError(f"weight_mode {weight_mode!r}: use one of {WEIGHT_MODES}")
+        raise ValueError(f"weight_mode {weight_mode!r}: use one of {LOAD_MODES}")
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: use one of {BACKENDS}")

@@ -38,6 +38,10 @@ from kernels.config import ModelConfig
 
 BACKENDS = ("torch", "mlx")
 WEIGHT_MODES = ("float32", "quant")
+# float32 compute on exactly the values a quant-mode MLX stage holds: what a float32
+# auditor of such a stage loads (for the block types MLX requantizes, the file's values differ)
+MLX_QUANT_VALUES = "mlx-quant-values"
+LOAD_MODES = (*WEIGHT_MODES, MLX_QUANT_VALUES)
 
 
 class StageInputError(ValueError):

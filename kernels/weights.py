@@ -105,6 +105,20 @@ class QuantTensor:
         rows = int(np.prod(self.shape[:-1]))
         return decode(self.raw, self.type_name, rows, self.shape[-1])
 
+    def held(self):
+        """The matrix as the group-32 affine codes a quant-mode MLX stage holds
+        (``kernels.blocks``): the file's own codes where the type has that form, else its
+        values requantized to 8 bits."""
+        from kernels.blocks import AFFINE_BITS, requantize
+
+        if self.type_name in AFFINE_BITS:
+            return self.affine()
+        return requantize(self.dequantize().reshape(-1, self.shape[-1]))
+
+    def held_values(self) -> np.ndarray:
+        """float32 of ``shape``: exactly the values a quant-mode MLX stage multiplies by."""
+        return self.held().dequantize().reshape(self.shape)
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of a matrix as float32 (an embedding lookup): only their blocks
         are decoded."""
@@ -151,6 +165,21 @@ class StageWeights:
     def file_bytes(self) -> int:
         """Bytes of the source tensors in the file (a tied embedding/head counted once)."""
         return sum(self.source_bytes.get(id(t), 0) for t in self._distinct())
+
+    def held_by_mlx_quant(self) -> "StageWeights":
+        """The same stage as float32 matrices of exactly the values a quant-mode MLX stage
+        holds (`QuantTensor.held_values`): what a float32 auditor of such a stage re-runs
+        with. A tied embedding and head stay one tensor."""
+        done: dict[int, Tensor] = {}
+        tensors: dict[str, Tensor] = {}
+        source_bytes: dict[int, int] = {}
+        for hf, t in self.tensors.items():
+            if id(t) not in done:
+                new = t.held_values() if isinstance(t, QuantTensor) else t
+                done[id(t)] = new
+                source_bytes[id(new)] = self.source_bytes.get(id(t), 0)
+            tensors[hf] = done[id(t)]
+        return StageWeights(self.config, self.spec, tensors, self.source_digest, source_bytes)
 
     def _distinct(self) -> list[Tensor]:
         seen: dict[int, Tensor] = {}

@@ -6,8 +6,10 @@ MLX's affine format is ``w = scale * code + bias`` per group of 32 elements of a
 (``kernels.blocks``: Q4_0, Q4_1, Q4_K as 4-bit; Q5_0, Q5_1, Q5_K as 5-bit; Q8_0 as 8-bit)
 are repacked, not requantized: the values are the file's. The others (Q6_K, Q3_K, Q2_K,
 whose scales cover 16 elements; the IQ types) are dequantized by the gguf library and
-requantized to 8-bit group 32, whose rounding error is a small fraction of theirs
-(tests/kernels/test_quant_error.py states it per type).
+requantized to 8-bit group 32 by ``kernels.blocks.requantize``, whose rounding error is a
+small fraction of theirs (tests/kernels/test_quant_error.py states it per type). Those
+codes are computed in numpy, not by ``mx.quantize``, so that a float32 auditor on another
+backend re-runs the stage on exactly the values it holds (`QuantTensor.held_values`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from kernels.blocks import AFFINE_BITS, GROUP
+from kernels.blocks import AFFINE_BITS
 from kernels.weights import QuantTensor
 
 REQUANT_BITS = 8
@@ -52,11 +54,7 @@ def quantized(group: list[QuantTensor]) -> tuple[mx.array, mx.array, mx.array, i
     k = kind(group[0])
     if any(kind(t) != k for t in group):
         raise ValueError("quantized() needs matrices of one kind")
-    if k.startswith("requant"):
-        dense = np.concatenate([t.dequantize().reshape(-1, t.shape[-1]) for t in group])
-        w, scales, biases = mx.quantize(mx.array(dense), group_size=GROUP, bits=REQUANT_BITS)
-        return w, scales, biases, REQUANT_BITS
-    affine = [t.affine() for t in group]
+    affine = [t.held() for t in group]
     bits = affine[0].bits
     codes, scales, biases = (np.concatenate([getattr(a, f) for a in affine])
                              for f in ("codes", "scales", "biases"))
