@@ -21,8 +21,10 @@ fault is charged to the node whose signature is on the wrong side.
 - A stage's own records of a session this log holds from its start: a first record past
   position 0 (``no-prefill``), or one whose position does not follow its step's
   predecessor (``gap``). A batch that fails verification for the current plan is its
-  node's strike (``malformed``). A batch under another plan version is ignored, so a
-  stage that signs current steps under a stale version owes them (``missing-commitment``).
+  node's strike (``malformed``). A batch of an earlier plan of the term pays only that
+  plan's debts (an honest stage flushes them after a re-plan) and is never audited, so a
+  stage that signs current steps under a stale version still owes them
+  (``missing-commitment``).
 - Each (kind, session, step) counts once; a node with ``strike_limit`` (2) strikes in a
   term is flagged, its strikes and the signed records behind them as the evidence.
 - Audits that the audited node's fetch answer spoils are failed audits (the auditor
@@ -67,6 +69,7 @@ Send = Callable[[str, str, object], None]
 
 COMMIT_DEADLINE_S = 10.0  # a step's record is owed this long after the evidence that it exists
 STRIKE_LIMIT = 2  # strikes in a term that flag a node
+PLANS_KEPT = 8  # plans of the term whose late batches still pay what they owe
 STALL_S = 3.0  # ticks further apart than this: the coordinator stalled, deadlines move back
 
 
@@ -89,7 +92,7 @@ class _Owed:
     step: int
     digest: bytes | None
     deadline: float
-    evidence: dict
+    evidence: CommitBatch  # the batch whose record says the step exists (its JSON only if charged)
 
 
 @dataclass
@@ -145,6 +148,7 @@ class Ledger:
         self.evicted: OrderedDict[tuple, None] = OrderedDict()
         self.chain_strikes: dict[str, dict[tuple, Strike]] = {}  # node -> (kind, session, step) -> strike
         self.last_tick: float | None = None
+        self.plans: OrderedDict[Epoch, list] = OrderedDict()  # this term's recent plans: their stages
         self.flagged: dict[str, Flag] = {}
         self.commitments = self.verified_links = self.broken_links = self.missing = 0
         self.audits = self.audit_failures = self.rejected = self.expired = self.unauditable = 0
@@ -169,15 +173,26 @@ class Ledger:
             self.partial.clear()
             self.evicted.clear()
             self.chain_strikes.clear()
+            self.plans.clear()
             self.last_tick = None
 
     # -- inputs ---------------------------------------------------------------------------
 
     def on_batch(self, b: CommitBatch, epoch: Epoch, stages: list, members: dict[str, str]) -> None:
         """``epoch``/``stages``: the current plan; ``members``: live node -> backend."""
-        if Epoch.of(b) != epoch:
-            self.stale += 1  # a plan that is gone: nobody will audit it (steps of this one stay owed)
-            return
+        if epoch.term == self.term:
+            self.plans[epoch] = stages
+            self.plans.move_to_end(epoch)
+            while len(self.plans) > PLANS_KEPT:
+                self.plans.popitem(last=False)
+        current = Epoch.of(b) == epoch
+        if not current:
+            # a plan that is gone: nobody will audit it, but a batch of an earlier plan of this
+            # term still pays the records it owes (an honest stage flushes after a re-plan)
+            stages = self.plans.get(Epoch.of(b)) if b.term == self.term else None
+            if stages is None:
+                self.stale += 1
+                return
         entry = stages[b.stage] if 0 <= b.stage < len(stages) else None
         try:
             verify_batch(b, expect_node=entry.node if entry is not None else None)
@@ -225,7 +240,7 @@ class Ledger:
             self.commitments += 1
             if whole:
                 self._links(key, b, r, stages)
-            if b.node not in self.flagged and self._selected(r):
+            if current and b.node not in self.flagged and self._selected(r):
                 selected.append(r.step)
         if selected:
             self._start_audit(key, b, selected, len(stages), members)
@@ -305,12 +320,12 @@ class Ledger:
                     self.broken_links += 1
                     log.warning("chain.broken", node=o.node, session=key[2], step=o.step, stage=o.stage)
                     self._strike(o.node, "broken-link", key[2], o.step,
-                                 {**o.evidence, "committed": sorted(d.hex() for d in committed),
+                                 {**_owed_json(o), "committed": sorted(d.hex() for d in committed),
                                   "committed_by": self._batch_of(key, o.stage, o.step)})
                 elif not committed:
                     self.missing += 1
                     log.warning("commitment.missing", node=o.node, session=key[2], step=o.step, stage=o.stage)
-                    self._strike(o.node, "missing-commitment", key[2], o.step, o.evidence)
+                    self._strike(o.node, "missing-commitment", key[2], o.step, _owed_json(o))
 
     def on_wire_fault(self, w: WireFault) -> None:
         if w.sender in self.flagged:
@@ -356,21 +371,20 @@ class Ledger:
             owed.remove(o)
             self.verified_links += 1
         deadline = self.clock() + self.commit_deadline_s
-        evidence = {"record_of": b.node, "batch": _batch_json(b), "step": r.step}
         if stage > 0:  # as a receiver: the stage before signed what it sent
             sender = stages[stage - 1].node
             if not forward_signed(b.upstream_key, r.input_signature, b.term, b.version, r.session, r.step,
                                   r.start_pos, sender, r.input_digest):
-                self._strike(b.node, "unsigned-input", r.session, r.step, evidence)
+                self._strike(b.node, "unsigned-input", r.session, r.step, {"batch": _batch_json(b)})
             elif r.input_digest in outputs.get((stage - 1, r.step), ()):
                 self.verified_links += 1
             else:
-                owed.append(_Owed(sender, stage - 1, r.step, r.input_digest, deadline, evidence))
+                owed.append(_Owed(sender, stage - 1, r.step, r.input_digest, deadline, b))
         elif n > 1 and r.step > 0 and r.start_pos > 0:  # a ring step: the last stage sampled the step before
             if outputs.get((n - 1, r.step - 1)):
                 self.verified_links += 1
             else:
-                owed.append(_Owed(stages[n - 1].node, n - 1, r.step - 1, None, deadline, evidence))
+                owed.append(_Owed(stages[n - 1].node, n - 1, r.step - 1, None, deadline, b))
 
     def _batch_of(self, key: tuple, stage: int, step: int) -> dict | None:
         held = self.log.get(key, {}).get(stage, {}).get(step)
@@ -459,12 +473,19 @@ def _complete(records: list[StepRecord]) -> bool:
     return bool(records)
 
 
+def _owed_json(o: _Owed) -> dict:
+    return {"owed_by": o.node, "stage": o.stage, "owed_step": o.step, "digest": o.digest.hex() if o.digest else None,
+            "batch": _batch_json(o.evidence)}
+
+
 def _batch_json(b: CommitBatch) -> dict:
     return {"term": b.term, "version": b.version, "stage": b.stage, "layers": [b.start, b.end], "node": b.node,
             "public_key": b.public_key.hex(), "backend": b.backend, "weight_mode": b.weight_mode,
             "weights_digest": b.weights_digest.hex(), "root": b.root.hex(), "signature": b.signature.hex(),
+            "upstream_key": b.upstream_key.hex(),
             "records": [{"session": r.session, "step": r.step, "start_pos": r.start_pos, "length": r.length,
-                         "input": r.input_digest.hex(), "output": r.output_digest.hex(), "token": r.token}
+                         "input": r.input_digest.hex(), "output": r.output_digest.hex(), "token": r.token,
+                         "input_signature": r.input_signature.hex()}
                         for r in b.records]}
 
 

@@ -231,3 +231,16 @@ def test_honest_pipeline_with_a_replayed_step_flags_nobody():
     p.wait(3 * COMMIT_DEADLINE_S)
     assert not p.flags and p.ledger.missing == 0 and p.ledger.broken_links == 0
     assert not any(p.ledger.chain_strikes.values())
+
+
+def test_an_honest_stage_whose_batch_of_the_old_plan_arrives_after_a_replan_is_not_flagged():
+    """The plan moved on (version 2) while stage 1's last chunk of version 1 was on its
+    way: that batch is no longer audited, but it still pays what version 1's records owe."""
+    p = Pipeline()
+    p.send(p.batch(0, range(6)))
+    p.send(p.batch(2, range(6)))
+    p.version = 2  # the coordinator's plan is version 2 now
+    p.send(p.batch(1, range(6), version=1))  # stage 1's chunk of version 1, late
+    assert p.ledger.stale == 0 and p.ledger.verified_links >= 6
+    p.wait(3 * COMMIT_DEADLINE_S)
+    assert not p.flags and p.ledger.missing == 0
