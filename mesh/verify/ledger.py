@@ -15,7 +15,10 @@ fault is charged to the node whose signature is on the wrong side.
   one is a debt of the sender: within COMMIT_DEADLINE_S its own signed records must
   commit that digest as the step's output. If they commit another one, it signed two
   different outputs for one step (``broken-link``); if none, it withheld the step
-  (``missing-commitment``). The first stage's ring steps (the last stage's token coming
+  (``missing-commitment``). A stage's records of a session arrive in the order it made
+  them and its step numbers never go down in a plan, so a debt is judged at once when a
+  record of a later step of the sender is in, and at the deadline otherwise (a stage
+  that sends nothing more). The first stage's ring steps (the last stage's token coming
   back) owe the last stage's record of the step before in the same way, without a
   signature yet (the token path is not signed).
 - A stage's own records of a session this log holds from its start: a first record past
@@ -144,6 +147,7 @@ class Ledger:
         # step may have two): what a receiver's signed input is checked against
         self.outputs: dict[tuple, dict[tuple[int, int], set[bytes]]] = {}
         self.owed: dict[tuple, list[_Owed]] = {}  # key -> records owed in that session
+        self.latest: dict[tuple, dict[int, int]] = {}  # key -> stage -> the latest step it committed
         self.partial: set[tuple] = set()  # sessions this log lost its start of (evicted, then back)
         self.evicted: OrderedDict[tuple, None] = OrderedDict()
         self.chain_strikes: dict[str, dict[tuple, Strike]] = {}  # node -> (kind, session, step) -> strike
@@ -170,6 +174,7 @@ class Ledger:
             self.sent.clear()
             self.outputs.clear()
             self.owed.clear()
+            self.latest.clear()
             self.partial.clear()
             self.evicted.clear()
             self.chain_strikes.clear()
@@ -220,6 +225,7 @@ class Ledger:
             old = self.log.popitem(last=False)[0]
             self.outputs.pop(old, None)
             self.owed.pop(old, None)
+            self.latest.pop(old, None)
             self.partial.discard(old)
             self.evicted[old] = None
             while len(self.evicted) > 4 * self.max_sessions:
@@ -315,17 +321,21 @@ class Ledger:
                 continue
             self.owed[key] = [o for o in owed if o.deadline > now]
             for o in due:
-                committed = self.outputs.get(key, {}).get((o.stage, o.step), set())
-                if committed and o.digest is not None:
-                    self.broken_links += 1
-                    log.warning("chain.broken", node=o.node, session=key[2], step=o.step, stage=o.stage)
-                    self._strike(o.node, "broken-link", key[2], o.step,
-                                 {**_owed_json(o), "committed": sorted(d.hex() for d in committed),
-                                  "committed_by": self._batch_of(key, o.stage, o.step)})
-                elif not committed:
-                    self.missing += 1
-                    log.warning("commitment.missing", node=o.node, session=key[2], step=o.step, stage=o.stage)
-                    self._strike(o.node, "missing-commitment", key[2], o.step, _owed_json(o))
+                self._judge(key, o)
+
+    def _judge(self, key: tuple, o: _Owed) -> None:
+        """``o`` will not be paid: charge its node."""
+        committed = self.outputs.get(key, {}).get((o.stage, o.step), set())
+        if committed and o.digest is not None:
+            self.broken_links += 1
+            log.warning("chain.broken", node=o.node, session=key[2], step=o.step, stage=o.stage)
+            self._strike(o.node, "broken-link", key[2], o.step,
+                         {**_owed_json(o), "committed": sorted(d.hex() for d in committed),
+                          "committed_by": self._batch_of(key, o.stage, o.step)})
+        elif not committed:
+            self.missing += 1
+            log.warning("commitment.missing", node=o.node, session=key[2], step=o.step, stage=o.stage)
+            self._strike(o.node, "missing-commitment", key[2], o.step, _owed_json(o))
 
     def on_wire_fault(self, w: WireFault) -> None:
         if w.sender in self.flagged:
@@ -363,13 +373,24 @@ class Ledger:
             self._strike(b.node, "gap", r.session, r.step, {"batch": _batch_json(b)})
 
     def _links(self, key: tuple, b: CommitBatch, r: StepRecord, stages: list) -> None:
-        """The chain links of record ``r`` of batch ``b``: what it owes, what it pays."""
+        """The chain links of record ``r`` of batch ``b``: what it owes, what it pays.
+
+        A stage's records of a session reach the coordinator in the order it made them (one
+        list, flushed in order, on one link), and its step numbers never go down within a
+        plan (a replay re-runs the latest step). So once a record of a later step is in, a
+        record still owed for an earlier step will never come: it is judged at once, not
+        at the deadline."""
         n, stage, outputs = len(stages), b.stage, self.outputs[key]
         owed = self.owed.setdefault(key, [])
+        latest = self.latest.setdefault(key, {})
+        latest[stage] = max(latest.get(stage, -1), r.step)
         # as a sender: its record pays what the next stage's signed inputs (or the ring) said it sent
         for o in [o for o in owed if o.stage == stage and o.step == r.step and o.digest in (None, r.output_digest)]:
             owed.remove(o)
             self.verified_links += 1
+        for o in [o for o in owed if o.stage == stage and o.step < r.step]:
+            owed.remove(o)
+            self._judge(key, o)
         deadline = self.clock() + self.commit_deadline_s
         if stage > 0:  # as a receiver: the stage before signed what it sent
             sender = stages[stage - 1].node
@@ -379,12 +400,18 @@ class Ledger:
             elif r.input_digest in outputs.get((stage - 1, r.step), ()):
                 self.verified_links += 1
             else:
-                owed.append(_Owed(sender, stage - 1, r.step, r.input_digest, deadline, b))
+                self._owe(key, _Owed(sender, stage - 1, r.step, r.input_digest, deadline, b))
         elif n > 1 and r.step > 0 and r.start_pos > 0:  # a ring step: the last stage sampled the step before
             if outputs.get((n - 1, r.step - 1)):
                 self.verified_links += 1
             else:
-                owed.append(_Owed(stages[n - 1].node, n - 1, r.step - 1, None, deadline, b))
+                self._owe(key, _Owed(stages[n - 1].node, n - 1, r.step - 1, None, deadline, b))
+
+    def _owe(self, key: tuple, o: _Owed) -> None:
+        if self.latest[key].get(o.stage, -1) > o.step:  # its later records are in: this one will not come
+            self._judge(key, o)
+        else:
+            self.owed[key].append(o)
 
     def _batch_of(self, key: tuple, stage: int, step: int) -> dict | None:
         held = self.log.get(key, {}).get(stage, {}).get(step)
