@@ -14,7 +14,8 @@ prompt (cycled from PROMPTS) and, for skip-layer, the skipped layer. The audit
 schedule also hashes each step's session id and digests, so a seed fixes the secret,
 not the whole schedule.
 
-    python bench/detect.py [--runs 20] [--modes tamper,noise,stale,skip-layer,corrupt-wire]
+    python bench/detect.py [--runs 20] [--modes tamper,noise,stale,skip-layer,corrupt-wire,
+                                                  lie-digest,refuse-fetch,withhold]
                            [--tokens 50] [--seed 0] [--keep-logs]
 
 Prints one JSON object. Runs are sequential (one cluster at a time); the logs of a
@@ -56,6 +57,9 @@ MODES = {
     "stale": "stale",
     "skip-layer": "skip-layer:{layer}",
     "corrupt-wire": "corrupt-wire",
+    "lie-digest": "lie-digest",
+    "refuse-fetch": "refuse-fetch",
+    "withhold": "withhold",
 }
 PROMPTS = [
     "Explain how a bicycle stays upright.",

@@ -15,6 +15,7 @@ messages, so heartbeats and elections keep running during a long prefill.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import os
 import platform
@@ -160,9 +161,10 @@ class _Inbox(Actor):
             return None
         if self.guard is not None and not self.guard(msg, ctx.peer):
             return None
-        if isinstance(handler, WithPeer):
-            return handler.handler(msg, ctx.peer)
-        return handler(msg)
+        result = handler.handler(msg, ctx.peer) if isinstance(handler, WithPeer) else handler(msg)
+        if inspect.isawaitable(result):  # a handler that answers later (an ask waits for it)
+            result = await result
+        return result
 
 
 class Node:

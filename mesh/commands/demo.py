@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault (repeatable): kill:stage=K:after=T or kill:coordinator:after=T "
                         "SIGKILLs that node's process after T generated tokens; stage=K:SPEC makes the node "
-                        "holding stage K cheat (tamper:scale=E, skip-layer:L, noise:sigma=S, stale, corrupt-wire)")
+                        "holding stage K cheat (tamper:scale=E, skip-layer:L, noise:sigma=S, stale, corrupt-wire, "
+                        "lie-digest, refuse-fetch[:flip|pos|step|silent], withhold[:late=S])")
     p.add_argument("--node-memory", metavar="SIZE",
                    help="memory budget of each node, e.g. 300MiB (`mesh join --memory`; default: 80%% of available)")
     p.add_argument("--audit-rate", type=float, default=0.2, help="share of stage steps audited (default 0.2)")

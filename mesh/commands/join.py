@@ -77,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of stage steps an auditor re-checks, 0..1 (default 0.2)")
     p.add_argument("--fault", metavar="SPEC",
                    help="tests only: misbehave as [stage=K:]tamper:scale=E | skip-layer:L | noise:sigma=S | stale "
-                        "| corrupt-wire (see mesh/verify/faults.py)")
+                        "| corrupt-wire | lie-digest | refuse-fetch[:flip|pos|step|silent] | withhold[:late=S] "
+                        "(see mesh/testing/faults.py)")
     p.add_argument("--log-format", choices=["console", "json"], default="console", help="log format")
     p.add_argument("--log-level", default="info", help="log level (debug, info, warning)")
     p.set_defaults(func=run)

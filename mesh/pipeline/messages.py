@@ -80,6 +80,10 @@ class Forward:
 
     ``digest`` is BLAKE3 of the exact tensor bytes as the sender computed them; the
     receiver checks it before using the tensor. ``meta`` travels with prefills only.
+    Between stages (with verification on), ``signature`` is the sender's Ed25519
+    signature over (term, version, session, step, start_pos, sender, digest) and
+    ``public_key`` its key: the receiver commits to it, so a sender cannot later deny
+    what it sent (mesh/verify/commitment.py, ``forward_bytes``).
     """
 
     term: int
@@ -92,6 +96,8 @@ class Forward:
     tokens: np.ndarray | None = None
     hidden: np.ndarray | None = None
     meta: SessionMeta | None = None
+    public_key: bytes = b""
+    signature: bytes = b""
 
 
 @message("mesh.Retransmit")

@@ -65,6 +65,12 @@ class StageObserver(Protocol):
     def outputs(self, epoch: Epoch, results: list[tuple[Forward, np.ndarray]]) -> list[np.ndarray]:
         """One forward pass's outputs, (input message, output) per step: what to use."""
 
+    def seal(self, fwd: Forward) -> Forward:
+        """A Forward to the next stage, its digest computed: the Forward to send (signed)."""
+
+    def accepts(self, msg: Forward) -> bool:
+        """Whether a Forward from the stage before carries its sender's valid signature."""
+
     def wire(self, tensor: np.ndarray) -> np.ndarray:
         """A hidden state about to go on the wire (after its digest): what to send."""
 
@@ -88,6 +94,12 @@ class NoObserver:
 
     def outputs(self, epoch: Epoch, results: list[tuple[Forward, np.ndarray]]) -> list[np.ndarray]:
         return [out for _, out in results]
+
+    def seal(self, fwd: Forward) -> Forward:
+        return fwd
+
+    def accepts(self, msg: Forward) -> bool:
+        return True
 
     def wire(self, tensor: np.ndarray) -> np.ndarray:
         return tensor
@@ -243,10 +255,14 @@ class StageHost:
             log.debug("forward.stale", session=msg.session, epoch=str(Epoch.of(msg)), current=str(self.epoch))
             return
         tensor = msg.tokens if msg.tokens is not None else msg.hidden
-        if tensor is None or tensor_digest(tensor) != msg.digest:
+        actual = b"" if tensor is None else tensor_digest(tensor)
+        # a hidden state must also carry its sender's signature on that digest: this stage
+        # commits to it, and without it could not show who sent what (a broken link)
+        if actual != msg.digest or (msg.hidden is not None and not self.observer.accepts(msg)):
             self.stats.digest_mismatches += 1
-            self.observer.on_digest_mismatch(msg, b"" if tensor is None else tensor_digest(tensor))
-            log.warning("forward.digest_mismatch", session=msg.session, step=msg.step, sender=msg.sender)
+            self.observer.on_digest_mismatch(msg, actual)
+            log.warning("forward.digest_mismatch", session=msg.session, step=msg.step, sender=msg.sender,
+                        signed=actual == msg.digest)
             # The node's stage actor hands a Retransmit to both its stage and its serving side.
             self.send(msg.sender, STAGE_ACTOR, Retransmit(msg.term, msg.version, msg.session, msg.step,
                                                           "digest mismatch"))
@@ -407,14 +423,15 @@ class StageHost:
 
     def _forward(self, node: str, src: Forward, hidden: np.ndarray) -> None:
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-        fwd = Forward(src.term, src.version, src.session, src.step, src.start_pos, sender=self.node_id,
-                      digest=tensor_digest(hidden), hidden=hidden, meta=src.meta)
+        digest = tensor_digest(hidden)
+        fwd = self.observer.seal(Forward(src.term, src.version, src.session, src.step, src.start_pos,
+                                         sender=self.node_id, digest=digest, hidden=hidden, meta=src.meta))
         self.last_sent[src.session] = (node, fwd)
-        on_wire = self.observer.wire(hidden)
-        sent = fwd if on_wire is hidden else Forward(**{**fwd.__dict__, "hidden": on_wire})
+        on_wire = self.observer.wire(fwd.hidden)
+        sent = fwd if on_wire is fwd.hidden else Forward(**{**fwd.__dict__, "hidden": on_wire})
         if self.send(node, STAGE_ACTOR, sent) is False:
             self._lost(src)
-        self.observer.on_sent(src, hidden, fwd.digest)  # after the send: the next stage need not wait for it
+        self.observer.on_sent(src, hidden, digest)  # after the send: the next stage need not wait for it
 
     async def _sample_and_emit(self, results: list[tuple[_Work, np.ndarray]]) -> None:
         picks = []

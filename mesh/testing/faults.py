@@ -5,6 +5,13 @@
     noise:sigma=S      perturb its weights: every norm weight times (1 + S·N(0,1))
     stale              send the previous step's activations instead of this step's
     corrupt-wire       flip a bit of what it sends, after digesting and signing it
+    lie-digest         send other activations downstream (the honest ones times 1.05),
+                       digested and signed as sent, so the next stage takes them; commit
+                       the honest output's digest and serve the honest tensor to auditors
+    refuse-fetch[:M]   answer audit fetches wrongly: M = flip (one bit of an input),
+                       pos (a wrong start_pos), step (a step nobody asked for), silent (no
+                       answer before the auditor's deadline); without M, each in turn
+    withhold[:late=S]  never send its commitments; with late=S, send each batch S seconds late
 
 ``stage=K:SPEC`` applies SPEC only if the first stage the node is given is stage K
 (``mesh demo`` passes it to every node: the node that first holds stage K cheats, and
@@ -14,13 +21,16 @@ corrupt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from mesh.errors import MeshError
 
-KINDS = ("tamper", "skip-layer", "noise", "stale", "corrupt-wire")
+KINDS = ("tamper", "skip-layer", "noise", "stale", "corrupt-wire", "lie-digest", "refuse-fetch", "withhold")
+REFUSALS = ("flip", "pos", "step", "silent")
+SILENT_S = 60.0  # refuse-fetch:silent answers this late: past any auditor's fetch deadline
 _NORMS = ("attn_norm", "mlp_norm", "input_norm", "post_attention_norm")
 
 
@@ -33,6 +43,7 @@ class Fault:
     kind: str
     value: float = 0.0
     stage: int | None = None  # None: whatever stage the node holds
+    mode: str = ""  # refuse-fetch: one of REFUSALS, or "" for each in turn
 
     def applies(self, stage_index: int | None) -> bool:
         return stage_index is not None and (self.stage is None or self.stage == stage_index)
@@ -70,6 +81,33 @@ class Fault:
         return bad
 
 
+    def garbage(self, hidden: np.ndarray) -> np.ndarray:
+        """lie-digest: what it sends instead of ``hidden``."""
+        return (np.asarray(hidden, dtype=np.float32) * np.float32(1.05)).astype(np.float32)
+
+    def refuse(self, data, n: int):
+        """refuse-fetch: the wrong answer to the ``n``-th fetch, whose honest answer is
+        ``data`` (an AuditData); "silent" answers with an awaitable that takes SILENT_S."""
+        mode = self.mode or REFUSALS[n % len(REFUSALS)]
+        if mode == "silent":
+            return _late(data)
+        if not data.ok or not data.steps:
+            return data
+        if mode == "flip":
+            inputs = np.array(data.inputs, copy=True)
+            raw = inputs.reshape(-1).view(np.uint8)
+            raw[raw.size - 1] ^= 0x01  # the last step's input
+            return replace(data, inputs=inputs)
+        if mode == "pos":
+            return replace(data, start_pos=[*data.start_pos[:-1], data.start_pos[-1] + 1])
+        return replace(data, steps=[*data.steps[:-1], data.steps[-1] + 1])  # "step"
+
+
+async def _late(data):
+    await asyncio.sleep(SILENT_S)
+    return data
+
+
 def _perturbed(w, sigma: float, rng: np.random.Generator):
     kind = type(w).__module__.split(".")[0]
     a = (w.numpy() if kind == "torch" else np.array(w)).astype(np.float32)
@@ -86,7 +124,8 @@ def _perturbed(w, sigma: float, rng: np.random.Generator):
 
 
 def parse_fault(spec: str) -> Fault:
-    """``[stage=K:]tamper:scale=E | skip-layer:L | noise:sigma=S | stale | corrupt-wire``."""
+    """``[stage=K:]tamper:scale=E | skip-layer:L | noise:sigma=S | stale | corrupt-wire |
+    lie-digest | refuse-fetch[:flip|pos|step|silent] | withhold[:late=S]``."""
     parts = spec.strip().split(":")
     stage = None
     if parts and parts[0].startswith("stage="):
@@ -96,9 +135,17 @@ def parse_fault(spec: str) -> Fault:
             raise BadFaultSpec(f"--fault {spec!r}: stage=K needs an integer K") from None
     if not parts or parts[0] not in KINDS:
         raise BadFaultSpec(f"--fault {spec!r}: use one of tamper:scale=E, skip-layer:L, noise:sigma=S, stale, "
-                           "corrupt-wire (optionally prefixed by stage=K:)")
+                           "corrupt-wire, lie-digest, refuse-fetch[:flip|pos|step|silent], withhold[:late=S] "
+                           "(optionally prefixed by stage=K:)")
     kind, args = parts[0], parts[1:]
-    need = {"tamper": "scale", "noise": "sigma", "skip-layer": ""}.get(kind)
+    if kind == "refuse-fetch":
+        if len(args) > 1 or (args and args[0] not in REFUSALS):
+            raise BadFaultSpec(f"--fault {spec!r}: write refuse-fetch or refuse-fetch:MODE, MODE one of "
+                               f"{', '.join(REFUSALS)}")
+        return Fault(kind, 0.0, stage, args[0] if args else "")
+    if kind == "withhold" and not args:
+        return Fault(kind, 0.0, stage)
+    need = {"tamper": "scale", "noise": "sigma", "skip-layer": "", "withhold": "late"}.get(kind)
     if need is None:
         if args:
             raise BadFaultSpec(f"--fault {spec!r}: {kind} takes no argument")

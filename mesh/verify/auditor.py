@@ -20,6 +20,15 @@ run between answers where they can and at a bounded delay where they cannot
 a deferred pass finds them.
 Compute runs in a low-priority child process (mesh/verify/worker.py): generation never
 waits for it, and it never holds the node's GIL.
+
+Whose fault a pass that cannot judge is:
+- the audited node's (a failed audit, escalated like any other): an answer to the fetch
+  that is not the committed data — an input that does not hash to its signed digest, a
+  wrong start_pos or length, a step it was not asked for or did not commit, shapes that
+  do not add up, "not retained" — or no answer within FETCH_TIMEOUT_S;
+- this auditor's (inconclusive, never counted against the node): loading its copy of the
+  stage, its audit process dying, running out of memory, records it lost, the audited
+  node unreachable from here (liveness is the failure detector's to judge).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import numpy as np
 import structlog
 
 from actors.clock import LOOP_CLOCK, Clock
-from actors.errors import ActorsError
+from actors.errors import ActorDead, ActorsError, AskTimeout, PeerUnreachable
 from actors.identity import NodeIdentity
 from kernels.digest import compare, tensor_digest
 from kernels.sampling import sample
@@ -74,6 +83,7 @@ from mesh.verify.tolerance import (
 from mesh.verify.worker import AuditProcess
 
 log = structlog.get_logger("mesh.verify.auditor")
+FETCH_TIMEOUT_S = 15.0  # an audited node that has not answered a fetch by then fails the audit
 __all__ = ["DEFER_S", "GATHER_S", "Auditor", "Verdict", "check_steps"]
 
 
@@ -109,10 +119,10 @@ def check_steps(stage: Stage, key: str, records: dict[int, StepRecord], data: Au
         rec = records.get(s)
         if rec is None:  # the coordinator's log lacks it (it took office mid-session): no judgement
             return every(Verdict(False, f"no commitment for step {s} in the log", inconclusive=True))
-        if tensor_digest(x) != rec.input_digest or rec.start_pos != pos:
-            # A session replayed within one plan (a lost message) runs a step number twice;
-            # the stage keeps the newer input. No judgement: the outputs decide.
-            return every(Verdict(False, f"input of step {s} does not match its commitment", inconclusive=True))
+        if tensor_digest(x) != rec.input_digest or rec.start_pos != pos or rec.length != n:
+            # the node supplied another input than the one it signed (a replayed step's newer
+            # record reaches this auditor before it asks: the ledger re-sends records it replaced)
+            return every(Verdict(False, f"input of step {s} does not match its commitment"))
         if pos > end:  # below is a replay from an earlier position: the cache truncates
             return every(Verdict(False, f"inputs are not contiguous at step {s} (position {pos})"))
         if chunks and merge and pos == end:
@@ -320,6 +330,9 @@ class Auditor:
         except BrokenProcessPool as exc:  # our audit process died: our failure, not the node's
             log.warning("audit.process_died", error=str(exc))
             verdicts = {s: Verdict(False, "the audit process died", inconclusive=True) for s in steps}
+        except _OwnTrouble as exc:  # our side (load, memory): never the audited node's failure
+            log.warning("audit.own_trouble", node=first.batch.node, error=str(exc))
+            verdicts = {s: Verdict(False, f"auditor's own trouble: {exc}", inconclusive=True) for s in steps}
         except Exception as exc:  # what the node supplied cannot be run (wrong shapes, ...): it fails
             log.exception("audit.error", node=first.batch.node, session=first.session, steps=steps)
             verdicts = {s: Verdict(False, f"{type(exc).__name__}: {exc}") for s in steps}
@@ -353,7 +366,12 @@ class Auditor:
                      steps: list[int]) -> dict[int, Verdict]:
         b = req.batch
         spec = StageSpec(b.start, b.end, embed=b.stage == 0, head=b.stage == req.n_stages - 1)
-        skey, digest = await self._stage(spec, b.backend, b.weight_mode)
+        try:
+            skey, digest = await self._stage(spec, b.backend, b.weight_mode)
+        except (asyncio.CancelledError, BrokenProcessPool):
+            raise
+        except Exception as exc:  # MemoryError, a bad file here, ...: nothing the audited node did
+            raise _OwnTrouble(f"loading layers [{b.start}, {b.end}): {type(exc).__name__}: {exc}") from exc
         if digest != b.weights_digest:
             return {s: Verdict(False, "committed weights digest differs from the model's") for s in steps}
         track = self.tracks.get(tkey)
@@ -376,18 +394,38 @@ class Auditor:
                 await self.compute.free(track.skey, track.key)
                 track.next_step = 0
             log.debug("audit.fetching", node=b.node, stage=b.stage, steps=steps)
-            data = await self.fetch(b.node, fetch_of(req, track.next_step, steps))
-            if not data.ok:
-                return {s: Verdict(False, f"the audited node could not supply the step: {data.error}") for s in steps}
+            fetch = fetch_of(req, track.next_step, steps)
+            try:
+                data = await self.fetch(b.node, fetch)
+            except AskTimeout:  # it holds a link to us and did not answer: its failure
+                return {s: Verdict(False, f"the audited node did not answer the fetch within {FETCH_TIMEOUT_S:g} s")
+                        for s in steps}
+            except (PeerUnreachable, ActorDead):
+                raise
+            except ActorsError as exc:  # its handler failed, or its answer did not decode
+                return {s: Verdict(False, f"the audited node's answer failed: {type(exc).__name__}: {exc}")
+                        for s in steps}
+            wrong = _wrong_answer(fetch, data, records)
+            if wrong is not None:
+                log.warning("audit.wrong_answer", node=b.node, session=req.session, steps=steps, reason=wrong)
+                return {s: Verdict(False, wrong) for s in steps}
             turn = self.schedule.turn(tkey, from_start=track.next_step == 0)
             queued = time.perf_counter()
             async with self._turn(turn):
                 started = time.perf_counter()
                 needed = {s: records[s] for s in data.steps if s in records}
-                verdicts, cpu = await self.compute.check(track.skey, track.key, needed, data, steps,
-                                                         producer_backend=b.backend, weight_mode=b.weight_mode,
-                                                         last=spec.head, urgent=turn < Turn.LATER)
+                try:
+                    verdicts, cpu = await self.compute.check(track.skey, track.key, needed, data, steps,
+                                                             producer_backend=b.backend, weight_mode=b.weight_mode,
+                                                             last=spec.head, urgent=turn < Turn.LATER)
+                except MemoryError as exc:  # the answer's size was checked against the records: ours
+                    track.next_step = 0
+                    raise _OwnTrouble(f"out of memory in the audit pass: {exc}") from exc
             self.compute_s += cpu
+            if any(v.inconclusive for v in verdicts.values()):  # records we lost: start over next time
+                track.next_step = 0
+                await self.compute.free(track.skey, track.key)
+                return verdicts
             log.info("audit.pass", node=b.node, stage=b.stage, steps=steps, round=req.round,
                      waited_ms=round((started - queued) * 1e3, 1), pass_ms=round((time.perf_counter() - started) * 1e3, 1),
                      cpu_ms=round(cpu * 1e3, 1))
@@ -404,6 +442,40 @@ def fetch_of(req: AuditRequest, from_step: int, steps: list[int]) -> AuditFetch:
     ``from_step`` on, the outputs of ``steps``, and the coordinator's warrant to show."""
     b = req.batch
     return AuditFetch(b.term, b.version, req.session, from_step, steps[-1], steps, warrant=req.warrant)
+
+
+class _OwnTrouble(Exception):
+    """Something on the auditor's side stopped a pass: no judgement of the audited node."""
+
+
+def _wrong_answer(fetch: AuditFetch, data: object, records: dict[int, StepRecord]) -> str | None:
+    """Why ``data`` is not an answer to ``fetch`` from the node that signed ``records``
+    (None: it is well formed; check_steps then checks its digests). An honest stage
+    answers with exactly the steps from ``fetch.from_step`` to ``fetch.step`` it committed,
+    each at its committed position and length, and the outputs asked for."""
+    if not isinstance(data, AuditData):
+        return f"the audited node answered the fetch with a {type(data).__name__}"
+    if not data.ok:
+        return f"the audited node could not supply the step: {data.error}"
+    n = len(data.steps)
+    if not n or len(data.start_pos) != n or len(data.lengths) != n:
+        return "the answer's steps, positions and lengths do not match"
+    if any(b <= a for a, b in zip(data.steps, data.steps[1:])) or data.steps[0] < fetch.from_step \
+            or data.steps[-1] != fetch.step:
+        return f"the answer holds steps {data.steps[0]}..{data.steps[-1]}, not {fetch.from_step}..{fetch.step}"
+    for s, pos, length in zip(data.steps, data.start_pos, data.lengths):
+        rec = records.get(s)
+        if rec is not None and (rec.start_pos, rec.length) != (pos, length):
+            return f"step {s} is at position {pos} ({length} rows), committed at {rec.start_pos} ({rec.length})"
+    if data.inputs is None or getattr(data.inputs, "ndim", 0) not in (1, 2) or len(data.inputs) != sum(data.lengths):
+        return "the answer's inputs do not have the rows its lengths say"
+    wanted = sorted(set(fetch.outputs_of or [fetch.step]))
+    if list(data.output_steps) != wanted or len(data.output_lengths) != len(wanted):
+        return f"the answer's outputs are of steps {list(data.output_steps)}, not {wanted}"
+    if data.outputs is None or getattr(data.outputs, "ndim", 0) != 2 \
+            or data.outputs.shape[0] != sum(data.output_lengths):
+        return "the answer's outputs do not have the rows its lengths say"
+    return None
 
 
 def _outcome(verdicts) -> Outcome:

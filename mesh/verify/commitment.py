@@ -19,6 +19,7 @@ from mesh.verify.messages import CommitBatch, StepRecord
 _LEAF = b"mesh-commit-leaf\x00"
 _NODE = b"mesh-commit-node\x00"
 _HEADER = b"mesh-commit-batch\x00"
+_FORWARD = b"mesh-forward\x00"
 
 
 class CommitmentRejected(MeshError):
@@ -40,8 +41,27 @@ def signed_fields(*parts: object) -> bytes:
 
 
 def leaf_hash(r: StepRecord) -> bytes:
+    signed = signed_fields(r.input_signature) if r.input_signature else b""  # the first stage's inputs carry none
     return blake3.blake3(_LEAF + signed_fields(r.session, r.step, r.start_pos, r.length, r.input_digest,
-                                         r.output_digest, r.token)).digest()
+                                         r.output_digest, r.token) + signed).digest()
+
+
+def forward_bytes(term: int, version: int, session: str, step: int, start_pos: int, sender: str,
+                  digest: bytes) -> bytes:
+    """What a stage signs on each Forward it sends: "in plan (term, version), my output for
+    step ``step`` of ``session`` at ``start_pos`` is the tensor with this digest". The next
+    stage keeps the signature in its own record of that step; if the sender's signed
+    commitment of the step names another digest, its two signatures contradict each other."""
+    return _FORWARD + signed_fields(term, version, session, step, start_pos, sender, digest)
+
+
+def forward_signed(public_key: bytes, signature: bytes, term: int, version: int, session: str, step: int,
+                   start_pos: int, sender: str, digest: bytes) -> bool:
+    """Whether ``signature`` is ``sender``'s (the key's node) on that Forward."""
+    if len(public_key) != 32 or len(signature) != 64 or node_id_of(public_key) != sender:
+        return False
+    return NodeIdentity.verify(public_key, forward_bytes(term, version, session, step, start_pos, sender, digest),
+                               signature)
 
 
 def merkle_levels(leaves: list[bytes]) -> list[list[bytes]]:
@@ -80,14 +100,15 @@ def verify_proof(leaf: bytes, index: int, proof: list[bytes], root: bytes) -> bo
 
 def header_bytes(b: CommitBatch) -> bytes:
     return _HEADER + signed_fields(b.term, b.version, b.stage, b.start, b.end, b.node, b.public_key, b.backend,
-                             b.weight_mode, b.weights_digest, len(b.records), b.root)
+                             b.weight_mode, b.weights_digest, len(b.records), b.root, b.upstream_key)
 
 
 def sign_batch(identity: NodeIdentity, *, term: int, version: int, stage: int, start: int, end: int,
-               backend: str, weight_mode: str, weights_digest: bytes, records: list[StepRecord]) -> CommitBatch:
+               backend: str, weight_mode: str, weights_digest: bytes, records: list[StepRecord],
+               upstream_key: bytes = b"") -> CommitBatch:
     root = merkle_root([leaf_hash(r) for r in records])
     batch = CommitBatch(term, version, stage, start, end, identity.node_id, identity.public_key, backend,
-                        weight_mode, weights_digest, list(records), root, b"")
+                        weight_mode, weights_digest, list(records), root, b"", upstream_key)
     batch.signature = identity.sign(header_bytes(batch))
     return batch
 

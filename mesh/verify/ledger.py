@@ -5,6 +5,43 @@ Audit selection uses a beacon secret drawn when the coordinator takes office and
 never sent to a stage: a step is audited when BLAKE3(secret, leaf) < rate, which no
 stage can predict before it signs the leaf. (Publishing BLAKE3(secret) at take-office
 and the secret at step-down would let anyone re-check the schedule afterwards.)
+
+Strikes: everything a stage controls about its commitments is judged here, and each
+fault is charged to the node whose signature is on the wrong side.
+- A chain link. Every Forward between stages carries its sender's signature on its
+  digest, and the receiver's record of that step carries the signature (its batch names
+  the sender's key). A receiver record whose signature does not check is the receiver's
+  strike (``unsigned-input``: it commits to an input it cannot show it was sent). A valid
+  one is a debt of the sender: within COMMIT_DEADLINE_S its own signed records must
+  commit that digest as the step's output. If they commit another one, it signed two
+  different outputs for one step (``broken-link``); if none, it withheld the step
+  (``missing-commitment``). A stage's records of a session arrive in the order it made
+  them and its step numbers never go down in a plan, so a debt is judged at once when a
+  record of a later step of the sender is in, and at the deadline otherwise (a stage
+  that sends nothing more). The first stage's ring steps (the last stage's token coming
+  back) owe the last stage's record of the step before in the same way, without a
+  signature yet (the token path is not signed).
+- A stage's own records of a session this log holds from its start: a first record past
+  position 0 (``no-prefill``), or one whose position does not follow its step's
+  predecessor (``gap``). A batch that fails verification for the current plan is its
+  node's strike (``malformed``). A batch of an earlier plan of the term pays only that
+  plan's debts (an honest stage flushes them after a re-plan) and is never audited, so a
+  stage that signs current steps under a stale version still owes them
+  (``missing-commitment``).
+- Each (kind, session, step) counts once; a node with ``strike_limit`` (2) strikes in a
+  term is flagged, its strikes and the signed records behind them as the evidence.
+- Audits that the audited node's fetch answer spoils are failed audits (the auditor
+  decides: mesh/verify/auditor.py) and escalate like any other failure.
+
+COMMIT_DEADLINE_S, and why an honest slow node meets it: an honest stage signs its record
+of a step before the next stage can even receive the step (the record is made right after
+the send), and sends it within ``flush_s`` (1 s, on a timer) of signing. The evidence is
+the next stage's record, made only after that stage received and computed the step and
+flushed in turn. So an honest record is due at the coordinator about 1 s after the
+evidence, whatever the load on the pipeline; 10 s leaves 9 s for its event loop or its
+link to stall more than the next stage's did. The coordinator's own stalls (a gap in its
+ticks past STALL_S) push every deadline back by the stall: what it has not read yet may
+hold the owed records.
 """
 
 from __future__ import annotations
@@ -20,7 +57,7 @@ import blake3
 import structlog
 
 from mesh.pipeline.plan import Epoch
-from mesh.verify.commitment import CommitmentRejected, leaf_hash, verify_batch
+from mesh.verify.commitment import CommitmentRejected, forward_signed, leaf_hash, verify_batch
 from mesh.verify.messages import (
     AuditRequest,
     AuditResult,
@@ -32,6 +69,11 @@ from mesh.verify.messages import (
 log = structlog.get_logger("mesh.verify.ledger")
 
 Send = Callable[[str, str, object], None]
+
+COMMIT_DEADLINE_S = 10.0  # a step's record is owed this long after the evidence that it exists
+STRIKE_LIMIT = 2  # strikes in a term that flag a node
+PLANS_KEPT = 8  # plans of the term whose late batches still pay what they owe
+STALL_S = 3.0  # ticks further apart than this: the coordinator stalled, deadlines move back
 
 
 @dataclass
@@ -45,6 +87,27 @@ class _Pending:
 
 
 @dataclass
+class _Owed:
+    """A step's record that ``node`` owes: output ``digest`` (None: any) of ``stage``."""
+
+    node: str
+    stage: int
+    step: int
+    digest: bytes | None
+    deadline: float
+    evidence: CommitBatch  # the batch whose record says the step exists (its JSON only if charged)
+
+
+@dataclass
+class Strike:
+    node: str
+    kind: str
+    session: str
+    step: int
+    evidence: dict
+
+
+@dataclass
 class Flag:
     node: str
     reason: str
@@ -54,7 +117,8 @@ class Flag:
 class Ledger:
     def __init__(self, node_id: str, send: Send, flag: Callable[[Flag], None], *, audit_rate: float = 0.2,
                  max_sessions: int = 256, wire_strikes: int = 2, actor: str = "verify", audit_timeout_s: float = 120.0,
-                 clock: Callable[[], float] = time.monotonic, audit_seed: str | None = None):
+                 clock: Callable[[], float] = time.monotonic, audit_seed: str | None = None,
+                 strike_limit: int = STRIKE_LIMIT, commit_deadline_s: float = COMMIT_DEADLINE_S):
         self.node_id = node_id
         self.clock = clock
         # a fixed seed makes the audit schedule reproducible (tests, benches): whoever knows
@@ -77,9 +141,22 @@ class Ledger:
         self.sent: OrderedDict[tuple, int] = OrderedDict()
         self.next_id = 1
         self.strikes: dict[str, list[WireFault]] = {}
+        self.strike_limit = strike_limit
+        self.commit_deadline_s = commit_deadline_s
+        # key -> (stage, step) -> the output digests the stage committed for it (a replayed
+        # step may have two): what a receiver's signed input is checked against
+        self.outputs: dict[tuple, dict[tuple[int, int], set[bytes]]] = {}
+        self.owed: dict[tuple, list[_Owed]] = {}  # key -> records owed in that session
+        self.latest: dict[tuple, dict[int, int]] = {}  # key -> stage -> the latest step it committed
+        self.partial: set[tuple] = set()  # sessions this log lost its start of (evicted, then back)
+        self.evicted: OrderedDict[tuple, None] = OrderedDict()
+        self.chain_strikes: dict[str, dict[tuple, Strike]] = {}  # node -> (kind, session, step) -> strike
+        self.last_tick: float | None = None
+        self.plans: OrderedDict[Epoch, list] = OrderedDict()  # this term's recent plans: their stages
         self.flagged: dict[str, Flag] = {}
-        self.commitments = self.verified_links = self.broken_links = 0
+        self.commitments = self.verified_links = self.broken_links = self.missing = 0
         self.audits = self.audit_failures = self.rejected = self.expired = self.unauditable = 0
+        self.stale = self.inconclusive = 0
 
     def take_office(self, term: int) -> None:
         """Start a term: a fresh log and a fresh beacon secret.
@@ -95,39 +172,81 @@ class Ledger:
             self.log.clear()
             self.pending.clear()
             self.sent.clear()
+            self.outputs.clear()
+            self.owed.clear()
+            self.latest.clear()
+            self.partial.clear()
+            self.evicted.clear()
+            self.chain_strikes.clear()
+            self.plans.clear()
+            self.last_tick = None
 
     # -- inputs ---------------------------------------------------------------------------
 
     def on_batch(self, b: CommitBatch, epoch: Epoch, stages: list, members: dict[str, str]) -> None:
         """``epoch``/``stages``: the current plan; ``members``: live node -> backend."""
-        if Epoch.of(b) != epoch:
-            return  # a plan that is gone: nobody will audit it
+        if epoch.term == self.term:
+            self.plans[epoch] = stages
+            self.plans.move_to_end(epoch)
+            while len(self.plans) > PLANS_KEPT:
+                self.plans.popitem(last=False)
+        current = Epoch.of(b) == epoch
+        if not current:
+            # a plan that is gone: nobody will audit it, but a batch of an earlier plan of this
+            # term still pays the records it owes (an honest stage flushes after a re-plan)
+            stages = self.plans.get(Epoch.of(b)) if b.term == self.term else None
+            if stages is None:
+                self.stale += 1
+                return
         entry = stages[b.stage] if 0 <= b.stage < len(stages) else None
         try:
             verify_batch(b, expect_node=entry.node if entry is not None else None)
             if entry is None or (entry.start, entry.end) != (b.start, b.end):
                 raise CommitmentRejected(f"batch for stage {b.stage} [{b.start}, {b.end}) is not in the plan")
+            if any(r.session != b.records[0].session for r in b.records):
+                raise CommitmentRejected(f"batch of {b.node} mixes sessions")
         except CommitmentRejected as exc:
             self.rejected += 1
             log.warning("commitment.rejected", node=b.node, error=str(exc))
+            if b.term == self.term and b.node in {s.node for s in stages}:  # the sender is bound to the link
+                first = b.records[0] if b.records else None
+                self._strike(b.node, "malformed", first.session if first else "", first.step if first else -1,
+                             {"error": str(exc)})
             return
-        self._expire()
+        self.tick()
         if not b.records:
             return
         key = (b.term, b.version, b.records[0].session)
+        if key not in self.log and key in self.evicted:
+            self.partial.add(key)  # its start is gone from this log: no judgement on its structure
         by_stage = self.log.setdefault(key, {})
         self.log.move_to_end(key)
         while len(self.log) > self.max_sessions:
-            self.log.popitem(last=False)
+            old = self.log.popitem(last=False)[0]
+            self.outputs.pop(old, None)
+            self.owed.pop(old, None)
+            self.latest.pop(old, None)
+            self.partial.discard(old)
+            self.evicted[old] = None
+            while len(self.evicted) > 4 * self.max_sessions:
+                self.evicted.popitem(last=False)
         steps = by_stage.setdefault(b.stage, {})
+        outputs = self.outputs.setdefault(key, {})
+        whole = b.term == self.term and key not in self.partial  # this log holds the session from its start
         selected = []
         for r in b.records:
-            if r.session != key[2]:
-                continue
+            if whole:
+                self._structure(b, steps, r)
+            replaced = steps.get(r.step)
             steps[r.step] = (r, b)
+            outputs.setdefault((b.stage, r.step), set()).add(r.output_digest)
+            if replaced is not None and replaced[0] != r:  # a replayed step: auditors need the new record
+                for k in [k for k in self.sent if k[:4] == (*key, b.stage)]:
+                    del self.sent[k]
             self.commitments += 1
-            self._links(by_stage, b.stage, r)
-            if b.node not in self.flagged and self._selected(r):
+            if whole:
+                self._links(key, b, r, stages)
+            if current and b.node not in self.flagged and self._selected(r):
                 selected.append(r.step)
         if selected:
             self._start_audit(key, b, selected, len(stages), members)
@@ -145,9 +264,11 @@ class Ledger:
                 continue
             p.results.append(res)
             b = p.request.batch
-            if res.inconclusive:  # it may have lost what it was sent (restarted, evicted): send all next time
+            if res.inconclusive:  # the auditor's own trouble (it lost what it was sent, its load failed, ...):
+                # no judgement of the node; send it all next time
                 self.sent.pop((b.term, b.version, res.session, b.stage, res.auditor), None)
                 del self.pending[res.audit_id]
+                self.inconclusive += 1
                 continue
             self.audits += 1
             if res.ok:
@@ -183,6 +304,39 @@ class Ledger:
                 p.request, p.auditors, p.sent_at = req, p.auditors + [second], self.clock()
             self.send(second, self.actor, req)
 
+    def tick(self) -> None:
+        """Judge the records owed past their deadline (called on every batch and on a timer)."""
+        self._expire()
+        now = self.clock()
+        if self.last_tick is not None and now - self.last_tick > STALL_S:
+            stall = now - self.last_tick  # we stalled: what we have not read yet may hold them
+            for owed in self.owed.values():
+                for o in owed:
+                    o.deadline += stall
+        self.last_tick = now
+        for key in list(self.owed):
+            owed = self.owed[key]
+            due = [o for o in owed if o.deadline <= now]
+            if not due:
+                continue
+            self.owed[key] = [o for o in owed if o.deadline > now]
+            for o in due:
+                self._judge(key, o)
+
+    def _judge(self, key: tuple, o: _Owed) -> None:
+        """``o`` will not be paid: charge its node."""
+        committed = self.outputs.get(key, {}).get((o.stage, o.step), set())
+        if committed and o.digest is not None:
+            self.broken_links += 1
+            log.warning("chain.broken", node=o.node, session=key[2], step=o.step, stage=o.stage)
+            self._strike(o.node, "broken-link", key[2], o.step,
+                         {**_owed_json(o), "committed": sorted(d.hex() for d in committed),
+                          "committed_by": self._batch_of(key, o.stage, o.step)})
+        elif not committed:
+            self.missing += 1
+            log.warning("commitment.missing", node=o.node, session=key[2], step=o.step, stage=o.stage)
+            self._strike(o.node, "missing-commitment", key[2], o.step, _owed_json(o))
+
     def on_wire_fault(self, w: WireFault) -> None:
         if w.sender in self.flagged:
             return
@@ -207,17 +361,75 @@ class Ledger:
         u = int.from_bytes(blake3.blake3(self.secret + leaf_hash(r)).digest(8), "little") / 2.0 ** 64
         return u < self.audit_rate
 
-    def _links(self, by_stage: dict, stage: int, r: StepRecord) -> None:
-        for a, b in ((stage - 1, stage), (stage, stage + 1)):
-            ra = by_stage.get(a, {}).get(r.step)
-            rb = by_stage.get(b, {}).get(r.step)
-            if ra is None or rb is None:
-                continue
-            if ra[0].output_digest == rb[0].input_digest:
+    def _structure(self, b: CommitBatch, steps: dict, r: StepRecord) -> None:
+        """A stage's records of a session from its start: the prefill first, then each step
+        at the position where its predecessor ended (a replay restarts at position 0)."""
+        if r.start_pos == 0:
+            return
+        before = steps.get(r.step - 1)
+        if before is None and not steps:
+            self._strike(b.node, "no-prefill", r.session, r.step, {"batch": _batch_json(b)})
+        elif before is None or before[0].start_pos + before[0].length != r.start_pos:
+            self._strike(b.node, "gap", r.session, r.step, {"batch": _batch_json(b)})
+
+    def _links(self, key: tuple, b: CommitBatch, r: StepRecord, stages: list) -> None:
+        """The chain links of record ``r`` of batch ``b``: what it owes, what it pays.
+
+        A stage's records of a session reach the coordinator in the order it made them (one
+        list, flushed in order, on one link), and its step numbers never go down within a
+        plan (a replay re-runs the latest step). So once a record of a later step is in, a
+        record still owed for an earlier step will never come: it is judged at once, not
+        at the deadline."""
+        n, stage, outputs = len(stages), b.stage, self.outputs[key]
+        owed = self.owed.setdefault(key, [])
+        latest = self.latest.setdefault(key, {})
+        latest[stage] = max(latest.get(stage, -1), r.step)
+        # as a sender: its record pays what the next stage's signed inputs (or the ring) said it sent
+        for o in [o for o in owed if o.stage == stage and o.step == r.step and o.digest in (None, r.output_digest)]:
+            owed.remove(o)
+            self.verified_links += 1
+        for o in [o for o in owed if o.stage == stage and o.step < r.step]:
+            owed.remove(o)
+            self._judge(key, o)
+        deadline = self.clock() + self.commit_deadline_s
+        if stage > 0:  # as a receiver: the stage before signed what it sent
+            sender = stages[stage - 1].node
+            if not forward_signed(b.upstream_key, r.input_signature, b.term, b.version, r.session, r.step,
+                                  r.start_pos, sender, r.input_digest):
+                self._strike(b.node, "unsigned-input", r.session, r.step, {"batch": _batch_json(b)})
+            elif r.input_digest in outputs.get((stage - 1, r.step), ()):
                 self.verified_links += 1
             else:
-                self.broken_links += 1
-                log.warning("chain.broken", session=r.session, step=r.step, stages=(a, b))
+                self._owe(key, _Owed(sender, stage - 1, r.step, r.input_digest, deadline, b))
+        elif n > 1 and r.step > 0 and r.start_pos > 0:  # a ring step: the last stage sampled the step before
+            if outputs.get((n - 1, r.step - 1)):
+                self.verified_links += 1
+            else:
+                self._owe(key, _Owed(stages[n - 1].node, n - 1, r.step - 1, None, deadline, b))
+
+    def _owe(self, key: tuple, o: _Owed) -> None:
+        if self.latest[key].get(o.stage, -1) > o.step:  # its later records are in: this one will not come
+            self._judge(key, o)
+        else:
+            self.owed[key].append(o)
+
+    def _batch_of(self, key: tuple, stage: int, step: int) -> dict | None:
+        held = self.log.get(key, {}).get(stage, {}).get(step)
+        return _batch_json(held[1]) if held is not None else None
+
+    def _strike(self, node: str, kind: str, session: str, step: int, evidence: dict) -> None:
+        if node in self.flagged:
+            return
+        strikes = self.chain_strikes.setdefault(node, {})
+        if (kind, session, step) in strikes:
+            return
+        strikes[(kind, session, step)] = Strike(node, kind, session, step, evidence)
+        log.warning("verify.strike", node=node, kind=kind, session=session, step=step, strikes=len(strikes))
+        if len(strikes) >= self.strike_limit:
+            kinds = sorted({s.kind for s in strikes.values()})
+            self._flag(node, f"{len(strikes)} strikes: {', '.join(kinds)}",
+                       {"strikes": [{"kind": s.kind, "session": s.session, "step": s.step, **s.evidence}
+                                    for s in strikes.values()]})
 
     def _pick_auditor(self, b: CommitBatch, members: dict[str, str], exclude: set[str]) -> str | None:
         order = auditor_order(b.stage, b.node, b.backend, members, exclude | set(self.flagged))
@@ -288,12 +500,19 @@ def _complete(records: list[StepRecord]) -> bool:
     return bool(records)
 
 
+def _owed_json(o: _Owed) -> dict:
+    return {"owed_by": o.node, "stage": o.stage, "owed_step": o.step, "digest": o.digest.hex() if o.digest else None,
+            "batch": _batch_json(o.evidence)}
+
+
 def _batch_json(b: CommitBatch) -> dict:
     return {"term": b.term, "version": b.version, "stage": b.stage, "layers": [b.start, b.end], "node": b.node,
             "public_key": b.public_key.hex(), "backend": b.backend, "weight_mode": b.weight_mode,
             "weights_digest": b.weights_digest.hex(), "root": b.root.hex(), "signature": b.signature.hex(),
+            "upstream_key": b.upstream_key.hex(),
             "records": [{"session": r.session, "step": r.step, "start_pos": r.start_pos, "length": r.length,
-                         "input": r.input_digest.hex(), "output": r.output_digest.hex(), "token": r.token}
+                         "input": r.input_digest.hex(), "output": r.output_digest.hex(), "token": r.token,
+                         "input_signature": r.input_signature.hex()}
                         for r in b.records]}
 
 

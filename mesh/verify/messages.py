@@ -24,6 +24,9 @@ class StepRecord:
     input_digest: bytes
     output_digest: bytes
     token: int = -1  # the sampled token (last stage only)
+    # past the first stage: the sender's signature on the Forward this step's input came in
+    # (commitment.forward_bytes), so the judge can tell who broke a chain link
+    input_signature: bytes = b""
 
 
 @message("mesh.verify.CommitBatch")
@@ -32,7 +35,9 @@ class CommitBatch:
     """A stage -> the coordinator: a chunk of step records under one signed Merkle root.
 
     The signature covers the header (term, version, stage index, layer range, node,
-    backend, weight mode, weights digest) and the root of the records' leaves.
+    backend, weight mode, weights digest, upstream key) and the root of the records' leaves.
+    ``upstream_key`` is the public key of the node whose signed Forwards these records'
+    inputs are (the stage before; empty at the first stage).
     """
 
     term: int
@@ -48,6 +53,7 @@ class CommitBatch:
     records: list[StepRecord]
     root: bytes
     signature: bytes
+    upstream_key: bytes = b""
 
 
 @message("mesh.verify.AuditWarrant")
@@ -188,3 +194,5 @@ class Summary:
     audits: int
     audit_failures: int
     audits_pending: int
+    strikes: int = 0  # strikes charged to nodes (ledger.py): broken links, missing or malformed commitments
+    missing: int = 0  # records owed and not committed by their deadline

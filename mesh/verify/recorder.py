@@ -25,9 +25,9 @@ from kernels.sampling import GREEDY, SamplingParams
 from kernels.stage import Stage
 from mesh.pipeline.messages import Forward, StageEntry
 from mesh.pipeline.plan import Epoch
-from mesh.verify.commitment import sign_batch
+from mesh.verify.commitment import forward_bytes, forward_signed, sign_batch
 from mesh.testing.faults import Fault
-from mesh.verify.messages import AuditData, AuditFetch, StepRecord, WireFault
+from mesh.verify.messages import AuditData, AuditFetch, CommitBatch, StepRecord, WireFault
 
 log = structlog.get_logger("mesh.verify")
 
@@ -52,6 +52,7 @@ class _SessionLog:
     chunk: int = 1  # the size of the next chunk: 1 (the prefill), then 2, 4, ... up to the recorder's chunk
     last_honest: np.ndarray | None = None
     sampling: SamplingParams = GREEDY
+    upstream_key: bytes = b""  # the key of the stage before, whose signed Forwards these inputs are
 
 
 class StageRecorder:
@@ -84,6 +85,8 @@ class StageRecorder:
         self.batches = 0
         self.wire_faults_seen = 0
         self.commit_s = 0.0
+        self.fetches = 0
+        self._late: deque[tuple[float, CommitBatch]] = deque()  # withhold:late=S (a fault): batches held back
 
     # -- the StageObserver hooks -----------------------------------------------------------
 
@@ -92,6 +95,21 @@ class StageRecorder:
         if self._cheats() and self.fault.kind in ("skip-layer", "noise"):
             self.fault.corrupt_stage(stage)
             log.warning("fault.active", kind=self.fault.kind, value=self.fault.value, stage=entry.index)
+
+    def seal(self, fwd: Forward) -> Forward:
+        """Sign the Forward's digest. lie-digest (a fault): send other bytes, digested and
+        signed as they are (so the next stage takes them), while this stage commits the
+        honest output's digest and keeps the honest tensor for its auditors."""
+        if self._cheats() and self.fault.kind == "lie-digest":
+            bad = self.fault.garbage(fwd.hidden)
+            fwd = Forward(**{**fwd.__dict__, "hidden": bad, "digest": tensor_digest(bad)})
+        signature = self.identity.sign(forward_bytes(fwd.term, fwd.version, fwd.session, fwd.step, fwd.start_pos,
+                                                     fwd.sender, fwd.digest))
+        return Forward(**{**fwd.__dict__, "public_key": self.identity.public_key, "signature": signature})
+
+    def accepts(self, msg: Forward) -> bool:
+        return forward_signed(msg.public_key, msg.signature, msg.term, msg.version, msg.session, msg.step,
+                              msg.start_pos, msg.sender, msg.digest)
 
     def wire(self, tensor: np.ndarray) -> np.ndarray:
         if self._cheats() and self.fault.kind == "corrupt-wire":
@@ -126,15 +144,18 @@ class StageRecorder:
         self._keep(s, src.step, output)
         if src.meta is not None:
             s.sampling = src.meta.sampling
+        if src.signature:
+            s.upstream_key = src.public_key
+        now = self.clock()
         if not s.pending:
-            s.pending_since = started
+            s.pending_since = now
         s.pending.append(StepRecord(src.session, src.step, src.start_pos, int(tensor.shape[0]), src.digest,
-                                    digest, int(token)))
+                                    digest, int(token), src.signature))
         self.commitments += 1
         # a chunk goes out when full or 1 s old: the coordinator can only audit what it holds, and
         # every batch is a signature, a message and a verification. Chunks start small and double
         # (the prefill alone, then 2, 4, 8 steps): a cheat shows from a session's first steps.
-        if len(s.pending) >= s.chunk or started - s.pending_since >= self.flush_s:
+        if len(s.pending) >= s.chunk or now - s.pending_since >= self.flush_s:
             s.chunk = min(2 * s.chunk, self.chunk)
             self._flush(s)
         self.commit_s += time.perf_counter() - started
@@ -143,6 +164,21 @@ class StageRecorder:
         s = self.sessions.get((session, epoch))
         if s is not None and s.pending:
             self._flush(s)
+
+    def flush_due(self) -> None:
+        """Send every chunk that waited ``flush_s`` (called on a timer): a session whose next
+        step is slow, or that stalled, still has its records at the coordinator within
+        ``flush_s`` of their signing — the coordinator's deadline (ledger.COMMIT_DEADLINE_S)
+        counts on it."""
+        now = self.clock()
+        for s in list(self.sessions.values()):
+            if s.pending and now - s.pending_since >= self.flush_s:
+                self._flush(s)
+        while self._late and self._late[0][0] <= now:
+            coord = self.coordinator()
+            batch = self._late.popleft()[1]
+            if coord is not None:
+                self.send(coord, VERIFY_ACTOR, batch)
 
     def on_digest_mismatch(self, msg: Forward, actual: bytes) -> None:
         self.wire_faults_seen += 1
@@ -153,7 +189,14 @@ class StageRecorder:
 
     # -- what auditors fetch ------------------------------------------------------------
 
-    def fetch(self, req: AuditFetch) -> AuditData:
+    def fetch(self, req: AuditFetch):
+        """An auditor's AuditFetch: the committed inputs and outputs it asks for."""
+        self.fetches += 1
+        if self._cheats() and self.fault.kind == "refuse-fetch":
+            return self.fault.refuse(self._fetch(req), self.fetches)
+        return self._fetch(req)
+
+    def _fetch(self, req: AuditFetch) -> AuditData:
         s = self.sessions.get((req.session, Epoch.of(req)))
         if s is None:
             return AuditData(False, "session not held (evicted from the retention window, or another plan)")
@@ -193,6 +236,8 @@ class StageRecorder:
         self.sessions.move_to_end(key)
         while len(self.sessions) > self.max_sessions:
             old = self.sessions.popitem(last=False)[1]
+            if old.pending:  # its records are owed to the coordinator all the same
+                self._flush(old)
             self.kept_bytes -= sum(o.nbytes for o in old.outputs.values())
             old.outputs.clear()
         return s
@@ -226,11 +271,16 @@ class StageRecorder:
 
     def _flush(self, s: _SessionLog) -> None:
         records, s.pending = s.pending, []
-        entry, stage, coord = self.entry, self.stage, self.coordinator()
+        # the stage of the plan that committed these steps (the node may hold another one now)
+        entry, stage, coord = s.stage or self.entry, self.stage, self.coordinator()
         if entry is None or stage is None or coord is None:
             return
         batch = sign_batch(self.identity, term=s.epoch.term, version=s.epoch.version, stage=entry.index,
                            start=entry.start, end=entry.end, backend=self.backend, weight_mode=self.weight_mode,
-                           weights_digest=stage.weights_digest, records=records)
+                           weights_digest=stage.weights_digest, records=records, upstream_key=s.upstream_key)
         self.batches += 1
+        if self._cheats() and self.fault.kind == "withhold":
+            if self.fault.value > 0:  # withhold:late=S: every batch goes out S seconds late
+                self._late.append((self.clock() + self.fault.value, batch))
+            return  # withhold: never
         self.send(coord, VERIFY_ACTOR, batch)

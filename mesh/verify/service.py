@@ -41,6 +41,9 @@ log = structlog.get_logger("mesh.verify")
 # The coordinator sends its counters to the other nodes (for their `mesh status`) at most
 # this often: every send is an encrypted message on the event loops that carry the tokens.
 PUBLISH_S = 1.0
+# How often the recorder sends the chunks that waited flush_s, and the ledger judges the
+# records owed past their deadline.
+TICK_S = 0.5
 
 Send = Callable[[str, str, object], None]
 Ask = Callable[[str, str, object, float], Awaitable[Any]]
@@ -104,6 +107,7 @@ class VerifyService:
         self.flags: dict[str, dict] = {}
         self.summary = Summary(0, 0, 0, 0, 0, 0, 0)
         self._publish_handle: asyncio.TimerHandle | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
 
     @property
     def observer(self) -> StageObserver | None:
@@ -118,6 +122,9 @@ class VerifyService:
     def close(self) -> None:
         if self._publish_handle is not None:
             self._publish_handle.cancel()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         self.auditor.close()
 
     def verification(self) -> dict:
@@ -126,6 +133,7 @@ class VerifyService:
         s = self._summary() if role.active and self.ledger.term == role.term else self.summary
         return {"commitments": s.commitments, "verified_links": s.verified_links, "broken_links": s.broken_links,
                 "audits": s.audits, "audit_failures": s.audit_failures, "audits_pending": s.audits_pending,
+                "strikes": s.strikes, "missing_commitments": s.missing,
                 "flagged_nodes": list(self.flags.values()),
                 "local": {"commitments": self.recorder.commitments, "batches": self.recorder.batches,
                           "audits_run": self.auditor.audits, "audit_passes": self.auditor.passes,
@@ -194,7 +202,8 @@ class VerifyService:
     def _summary(self) -> Summary:
         ledger = self.ledger
         return Summary(ledger.term, ledger.commitments, ledger.verified_links, ledger.broken_links,
-                       ledger.audits, ledger.audit_failures, len(ledger.pending))
+                       ledger.audits, ledger.audit_failures, len(ledger.pending),
+                       sum(len(v) for v in ledger.chain_strikes.values()), ledger.missing)
 
     # -- every node -------------------------------------------------------------------------
 
@@ -215,6 +224,16 @@ class VerifyService:
         """Called once the node runs (after it measured its speed): start the audit process."""
         if self.config.auditing:
             self.auditor.warm()
+        if self.config.enabled and self._tick_handle is None:
+            self._tick_handle = self.clock.call_later(TICK_S, self._tick)
+
+    def _tick(self) -> None:
+        self._tick_handle = self.clock.call_later(TICK_S, self._tick)
+        self.recorder.flush_due()
+        role = self.role
+        if role.active and role.current is not None and self.ledger.term == role.term:
+            self.ledger.tick()
+            self._publish_soon()
 
     def on_plan_ready(self, plan) -> None:
         """Load the stages this node is first or second choice to audit, so an audit (and
@@ -254,7 +273,7 @@ class VerifyService:
             self.auditor.on_request(req, coordinator)
 
     async def _fetch(self, node: str, req: AuditFetch) -> AuditData:
-        return await self.ask(node, VERIFY_ACTOR, req, 15.0)
+        return await self.ask(node, VERIFY_ACTOR, req, auditor.FETCH_TIMEOUT_S)
 
     def _report(self, coordinator: str, report: AuditReport) -> None:
         self.send(coordinator, VERIFY_ACTOR, report)

@@ -129,6 +129,7 @@ def test_a_rogue_node_that_will_not_be_audited_is_flagged(vrun, model_path):
             await mesh.wait_ready(stages=3)
             serving = 0
             await _answer_then_audits(mesh, PROMPTS[6], node=serving, flagged=True)
+            await mesh.wait_ready(stages=2)  # the flag's re-plan (the old plan is still ready when it lands)
             return rogue.node_id, _verification(mesh), mesh.nodes[serving].plan
         finally:
             await mesh.stop()

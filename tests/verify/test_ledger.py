@@ -9,7 +9,7 @@ from kernels.digest import tensor_digest
 from mesh.pipeline.messages import Forward, Retransmit, StageEntry
 from mesh.pipeline.plan import Epoch
 from mesh.pipeline.stage_host import StageHost
-from mesh.verify.commitment import sign_batch
+from mesh.verify.commitment import forward_bytes, sign_batch
 from mesh.testing.faults import parse_fault
 from mesh.verify.ledger import Ledger
 from mesh.verify.messages import AuditRequest, AuditResult, CommitBatch, StepRecord, WireFault
@@ -37,10 +37,18 @@ def _d(tag: str, step: int) -> bytes:
     return f"{tag}{step}".encode().ljust(32, b".")
 
 
-def _batches(ident, stage, steps, out_of=lambda s: _d("out", s), in_of=lambda s: _d("in", s)):
-    records = [StepRecord("s", s, s, 1, in_of(s), out_of(s)) for s in steps]  # step s at position s
-    return sign_batch(ident, term=1, version=1, stage=stage, start=10 * stage, end=10 * stage + 10,
-                      backend="torch", weight_mode="float32", weights_digest=b"w" * 32, records=records)
+def _batches(ident, stage, steps, out_of=lambda s: _d("out", s), in_of=lambda s: _d("in", s), upstream=None,
+             session="s", version=1):
+    """Step s at position s; past stage 0, each input signed by ``upstream`` (the stage before)."""
+    def signed(s):
+        if upstream is None:
+            return b""
+        return upstream.sign(forward_bytes(1, version, session, s, s, upstream.node_id, in_of(s)))
+
+    records = [StepRecord(session, s, s, 1, in_of(s), out_of(s), -1, signed(s)) for s in steps]
+    return sign_batch(ident, term=1, version=version, stage=stage, start=10 * stage, end=10 * stage + 10,
+                      backend="torch", weight_mode="float32", weights_digest=b"w" * 32, records=records,
+                      upstream_key=upstream.public_key if upstream is not None else b"")
 
 
 def _all_audited():
@@ -62,7 +70,7 @@ def test_selection_rate_links_and_a_forged_batch():
     steps = list(range(2000))
     # stage 0's outputs are stage 1's inputs: every link verifies
     ledger.on_batch(_batches(ids[0], 0, steps), EPOCH, plan, members)
-    ledger.on_batch(_batches(ids[1], 1, steps, in_of=lambda s: _d("out", s)), EPOCH, plan, members)
+    ledger.on_batch(_batches(ids[1], 1, steps, in_of=lambda s: _d("out", s), upstream=ids[0]), EPOCH, plan, members)
     assert ledger.commitments == 4000
     assert ledger.verified_links == 2000 and ledger.broken_links == 0
     requests = net.of(AuditRequest)
@@ -78,7 +86,7 @@ def test_selection_rate_links_and_a_forged_batch():
 
 def test_a_failed_audit_escalates_and_two_failures_flag():
     ids, net, flags, ledger, members = _all_audited()
-    ledger.on_batch(_batches(ids[1], 1, [0]), EPOCH, _plan(ids), members)
+    ledger.on_batch(_batches(ids[1], 1, [0], upstream=ids[0]), EPOCH, _plan(ids), members)
     (first_auditor, _, req), = [(n, a, m) for n, a, m in net.sent if isinstance(m, AuditRequest)]
 
     def result(auditor, rnd, ok):
@@ -96,7 +104,7 @@ def test_a_failed_audit_escalates_and_two_failures_flag():
 
 def test_a_failed_audit_that_the_second_auditor_clears_does_not_flag():
     ids, net, flags, ledger, members = _all_audited()
-    ledger.on_batch(_batches(ids[1], 1, [0]), EPOCH, _plan(ids), members)
+    ledger.on_batch(_batches(ids[1], 1, [0], upstream=ids[0]), EPOCH, _plan(ids), members)
     req = net.of(AuditRequest)[0]
     first = next(n for n, _, m in net.sent if m is req)
     ledger.on_result(AuditResult(req.audit_ids[0], 1, first, ids[1].node_id, "s", 0, False, "x", 1, 1, "torch"),
@@ -108,7 +116,7 @@ def test_a_failed_audit_that_the_second_auditor_clears_does_not_flag():
 
 def test_one_report_escalates_its_failures_in_one_request_and_a_result_for_another_step_is_ignored():
     ids, net, flags, ledger, members = _all_audited()
-    ledger.on_batch(_batches(ids[1], 1, range(4)), EPOCH, _plan(ids), members)
+    ledger.on_batch(_batches(ids[1], 1, range(4), upstream=ids[0]), EPOCH, _plan(ids), members)
     req, = net.of(AuditRequest)
     first = next(n for n, _, m in net.sent if m is req)
 
@@ -162,14 +170,14 @@ def test_a_log_that_starts_mid_session_is_not_audited():
     ledger = Ledger("c", net, flags.append, audit_rate=1.0)
     ledger.take_office(2)
     members = {i.node_id: "torch" for i in ids}
-    ledger.on_batch(_batches(ids[1], 1, range(8, 16)), EPOCH, _plan(ids), members)
+    ledger.on_batch(_batches(ids[1], 1, range(8, 16), upstream=ids[0]), EPOCH, _plan(ids), members)
     assert not net.of(AuditRequest) and ledger.unauditable == 8
 
 
 def test_requests_carry_only_records_the_auditor_was_not_sent_and_an_escalation_carries_all():
     ids, net, flags, ledger, members = _all_audited()
-    ledger.on_batch(_batches(ids[1], 1, range(0, 8)), EPOCH, _plan(ids), members)
-    ledger.on_batch(_batches(ids[1], 1, range(8, 12)), EPOCH, _plan(ids), members)
+    ledger.on_batch(_batches(ids[1], 1, range(0, 8), upstream=ids[0]), EPOCH, _plan(ids), members)
+    ledger.on_batch(_batches(ids[1], 1, range(8, 12), upstream=ids[0]), EPOCH, _plan(ids), members)
     requests = net.of(AuditRequest)
     assert [r.steps for r in requests] == [list(range(8)), list(range(8, 12))]
     assert all([x.step for x in r.records] == r.steps for r in requests)  # each new record sent once
@@ -184,7 +192,7 @@ def test_requests_carry_only_records_the_auditor_was_not_sent_and_an_escalation_
     req = requests[0]
     ledger.on_result(AuditResult(req.audit_ids[5], 1, first, ids[1].node_id, "s", 5, False, "lost", 0, 0, "torch",
                                  inconclusive=True), members)
-    ledger.on_batch(_batches(ids[1], 1, [12]), EPOCH, _plan(ids), members)
+    ledger.on_batch(_batches(ids[1], 1, [12], upstream=ids[0]), EPOCH, _plan(ids), members)
     assert [x.step for x in net.of(AuditRequest)[-1].records] == list(range(13))
 
 
