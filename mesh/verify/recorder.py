@@ -39,6 +39,7 @@ VERIFY_ACTOR = "verify"
 # A step an auditor asks for that is gone fails its audit, so the bounds are generous.
 RETAIN_S = 60.0
 RETAIN_BYTES = 1024 * 2 ** 20  # VerifyConfig.retain_mb
+UNSENT_BATCHES = 256  # kept for a coordinator to come: about 2k steps of records
 
 
 @dataclass
@@ -87,6 +88,8 @@ class StageRecorder:
         self.commit_s = 0.0
         self.fetches = 0
         self._late: deque[tuple[float, CommitBatch]] = deque()  # withhold:late=S (a fault): batches held back
+        # batches signed while no coordinator was known, or whose send failed: sent once one is
+        self._unsent: deque[CommitBatch] = deque(maxlen=UNSENT_BATCHES)
 
     # -- the StageObserver hooks -----------------------------------------------------------
 
@@ -171,6 +174,10 @@ class StageRecorder:
         ``flush_s`` of their signing — the coordinator's deadline (ledger.COMMIT_DEADLINE_S)
         counts on it."""
         now = self.clock()
+        if self._unsent and self.coordinator() is not None:
+            unsent, self._unsent = list(self._unsent), deque(maxlen=UNSENT_BATCHES)
+            for batch in unsent:
+                self._deliver(batch)
         for s in list(self.sessions.values()):
             if s.pending and now - s.pending_since >= self.flush_s:
                 self._flush(s)
@@ -272,8 +279,8 @@ class StageRecorder:
     def _flush(self, s: _SessionLog) -> None:
         records, s.pending = s.pending, []
         # the stage of the plan that committed these steps (the node may hold another one now)
-        entry, stage, coord = s.stage or self.entry, self.stage, self.coordinator()
-        if entry is None or stage is None or coord is None:
+        entry, stage = s.stage or self.entry, self.stage
+        if entry is None or stage is None:
             return
         batch = sign_batch(self.identity, term=s.epoch.term, version=s.epoch.version, stage=entry.index,
                            start=entry.start, end=entry.end, backend=self.backend, weight_mode=self.weight_mode,
@@ -283,4 +290,13 @@ class StageRecorder:
             if self.fault.value > 0:  # withhold:late=S: every batch goes out S seconds late
                 self._late.append((self.clock() + self.fault.value, batch))
             return  # withhold: never
-        self.send(coord, VERIFY_ACTOR, batch)
+        self._deliver(batch)
+
+    def _deliver(self, batch: CommitBatch) -> None:
+        """To the coordinator, or kept (bounded) until one is known: a batch lost while the
+        coordinator changes or its link is down would leave the next stage's signed record
+        of what it received unanswered, missing commitments against an honest stage. A
+        batch of another term than the judge's is ignored there."""
+        coord = self.coordinator()
+        if coord is None or self.send(coord, VERIFY_ACTOR, batch) is False:
+            self._unsent.append(batch)

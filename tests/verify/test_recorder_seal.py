@@ -124,3 +124,27 @@ def test_the_new_fault_specs_parse_and_bad_ones_are_refused():
     for bad in ("refuse-fetch:loud", "withhold:soon=3", "lie-digest:3"):
         with pytest.raises(BadFaultSpec):
             parse_fault(bad)
+
+
+def test_a_batch_signed_while_no_coordinator_is_known_is_sent_once_one_is():
+    """An honest stage's records must reach the judge even when they are signed during an
+    election (or while the coordinator's link is down): lost, the next stage's signed
+    evidence of what it received would stand unanswered, missing commitments against it."""
+    ident, net = NodeIdentity.generate(), Net()
+    coordinator = [None]
+    clock = [0.0]
+    recorder = StageRecorder(ident, net, lambda: coordinator[0], backend="torch", weight_mode="float32",
+                             flush_s=1.0, clock=lambda: clock[0])
+    recorder.on_loaded(SimpleNamespace(weights_digest=b"w" * 32), StageEntry(1, ident.node_id, 10, 20, "torch"), EPOCH)
+    hidden = np.ones((1, 8), np.float32)
+    for step in range(3):
+        recorder.on_sent(_fwd(NodeIdentity.generate(), step, hidden), hidden, tensor_digest(hidden))
+    clock[0] = 2.0
+    recorder.flush_due()
+    assert not net.of(CommitBatch)
+    coordinator[0] = "coord"
+    clock[0] = 2.5
+    recorder.flush_due()
+    sent = net.of(CommitBatch)
+    assert sorted(r.step for b in sent for r in b.records) == [0, 1, 2]
+    assert all(node == "coord" for node, _, m in net.sent if isinstance(m, CommitBatch))
