@@ -20,6 +20,7 @@ pulls them before the lanes start.
 from __future__ import annotations
 
 import asyncio
+import gc
 from functools import cache
 
 import pytest
@@ -47,32 +48,43 @@ def _path(name: str):
 
 
 @cache
-def _single_device(name: str):
-    """(tokenizer, full float32 torch stage) of the model: the single-device reference."""
-    from kernels.config import load_config
-    from kernels.loader import load_stage
-    from kernels.stage import StageSpec
+def _tokenizer(name: str):
     from kernels.tokenizer import Tokenizer
 
-    path = _path(name)
-    return Tokenizer.from_model(path), load_stage(path, StageSpec.full(load_config(path).n_layers), backend="torch")
+    return Tokenizer.from_model(_path(name))
 
 
 def _ids(name: str, prompt: str) -> list[int]:
-    tokenizer, _ = _single_device(name)
+    tokenizer = _tokenizer(name)
     chat = MODELS[name][1]
     return tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode_prompt(prompt)
 
 
-@cache
-def _expected(name: str, prompt: str, temperature: float) -> tuple[int, ...]:
-    from kernels.generate import generate
-    from kernels.sampling import SamplingParams
+_EXPECTED: dict[tuple[str, str, float], list[int]] = {}
 
-    tokenizer, stage = _single_device(name)
-    return tuple(generate(stage, _ids(name, prompt), max_tokens=TOKENS,
-                          sampling=SamplingParams(temperature=temperature, seed=SEED),
-                          stop_ids=tokenizer.eos_token_ids))
+
+def _reference(name: str) -> None:
+    """Every answer the tests compare with, from the full float32 torch stage on one
+    device, computed before the model's mesh starts; the stage is dropped after (the
+    whole module in one process must stay well under the machine's memory)."""
+    from kernels.config import load_config
+    from kernels.generate import generate
+    from kernels.loader import load_stage
+    from kernels.sampling import SamplingParams
+    from kernels.stage import StageSpec
+
+    path = _path(name)
+    stage = load_stage(path, StageSpec.full(load_config(path).n_layers), backend="torch")
+    for prompt, temperature in _runs(name):
+        _EXPECTED[name, prompt, temperature] = list(generate(
+            stage, _ids(name, prompt), max_tokens=TOKENS, sampling=SamplingParams(temperature=temperature, seed=SEED),
+            stop_ids=_tokenizer(name).eos_token_ids))
+    del stage
+    gc.collect()
+
+
+def _expected(name: str, prompt: str, temperature: float) -> list[int]:
+    return _EXPECTED[name, prompt, temperature]
 
 
 async def _answer(mesh: InProcessMesh, name: str, prompt: str, temperature: float, *, node: int) -> list[int]:
@@ -92,8 +104,9 @@ async def _audits_settled(mesh: InProcessMesh) -> dict:
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def model(request) -> str:
-    _path(request.param)
-    return request.param
+    _reference(request.param)
+    yield request.param
+    gc.collect()
 
 
 def _runs(model: str) -> list[tuple[str, float]]:
@@ -120,7 +133,7 @@ def test_three_stages_give_the_single_device_tokens_and_pass_every_audit(vrun, m
     got, v, stages = vrun(scenario())
     assert len(stages) == 3
     for (prompt, temperature), tokens in zip(runs, got):
-        assert tokens == list(_expected(model, prompt, temperature)), (prompt, temperature)
+        assert tokens == _expected(model, prompt, temperature), (prompt, temperature)
     assert v["verified_links"] > 0 and v["broken_links"] == 0
     assert v["audits"] >= 3 and v["audit_failures"] == 0 and not v["flagged_nodes"], v
 
@@ -143,13 +156,13 @@ def test_a_torch_and_an_mlx_stage_give_the_same_tokens_and_audit_each_other(vrun
 
     got, v, backends = vrun(scenario())
     assert sorted(backends.values()) == ["mlx", "torch"], backends
-    assert got == list(_expected(model, prompt, 0.0))
+    assert got == _expected(model, prompt, 0.0)
     assert v["audits"] >= 2 and v["audit_failures"] == 0 and not v["flagged_nodes"], v
 
 
 def test_a_stage_killed_mid_answer_gives_identical_tokens(vrun, model, mesh3):
     prompt, temperature = _runs(model)[1]
-    expected = list(_expected(model, prompt, temperature))
+    expected = _expected(model, prompt, temperature)
     mesh = mesh3
 
     async def scenario():

@@ -54,7 +54,8 @@ def test_stream_of_text_is_the_text(real, text):
     if real.decode(ids) != text:  # a character the vocabulary cannot spell (smollm2 lacks some bytes)
         return
     pieces = check_stream(real, ids)
-    assert all("\ufffd" not in piece for piece in pieces)
+    # no replacement character but the text's own (hypothesis once drew the text "\ufffd")
+    assert sum(piece.count("\ufffd") for piece in pieces) == text.count("\ufffd")
 
 
 @FIXTURE_SETTINGS
