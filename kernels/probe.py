@@ -70,15 +70,16 @@ def measure_decode_rate(path: str | Path, backend: str = "torch", weight_mode: s
             best = min(best, timer() - t)
     stage.free("probe")
     del stage, one
-    _release_freed_memory()
+    release_freed_memory()
     return DecodeRate(layers_per_s=copies / best, backend=backend, weight_mode=weight_mode, layer_bytes=layer_bytes,
                       copies=copies, steps=steps, best_step_s=best, seconds=timer() - started)
 
 
-def _release_freed_memory() -> None:
-    """Hand the probe's ~100 MiB back to the OS: glibc keeps freed blocks below its (grown)
-    mmap threshold in the heap, and a node's memory budget counts what it keeps (measured
-    here: 220 MiB of anonymous RSS left after a float32 probe, 20 MiB after the trim)."""
+def release_freed_memory() -> None:
+    """Hand freed memory back to the OS (the probe's ~100 MiB; a test's meshes' GBs):
+    glibc keeps freed blocks below its (grown) mmap threshold in the heap, and a node's
+    memory budget counts what it keeps (measured here: 220 MiB of anonymous RSS left after
+    a float32 probe, 20 MiB after the trim)."""
     gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)

@@ -7,13 +7,14 @@ tests mostly wait on their nodes (about 1.2 cores), the kernel checks compute on
 So two lanes run side by side, each a sequence of pytest processes:
 
 - lane 1: everything outside tests/inproc and tests/kernels (real processes, namespaces),
-  then the real-model checks (tests/kernels/test_real_models.py);
-- lane 2: tests/inproc, then the rest of tests/kernels.
+  then the in-process meshes on the larger models (tests/inproc/test_real_models_mesh.py);
+- lane 2: the rest of tests/inproc, the real-model checks (tests/kernels/test_real_models.py),
+  then the rest of tests/kernels.
 
 The in-process meshes and the real-model checks each hold GBs of layers, so they are
-separate processes and never run at the same moment: lane 2's meshes are done long
-before lane 1 reaches the real models, and `memory_lock.exclusive()` (taken by both)
-makes one wait for the other if they ever meet. Measured on this machine (serial, one
+separate processes (a process that ran every mesh reached 14.6 GB and was OOM-killed) and
+never run at the same moment: `memory_lock.exclusive()`, taken by all three, makes one
+wait for another if they meet. Measured on this machine (serial, one
 process each): the first group 380 s at 1.2 cores, tests/kernels 404 s at 1.0,
 tests/inproc about 210 s.
 
@@ -35,9 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 REAL_MODELS = "tests/kernels/test_real_models.py"
+REAL_MODEL_MESHES = "tests/inproc/test_real_models_mesh.py"
 LANES: list[list[list[str]]] = [
-    [["tests", "--ignore=tests/inproc", "--ignore=tests/kernels"], [REAL_MODELS]],
-    [["tests/inproc"], ["tests/kernels", f"--ignore={REAL_MODELS}"]],
+    [["tests", "--ignore=tests/inproc", "--ignore=tests/kernels"], [REAL_MODEL_MESHES]],
+    [["tests/inproc", f"--ignore={REAL_MODEL_MESHES}"], [REAL_MODELS], ["tests/kernels", f"--ignore={REAL_MODELS}"]],
 ]
 
 

@@ -28,7 +28,6 @@ node and the message.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import secrets
 import shutil
@@ -43,6 +42,7 @@ import psutil
 
 from actors.clock import LOOP_CLOCK, VirtualTimeLoop
 from actors.transport.memory import MemoryNetwork
+from kernels.probe import release_freed_memory
 from kernels.runner import InlineRunner
 from mesh import models
 from mesh.generation import TokenEvent
@@ -137,7 +137,7 @@ class InProcessMesh:
             if i not in self.down and node.system is not None:
                 await node.stop(graceful=False)
         self.nodes.clear()
-        gc.collect()  # one process runs mesh after mesh: give their layers back now
+        release_freed_memory()  # one process runs mesh after mesh: give their layers back now
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
