@@ -174,10 +174,7 @@ class StageRecorder:
         ``flush_s`` of their signing — the coordinator's deadline (ledger.COMMIT_DEADLINE_S)
         counts on it."""
         now = self.clock()
-        if self._unsent and self.coordinator() is not None:
-            unsent, self._unsent = list(self._unsent), deque(maxlen=UNSENT_BATCHES)
-            for batch in unsent:
-                self._deliver(batch)
+        self._send_unsent()
         for s in list(self.sessions.values()):
             if s.pending and now - s.pending_since >= self.flush_s:
                 self._flush(s)
@@ -297,6 +294,17 @@ class StageRecorder:
         coordinator changes or its link is down would leave the next stage's signed record
         of what it received unanswered, missing commitments against an honest stage. A
         batch of another term than the judge's is ignored there."""
+        if self._unsent:  # in order: none goes out before those kept back
+            self._unsent.append(batch)
+            self._send_unsent()
+            return
         coord = self.coordinator()
         if coord is None or self.send(coord, VERIFY_ACTOR, batch) is False:
             self._unsent.append(batch)
+
+    def _send_unsent(self) -> None:
+        coord = self.coordinator()
+        while self._unsent and coord is not None:
+            if self.send(coord, VERIFY_ACTOR, self._unsent[0]) is False:
+                return
+            self._unsent.popleft()

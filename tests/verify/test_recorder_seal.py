@@ -148,3 +148,16 @@ def test_a_batch_signed_while_no_coordinator_is_known_is_sent_once_one_is():
     sent = net.of(CommitBatch)
     assert sorted(r.step for b in sent for r in b.records) == [0, 1, 2]
     assert all(node == "coord" for node, _, m in net.sent if isinstance(m, CommitBatch))
+
+
+def test_batches_kept_back_go_out_before_any_later_one():
+    ident, net = NodeIdentity.generate(), Net()
+    coordinator = [None]
+    recorder = StageRecorder(ident, net, lambda: coordinator[0], backend="torch", weight_mode="float32",
+                             chunk=1, clock=lambda: 0.0)
+    recorder.on_loaded(SimpleNamespace(weights_digest=b"w" * 32), StageEntry(1, ident.node_id, 10, 20, "torch"), EPOCH)
+    hidden = np.ones((1, 8), np.float32)
+    recorder.on_sent(_fwd(NodeIdentity.generate(), 0, hidden), hidden, tensor_digest(hidden))
+    coordinator[0] = "coord"
+    recorder.on_sent(_fwd(NodeIdentity.generate(), 1, hidden), hidden, tensor_digest(hidden))
+    assert [r.step for b in net.of(CommitBatch) for r in b.records] == [0, 1]
