@@ -115,29 +115,6 @@ def _runs(model: str) -> list[tuple[str, float]]:
     return [(prompts[0], 0.0), (prompts[1], 0.8)]
 
 
-@pytest.fixture(scope="module")
-def mesh3(vrun, model):
-    """A 3-node mesh on the model, shared by the tests below (the failover test last)."""
-    m = vrun(InProcessMesh.started(3, model=model, seed=81))
-    yield m
-    vrun(m.stop())
-
-
-def test_three_stages_give_the_single_device_tokens_and_pass_every_audit(vrun, model, mesh3):
-    runs = _runs(model)
-
-    async def scenario():
-        got = [await _answer(mesh3, model, p, t, node=i % 3) for i, (p, t) in enumerate(runs)]
-        return got, await _audits_settled(mesh3), [(s.node, s.start, s.end) for s in mesh3.nodes[0].plan.update.stages]
-
-    got, v, stages = vrun(scenario())
-    assert len(stages) == 3
-    for (prompt, temperature), tokens in zip(runs, got):
-        assert tokens == _expected(model, prompt, temperature), (prompt, temperature)
-    assert v["verified_links"] > 0 and v["broken_links"] == 0
-    assert v["audits"] >= 3 and v["audit_failures"] == 0 and not v["flagged_nodes"], v
-
-
 def test_a_torch_and_an_mlx_stage_give_the_same_tokens_and_audit_each_other(vrun, model):
     pytest.importorskip("mlx.core")
     prompt = MODELS[model][0][0]
@@ -158,6 +135,31 @@ def test_a_torch_and_an_mlx_stage_give_the_same_tokens_and_audit_each_other(vrun
     assert sorted(backends.values()) == ["mlx", "torch"], backends
     assert got == _expected(model, prompt, 0.0)
     assert v["audits"] >= 2 and v["audit_failures"] == 0 and not v["flagged_nodes"], v
+
+
+@pytest.fixture(scope="module")
+def mesh3(vrun, model):
+    """A 3-node mesh on the model, shared by the tests below (the failover test last).
+    The MLX test, above, runs before it starts: the two meshes are never held at once
+    (one model's mesh peaks at about 9 GB)."""
+    m = vrun(InProcessMesh.started(3, model=model, seed=81))
+    yield m
+    vrun(m.stop())
+
+
+def test_three_stages_give_the_single_device_tokens_and_pass_every_audit(vrun, model, mesh3):
+    runs = _runs(model)
+
+    async def scenario():
+        got = [await _answer(mesh3, model, p, t, node=i % 3) for i, (p, t) in enumerate(runs)]
+        return got, await _audits_settled(mesh3), [(s.node, s.start, s.end) for s in mesh3.nodes[0].plan.update.stages]
+
+    got, v, stages = vrun(scenario())
+    assert len(stages) == 3
+    for (prompt, temperature), tokens in zip(runs, got):
+        assert tokens == _expected(model, prompt, temperature), (prompt, temperature)
+    assert v["verified_links"] > 0 and v["broken_links"] == 0
+    assert v["audits"] >= 3 and v["audit_failures"] == 0 and not v["flagged_nodes"], v
 
 
 def test_a_stage_killed_mid_answer_gives_identical_tokens(vrun, model, mesh3):
